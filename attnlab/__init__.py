@@ -1,0 +1,16 @@
+"""attnlab: attach small trainable attention modules to a frozen pretrained causal LM, train only
+them, and measure them honestly against standard baselines.
+
+    import attnlab
+    bb = attnlab.load_backbone("smollm2-135m")          # frozen, eval mode
+    lora = attnlab.attach(bb.model, "lora", r=8)        # in place; lora.detach() restores the base
+    lora.save_pretrained("out/lora")
+    attnlab.load_plugin(bb.model, "out/lora")           # refuses a different base
+"""
+
+__version__ = "0.1.0"
+
+from .backbone import Backbone, load_backbone  # noqa: E402
+from .modules import METHODS, attach, load_plugin  # noqa: E402
+
+__all__ = ["Backbone", "load_backbone", "attach", "load_plugin", "METHODS", "__version__"]

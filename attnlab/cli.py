@@ -1,0 +1,180 @@
+"""The `attnlab` command: run, eval, generate, data preview. Every command has --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _data_cfg(a) -> dict:
+    cfg = {"dataset_name": a.dataset, "n_train": 0, "n_eval": a.n, "max_length": a.max_length}
+    if a.path:
+        cfg["path"] = a.path
+    if getattr(a, "columns", None):
+        cfg["columns"] = dict(kv.split("=", 1) for kv in a.columns.split(","))
+    return cfg
+
+
+def cmd_run(a) -> int:
+    from .experiment import run_experiment
+
+    methods = a.methods.split(",") if a.methods else None
+    res = run_experiment(a.config, out_root=a.out, fresh=a.fresh, only_methods=methods)
+    from pathlib import Path
+    print()
+    print(Path(res["config"].get("out_dir") or Path(a.out) / res["name"]).joinpath("report.md").read_text())
+    return 0
+
+
+def _load(a):
+    from .backbone import load_backbone
+    from .modules import load_plugin
+
+    bb = load_backbone(a.model, trust_remote_code=a.trust_remote_code)
+    plugin = load_plugin(bb.model, a.plugin) if a.plugin else None
+    return bb, plugin
+
+
+def cmd_eval(a) -> int:
+    from .data import build_splits
+    from .evaluate import answer_metrics, base_reference, generate, score
+
+    bb, plugin = _load(a)
+    splits = build_splits(_data_cfg(a), bb.tokenizer)
+    reference = None
+    if plugin is not None:
+        plugin.detach()
+        reference = base_reference(bb.model, splits.eval, bb.tokenizer.pad_token_id, a.batch_size)
+        plugin.attach(bb.model)
+    metrics = score(bb.model, splits.eval, bb.tokenizer.pad_token_id, a.batch_size, reference=reference)
+    if a.generate and splits.kind == "qa":
+        ex = splits.eval[: a.generate]
+        texts = generate(bb.model, bb.tokenizer, ex, a.max_new_tokens, a.batch_size)
+        metrics.update(answer_metrics(texts, [e.answer for e in ex]))
+    print(json.dumps({"model": a.model, "plugin": a.plugin, "data": splits.report, "metrics": metrics}, indent=2))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from .data import prompt_text
+
+    bb, _ = _load(a)
+    tok = bb.tokenizer
+    text = prompt_text(tok, a.prompt) if not a.raw else a.prompt
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    if a.seed is not None:
+        torch.manual_seed(a.seed)
+    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, pad_token_id=tok.pad_token_id)
+    kw.update(temperature=a.temperature, top_k=a.top_k or 0) if a.sample else kw.update(
+        temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = bb.model.generate(**ids, **kw)
+    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_data_preview(a) -> int:
+    from .data import SOURCES, SkipLog, load_records
+
+    if a.list:
+        for name, s in SOURCES.items():
+            print(f"{name:18s} {s.kind:3s}  {s.description}")
+        return 0
+    log = SkipLog()
+    recs = load_records(_data_cfg(a), limit=a.n, log=log)
+    for r in recs:
+        print(json.dumps(r.to_dict(), ensure_ascii=False)[: a.width])
+    print(f"# {a.dataset}: {log.summary()}" + (f"; first problems: {log.examples}" if log.examples else ""),
+          file=sys.stderr)
+    if a.model:
+        from .backbone import load_backbone
+        from .data import build_splits
+        bb = load_backbone(a.model)
+        s = build_splits({**_data_cfg(a), "n_eval": min(a.n, len(recs)), "shuffle": False}, bb.tokenizer)
+        print(json.dumps(s.report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnlab", description="Attach small trainable attention modules to a "
+                                "frozen pretrained causal LM, train only them, and measure them honestly.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train and evaluate every method x seed of a YAML config; write a report",
+                       description="Train and evaluate every method and seed of CONFIG on a held-out split; "
+                       "write runs/<name>/report.md, results.json and PNG plots. Finished cells are kept, "
+                       "so a stopped run resumes.")
+    r.add_argument("config", help="YAML experiment config, e.g. configs/quickstart.yaml")
+    r.add_argument("--out", default="runs", help="root folder for runs (default: runs)")
+    r.add_argument("--fresh", action="store_true", help="delete earlier results of this config first")
+    r.add_argument("--methods", help="comma-separated method names to run (default: all in the config)")
+    r.set_defaults(func=cmd_run)
+
+    def model_args(q):
+        q.add_argument("--model", default="smollm2-135m",
+                       help="smollm2-135m (embedded, default), tiny-gpt2, tiny-llama, a hub id or a local dir")
+        q.add_argument("--plugin", help="folder of a saved plug-in (plugin.safetensors + config.json)")
+        q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+
+    def data_args(q, n):
+        q.add_argument("--dataset", default="arithmetic", help="dataset_name (see `attnlab data preview --list`)")
+        q.add_argument("--path", help="local data file for the dataset")
+        q.add_argument("--columns", help="column mapping for local files, e.g. prompt=question,target=answer")
+        q.add_argument("--n", type=int, default=n, help=f"number of examples (default {n})")
+        q.add_argument("--max-length", type=int, default=256, help="max tokens per example (default 256)")
+
+    e = sub.add_parser("eval", help="score a model (with or without a plug-in) on a dataset",
+                       description="Cross-entropy, perplexity, next-token accuracy (and KL to the base when a "
+                       "plug-in is given) on N examples; with --generate K, answer accuracy, P/R/F1, MSE/RMSE.")
+    model_args(e)
+    data_args(e, 64)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--generate", type=int, default=0, metavar="K", help="also generate for the first K examples")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="prompt in, text out, with or without a plug-in",
+                       description="Generate a continuation. The prompt is wrapped in the model's chat template "
+                       "when it has one (use --raw to send it as is). Greedy unless --sample.")
+    model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k filtering")
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="inspect datasets", description="Inspect datasets.")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("preview", help="print the first records of a dataset as the schema sees them",
+                         description="Print the first N records (prompt, target, answer, source) and what was "
+                         "skipped and why; with --model, also the tokenization report.")
+    data_args(dp, 3)
+    dp.add_argument("--model", help="also tokenize with this model and report truncation")
+    dp.add_argument("--list", action="store_true", help="list the dataset names and exit")
+    dp.add_argument("--width", type=int, default=400, help="characters shown per record")
+    dp.set_defaults(func=cmd_data_preview)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if "--debug" in sys.argv or __import__("os").environ.get("ATTNLAB_DEBUG"):
+            raise
+        print(f"attnlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

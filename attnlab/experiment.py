@@ -1,0 +1,187 @@
+"""`attnlab run CONFIG`: every method x every seed, trained and evaluated on a held-out split.
+
+The config (YAML) names the model, the data (`dataset_name`), the methods, the seeds and the
+budgets; see configs/quickstart.yaml. Each (method, seed) writes its own result.json atomically,
+so a run that is stopped resumes where it was (finished cells are read back, a cell in training
+resumes from its checkpoint). The frozen base is the same function for every seed: it is
+evaluated once, and its target-position hidden states are kept to give every method's KL(base||m).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import __version__
+from .backbone import load_backbone
+from .data import build_splits
+from .evaluate import answer_metrics, base_reference, generate, score
+from .modules import METHODS, make_config
+from .train import TrainConfig, train
+
+DEFAULTS = {
+    "name": None,
+    "model": "smollm2-135m",
+    "seeds": [0],
+    "data": {},
+    "train": {"steps": 50, "batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 5},
+    "eval": {"batch_size": 8, "generate": True, "n_generate": 32, "max_new_tokens": 128},
+    "methods": [{"name": "frozen", "method": "frozen"}, {"name": "lora", "method": "lora"}],
+}
+_TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+def load_config(path_or_dict) -> dict:
+    """Read a YAML config, fill defaults, and check it before any model is loaded."""
+    if isinstance(path_or_dict, dict):
+        raw, where = copy.deepcopy(path_or_dict), "config"
+    else:
+        p = Path(path_or_dict)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        raw, where = yaml.safe_load(p.read_text()) or {}, str(p)
+        raw.setdefault("name", p.stem)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at top level")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    cfg = {**copy.deepcopy(DEFAULTS), **raw}
+    cfg["train"] = {**DEFAULTS["train"], **raw.get("train", {})}
+    cfg["eval"] = {**DEFAULTS["eval"], **raw.get("eval", {})}
+    cfg["name"] = cfg["name"] or "experiment"
+    if not isinstance(cfg["seeds"], list) or not cfg["seeds"] or not all(isinstance(s, int) for s in cfg["seeds"]):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {cfg['seeds']!r}")
+    names = set()
+    for m in cfg["methods"]:
+        if not isinstance(m, dict) or "method" not in m:
+            raise ConfigError(f"{where}: each entry of methods needs `method:` (one of {', '.join(METHODS)})")
+        m.setdefault("name", m["method"])
+        if m["name"] in names:
+            raise ConfigError(f"{where}: two methods are named '{m['name']}'; give each a unique name")
+        names.add(m["name"])
+        make_config(m["method"], **_options(m))  # raises on unknown methods and options
+        TrainConfig(**{**cfg["train"], **m.get("train", {})})
+    return cfg
+
+
+def _options(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in ("name", "method", "train")}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = False,
+                   only_methods: list[str] | None = None, log=print) -> dict:
+    """Run the config; returns the results dict also written to runs/<name>/results.json."""
+    from .report import write_report
+
+    cfg = load_config(config)
+    out = Path(cfg.get("out_dir") or Path(out_root) / cfg["name"])
+    if fresh and out.exists():
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    log(f"[attnlab] {cfg['name']}: model {cfg['model']}, data {cfg['data'].get('dataset_name', 'arithmetic')}, "
+        f"methods {[m['name'] for m in cfg['methods']]}, seeds {cfg['seeds']} -> {out}")
+
+    t = time.perf_counter()
+    bb = load_backbone(cfg["model"])
+    log(f"[attnlab] loaded {cfg['model']} ({bb.info['n_params'] / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
+    tok = bb.tokenizer
+    splits = build_splits(cfg["data"], tok)
+    dr = splits.report
+    log(f"[attnlab] data: {dr['n_train']} train / {dr['n_eval']} eval examples, "
+        f"{dr['train_target_tokens']} / {dr['eval_target_tokens']} target tokens; "
+        f"records {dr['records']['kept']}/{dr['records']['seen']} kept, "
+        f"{dr['tokenization']['truncated']} truncated, {dr['tokenization']['skipped']} dropped at tokenization")
+    ev = cfg["eval"]
+    gen_examples = splits.eval[: int(ev["n_generate"])] if ev["generate"] and splits.kind == "qa" else []
+
+    t = time.perf_counter()
+    reference = base_reference(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"])
+    log(f"[attnlab] base reference over {reference.hidden.shape[0]} eval target tokens in {time.perf_counter() - t:.1f}s")
+
+    cells = []
+    methods = [m for m in cfg["methods"] if not only_methods or m["name"] in only_methods]
+    for m in methods:
+        seeds = cfg["seeds"] if m["method"] != "frozen" else cfg["seeds"][:1]
+        for seed in seeds:
+            cells.append(_run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log))
+    results = {
+        "name": cfg["name"], "config": cfg, "data": dr, "model": bb.info,
+        "fingerprint": bb.fingerprint, "cells": cells,
+        "environment": {"attnlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                        "device": "cuda" if torch.cuda.is_available() else "cpu",
+                        "threads": torch.get_num_threads(), "platform": platform.platform()},
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+    }
+    _atomic_json(out / "results.json", results)
+    write_report(out, results)
+    log(f"[attnlab] wrote {out / 'report.md'} in {results['wall_time_s']:.0f}s total")
+    return results
+
+
+def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log) -> dict:
+    cell_dir = out / m["name"] / f"seed{seed}"
+    done = cell_dir / "result.json"
+    if done.is_file():
+        log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
+        return json.loads(done.read_text())
+    tok = bb.tokenizer
+    ev = cfg["eval"]
+    tcfg = TrainConfig(**{**cfg["train"], **m.get("train", {}), "seed": seed})
+    seed_everything(seed)
+    plugin = METHODS[m["method"]](make_config(m["method"], **_options(m))).attach(bb.model)
+    try:
+        n_trainable = plugin.num_trainable()
+        log(f"[attnlab] {m['name']} seed {seed}: {n_trainable:,} trainable parameters")
+        tr = train(bb.model, plugin, splits.train, tcfg, out_dir=cell_dir, pad_id=tok.pad_token_id)
+        t = time.perf_counter()
+        metrics = score(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"], reference=reference)
+        samples = []
+        if gen_examples:
+            texts = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"])
+            metrics.update(answer_metrics(texts, [e.answer for e in gen_examples]))
+            samples = [{"prompt": e.record.prompt, "gold": e.answer, "output": x}
+                       for e, x in zip(gen_examples[:5], texts[:5])]
+        eval_s = time.perf_counter() - t
+        if n_trainable:
+            plugin.save_pretrained(cell_dir / "plugin", base_name=bb.spec)
+    finally:
+        plugin.detach()
+    cell = {"method": m["name"], "type": m["method"], "seed": seed, "trainable_params": n_trainable,
+            "train": {"steps": tr.steps, "tokens": tr.tokens, "seconds": round(tr.seconds, 2),
+                      "tokens_per_s": round(tr.tokens_per_s, 1) if tr.tokens else None,
+                      "resumed_from_step": tr.resumed_from,
+                      "final_loss": tr.history[-1]["loss"] if tr.history else None},
+            "loss_curve": [(h["step"], h["loss"]) for h in tr.history],
+            "eval": metrics, "eval_seconds": round(eval_s, 2), "samples": samples}
+    log(f"[attnlab] {m['name']} seed {seed}: ppl {metrics['perplexity']:.3f}"
+        + (f", accuracy {metrics['accuracy']:.3f}" if "accuracy" in metrics else "")
+        + f" (train {tr.seconds:.0f}s, eval {eval_s:.0f}s)")
+    _atomic_json(done, cell)
+    return cell
+
+
+def _atomic_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)

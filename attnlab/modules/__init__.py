@@ -1,0 +1,50 @@
+"""Plug-ins: the registry of methods and the two entry points, `attach` and `load_plugin`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .base import Plugin, PluginError, check_fingerprint, load_weights, read_plugin_config
+from .frozen import Frozen, FrozenConfig
+from .head_ft import HeadFineTune, HeadFTConfig
+from .lora import LoRA, LoRAConfig
+
+METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune)}
+
+
+def make_config(method: str, **options):
+    """The method's config dataclass from keyword options; unknown options are a clear error."""
+    if method not in METHODS:
+        raise PluginError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
+    cls = METHODS[method].Config
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - known
+    if unknown:
+        raise PluginError(f"method '{method}' has no option(s) {sorted(unknown)}; "
+                          f"its options are: {sorted(known) or 'none'}")
+    return cls(**options)
+
+
+def attach(model: nn.Module, method: str, **options) -> Plugin:
+    """Attach a new plug-in of `method` to `model` (in place) and return it."""
+    config = make_config(method, **options)
+    return METHODS[method](config).attach(model)
+
+
+def load_plugin(model: nn.Module, path) -> Plugin:
+    """Load a saved plug-in onto `model`, refusing a base whose fingerprint differs."""
+    meta = read_plugin_config(path)
+    check_fingerprint(meta["base"], model, path)
+    plugin = METHODS[meta["method"]](make_config(meta["method"], **meta["config"])).attach(model)
+    try:
+        plugin.load_state_dict(load_weights(path))
+    except Exception:
+        plugin.detach()
+        raise
+    return plugin
+
+
+__all__ = ["Plugin", "PluginError", "METHODS", "attach", "load_plugin", "make_config",
+           "Frozen", "FrozenConfig", "LoRA", "LoRAConfig", "HeadFineTune", "HeadFTConfig"]

@@ -1,0 +1,154 @@
+"""report.md (mean ± std over seeds, change against the frozen base and LoRA), PNG plots.
+
+Every number comes from results.json, written by the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+# (key, label, lower is better?, format)
+METRICS = [
+    ("cross_entropy", "CE", True, "{:.4f}"),
+    ("perplexity", "PPL", True, "{:.3f}"),
+    ("next_token_accuracy", "next-tok acc", False, "{:.4f}"),
+    ("kl_base_model", "KL(base‖m)", True, "{:.4f}"),
+    ("accuracy", "answer acc", False, "{:.3f}"),
+    ("f1", "F1", False, "{:.3f}"),
+    ("precision", "P", False, "{:.3f}"),
+    ("recall", "R", False, "{:.3f}"),
+    ("rmse", "RMSE", True, "{:.3g}"),
+    ("mse", "MSE", True, "{:.3g}"),
+    ("median_abs_error", "MedAE", True, "{:.3g}"),
+]
+
+
+def mean_std(xs: list) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(cells: list[dict]) -> dict:
+    """method -> {metric: (mean, std, n)} plus cost columns."""
+    by = {}
+    for c in cells:
+        by.setdefault(c["method"], []).append(c)
+    out = {}
+    for name, cs in by.items():
+        row = {"type": cs[0]["type"], "seeds": [c["seed"] for c in cs],
+               "trainable_params": cs[0]["trainable_params"]}
+        for key, *_ in METRICS + [("n_parsed", None, None, None)]:
+            row[key] = mean_std([c["eval"].get(key) for c in cs])
+        row["train_seconds"] = mean_std([c["train"]["seconds"] for c in cs])
+        row["tokens_per_s"] = mean_std([c["train"]["tokens_per_s"] for c in cs])
+        row["train_tokens"] = mean_std([c["train"]["tokens"] for c in cs])
+        out[name] = row
+    return out
+
+
+def _fmt(ms, fmt):
+    m, s = ms
+    if m is None:
+        return "–"
+    return fmt.format(m) + (f" ± {fmt.format(s)}" if s else "")
+
+
+def _rel(a, b):
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{100 * (a - b) / abs(b):+.2f}%"
+
+
+def markdown(results: dict) -> str:
+    summ = summarize(results["cells"])
+    present = [m for m in METRICS if any(r[m[0]][0] is not None for r in summ.values())]
+    cfg, data, env = results["config"], results["data"], results["environment"]
+    lines = [f"# {results['name']}", "",
+             f"Model `{cfg['model']}` ({results['model']['n_params'] / 1e6:.1f}M parameters, frozen); data "
+             f"`{data['dataset_name']}` ({data['n_train']} train / {data['n_eval']} held-out eval examples, "
+             f"{data['eval_target_tokens']} eval target tokens); seeds {cfg['seeds']}. "
+             f"Mean ± std over seeds (std shown when more than one seed ran; the frozen base is "
+             f"deterministic and evaluated once). Generation metrics use greedy decoding on the first "
+             f"{cfg['eval']['n_generate']} eval examples.", "",
+             "| method | trainable | " + " | ".join(m[1] for m in present) + " | train s | train tok/s |",
+             "|---|---:|" + "---:|" * len(present) + "---:|---:|"]
+    for name, r in summ.items():
+        cells = [_fmt(r[k], f) for k, _, _, f in present]
+        lines.append(f"| {name} | {r['trainable_params']:,} | " + " | ".join(cells)
+                     + f" | {_fmt(r['train_seconds'], '{:.0f}')} | {_fmt(r['tokens_per_s'], '{:.0f}')} |")
+    refs = [(n, summ[n]) for n in summ if summ[n]["type"] in ("frozen", "lora")]
+    for ref_name, ref in refs:
+        keys = [m for m in present if m[0] in ("cross_entropy", "perplexity", "accuracy", "f1", "rmse")]
+        lines += ["", f"Change against **{ref_name}** (relative, of the means):", "",
+                  "| method | " + " | ".join(m[1] for m in keys) + " |", "|---|" + "---:|" * len(keys)]
+        for name, r in summ.items():
+            if name != ref_name:
+                lines.append(f"| {name} | " + " | ".join(_rel(r[k][0], ref[k][0]) for k, *_ in keys) + " |")
+    lines += ["", "Lower is better for CE, PPL, KL and the errors; higher for accuracies, P/R/F1.", "",
+              f"Data: records {data['records']['kept']}/{data['records']['seen']} kept "
+              f"({data['records']['skipped']} skipped: {data['records']['reasons'] or 'none'}); "
+              f"{data['tokenization']['truncated']} targets truncated to max_length, "
+              f"{data['tokenization']['skipped']} examples dropped at tokenization "
+              f"({data['tokenization']['reasons'] or 'none'}).", "",
+              f"Environment: attnlab {env['attnlab']}, torch {env['torch']}, {env['device']} "
+              f"({env['threads']} threads), Python {env['python']}. Whole run: {results['wall_time_s']:.0f}s.", "",
+              "![loss curves](loss_curves.png)", "", "![metrics](metrics.png)", ""]
+    samples = next((c["samples"] for c in results["cells"] if c.get("samples")), [])
+    if samples:
+        lines += ["## Sample generations (first eval examples, greedy)", ""]
+        for name in summ:
+            c = next(c for c in results["cells"] if c["method"] == name)
+            for s in c.get("samples", [])[:2]:
+                out = s["output"].strip().replace("\n", " ⏎ ")[:300]
+                lines.append(f"- **{name}** (gold {s['gold']}): {out}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c in results["cells"]:
+        if c["loss_curve"]:
+            steps, losses = zip(*c["loss_curve"])
+            ax.plot(steps, losses, label=f"{c['method']} s{c['seed']}", alpha=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (CE over target tokens)")
+    ax.set_title(results["name"])
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    summ = summarize(results["cells"])
+    keys = [k for k in ("perplexity", "next_token_accuracy", "accuracy", "f1")
+            if any(r[k][0] is not None for r in summ.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        names = list(summ)
+        means = [summ[n][key][0] or 0 for n in names]
+        stds = [summ[n][key][1] or 0 for n in names]
+        ax.bar(names, means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        ax.set_title(dict((m[0], m[1]) for m in METRICS)[key])
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: dict) -> Path:
+    out = Path(out)
+    plots(results, out)
+    text = markdown(results)
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "report.md")
+    return out / "report.md"
