@@ -171,7 +171,7 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log) -> di
                       "tokens_per_s": round(tr.tokens_per_s, 1) if tr.tokens else None,
                       "resumed_from_step": tr.resumed_from,
                       "final_loss": tr.history[-1]["loss"] if tr.history else None},
-            "loss_curve": [(h["step"], h["loss"]) for h in tr.history],
+            "loss_curve": [[h["step"], h["loss"]] for h in tr.history],
             "eval": metrics, "eval_seconds": round(eval_s, 2), "samples": samples}
     log(f"[attnlab] {m['name']} seed {seed}: ppl {metrics['perplexity']:.3f}"
         + (f", accuracy {metrics['accuracy']:.3f}" if "accuracy" in metrics else "")

@@ -57,10 +57,16 @@ def _fmt(ms, fmt):
     return fmt.format(m) + (f" ± {fmt.format(s)}" if s else "")
 
 
-def _rel(a, b):
-    if a is None or b is None or b == 0:
+RATES = {"next_token_accuracy", "accuracy", "f1", "precision", "recall"}
+
+
+def _change(key, a, b):
+    """Rates change in percentage points; losses and errors relative to the reference, in %."""
+    if a is None or b is None:
         return "–"
-    return f"{100 * (a - b) / abs(b):+.2f}%"
+    if key in RATES:
+        return f"{100 * (a - b):+.1f} pp"
+    return f"{100 * (a - b) / abs(b):+.2f}%" if b else "–"
 
 
 def markdown(results: dict) -> str:
@@ -82,12 +88,14 @@ def markdown(results: dict) -> str:
                      + f" | {_fmt(r['train_seconds'], '{:.0f}')} | {_fmt(r['tokens_per_s'], '{:.0f}')} |")
     refs = [(n, summ[n]) for n in summ if summ[n]["type"] in ("frozen", "lora")]
     for ref_name, ref in refs:
-        keys = [m for m in present if m[0] in ("cross_entropy", "perplexity", "accuracy", "f1", "rmse")]
-        lines += ["", f"Change against **{ref_name}** (relative, of the means):", "",
+        keys = [m for m in present if m[0] in ("cross_entropy", "perplexity", "next_token_accuracy", "accuracy",
+                                                "f1", "rmse")]
+        lines += ["", f"Change against **{ref_name}** (of the means; losses and errors in % of {ref_name}, "
+                  f"rates in percentage points):", "",
                   "| method | " + " | ".join(m[1] for m in keys) + " |", "|---|" + "---:|" * len(keys)]
         for name, r in summ.items():
             if name != ref_name:
-                lines.append(f"| {name} | " + " | ".join(_rel(r[k][0], ref[k][0]) for k, *_ in keys) + " |")
+                lines.append(f"| {name} | " + " | ".join(_change(k, r[k][0], ref[k][0]) for k, *_ in keys) + " |")
     lines += ["", "Lower is better for CE, PPL, KL and the errors; higher for accuracies, P/R/F1.", "",
               f"Data: records {data['records']['kept']}/{data['records']['seen']} kept "
               f"({data['records']['skipped']} skipped: {data['records']['reasons'] or 'none'}); "

@@ -47,7 +47,11 @@ class LoRA(Plugin):
             raise PluginError(f"LoRA rank r must be >= 1, got {self.config.r}")
         peft_cfg = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
                               target_modules=targets, fan_in_fan_out=(mtype == "gpt2"), bias="none")
-        inject_adapter_in_model(peft_cfg, model, adapter_name=self.config.adapter_name)
+        try:
+            inject_adapter_in_model(peft_cfg, model, adapter_name=self.config.adapter_name)
+        except ValueError as e:  # PEFT's NoMatchingPeftModuleError is a ValueError
+            raise PluginError(f"LoRA target_modules {targets} matched no module of this {mtype} model "
+                              f"({e})") from e
         self._names = [n for n, p in model.named_parameters() if "lora_" in n]
         if not self._names:
             raise PluginError(f"LoRA target_modules {targets} matched no module of this {mtype} model")

@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab.data import collate
+from attnlab.evaluate import (answer_metrics, answers_match, base_reference, extract_answer, kl_divergence,
+                              normalize_answer, numeric_errors, parse_number, score, target_logits, token_prf)
+
+from .conftest import tiny_splits
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the answer is \\boxed{42}.", "42"),
+    ("first \\boxed{1} then \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
+    ("3 + 4 = 7\n#### 7", "7"),
+    ("#### 1,234\nmore text", "1,234"),
+    ("I get 12 apples, then 15 apples.", "15"),
+    ("it is -3.5 degrees", "-3.5"),
+    ("no digits here", None),
+    ("", None),
+    ("\\boxed{unclosed", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_normalize_and_parse():
+    assert normalize_answer(" $1,234. ") == "1234"
+    assert normalize_answer("7.0") == "7"
+    assert normalize_answer("\\text{Paris}") == "paris"
+    assert parse_number("3/4") == 0.75
+    assert parse_number("\\frac{1}{8}") == 0.125
+    assert parse_number("50%") == 50.0
+    assert parse_number("1/0") is None
+    assert parse_number("x+1") is None
+    assert answers_match("1,000", "1000") and answers_match("0.5", "1/2")
+    assert not answers_match("12", "13") and not answers_match(None, "1")
+
+
+def test_token_prf_hand_computed():
+    # pred tokens {a, b, c}, gold {b, c, d, e}: common 2 -> P 2/3, R 2/4, F1 = 2PR/(P+R) = 4/7
+    p, r, f = token_prf("a b c", "b c d e")
+    assert (p, r) == (2 / 3, 0.5) and math.isclose(f, 4 / 7)
+    assert token_prf("x", "y") == (0.0, 0.0, 0.0)
+    assert token_prf(None, "y") == (0.0, 0.0, 0.0)
+    assert token_prf("", "") == (1.0, 1.0, 1.0)
+
+
+def test_numeric_errors_hand_computed():
+    # errors: 1 - 3 = -2, 10 - 10 = 0, 7 - 4 = 3; 'abc' does not parse
+    e = numeric_errors(["1", "10", "abc", "7"], ["3", "10", "5", "4"])
+    assert e["n_parsed"] == 3 and e["n_total"] == 4
+    assert math.isclose(e["mse"], (4 + 0 + 9) / 3)
+    assert math.isclose(e["rmse"], math.sqrt(13 / 3))
+    assert e["median_abs_error"] == 2
+    assert numeric_errors(["x"], ["1"])["rmse"] is None
+
+
+def test_answer_metrics():
+    m = answer_metrics(["... #### 12", "\\boxed{5}", "nothing"], ["12", "6", "3"])
+    assert math.isclose(m["accuracy"], 1 / 3)
+    assert m["n_answered"] == 2 and m["n_parsed"] == 2
+    assert math.isclose(m["mse"], (0 + 1) / 2)
+
+
+def test_kl_hand_computed():
+    p = torch.tensor([[0.5, 0.5]])
+    q = torch.tensor([[0.25, 0.75]])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert math.isclose(kl_divergence(p.log(), q.log()).item(), expected, rel_tol=1e-6)
+    assert kl_divergence(p.log(), p.log()).item() == 0
+
+
+def test_target_logits_equal_the_full_forward(tiny):
+    s = tiny_splits(tiny, n_train=3, n_eval=1)
+    b = collate(s.train, tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        fast, tokens = target_logits(tiny.model, b)
+        full = tiny.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    keep = b["labels"][:, 1:] != -100
+    torch.testing.assert_close(fast, full[:, :-1][keep], atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, b["labels"][:, 1:][keep])
+
+
+def test_score_matches_a_manual_computation(tiny):
+    s = tiny_splits(tiny, n_train=1, n_eval=3)
+    pad = tiny.tokenizer.pad_token_id
+    ref = base_reference(tiny.model, s.eval, pad, batch_size=2)
+    m = score(tiny.model, s.eval, pad, batch_size=2, reference=ref)
+    nll, correct, n = 0.0, 0, 0
+    for e in s.eval:  # one at a time, full forward, no padding
+        ids = torch.tensor([e.input_ids])
+        with torch.no_grad():
+            logp = F.log_softmax(tiny.model(ids).logits[0, :-1], -1)
+        tgt = torch.tensor(e.labels[1:])
+        keep = tgt != -100
+        nll -= logp[keep].gather(1, tgt[keep][:, None]).sum().item()
+        correct += (logp[keep].argmax(-1) == tgt[keep]).sum().item()
+        n += int(keep.sum())
+    assert m["target_tokens"] == n
+    assert math.isclose(m["cross_entropy"], nll / n, rel_tol=1e-5)
+    assert math.isclose(m["perplexity"], math.exp(nll / n), rel_tol=1e-5)
+    assert math.isclose(m["next_token_accuracy"], correct / n)
+    assert abs(m["kl_base_model"]) < 1e-6  # the base against itself
+
+
+def test_score_rejects_empty_input(tiny):
+    with pytest.raises(ValueError, match="at least one example"):
+        score(tiny.model, [], 0)

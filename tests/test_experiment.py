@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from attnlab.experiment import ConfigError, load_config, run_experiment
+from attnlab.report import summarize
+
+TINY = {
+    "name": "tiny",
+    "model": "tiny-llama",
+    "seeds": [0, 1],
+    "data": {"dataset_name": "arithmetic", "n_train": 8, "n_eval": 4, "max_length": 400},
+    "train": {"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "progress": False},
+    "eval": {"batch_size": 4, "generate": True, "n_generate": 2, "max_new_tokens": 8},
+    "methods": [{"name": "frozen", "method": "frozen"},
+                {"name": "lora", "method": "lora", "r": 4},
+                {"name": "head_ft", "method": "head_ft", "train": {"lr": 1e-3}}],
+}
+
+
+def test_run_writes_report_results_and_plots(tmp_path):
+    logs = []
+    res = run_experiment(TINY, out_root=tmp_path, log=logs.append)
+    out = tmp_path / "tiny"
+    for f in ("report.md", "results.json", "loss_curves.png", "metrics.png"):
+        assert (out / f).is_file(), f
+    assert [(c["method"], c["seed"]) for c in res["cells"]] == [
+        ("frozen", 0), ("lora", 0), ("lora", 1), ("head_ft", 0), ("head_ft", 1)]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["cells"] == json.loads(json.dumps(res["cells"]))
+    lora = [c for c in res["cells"] if c["method"] == "lora"]
+    assert lora[0]["eval"] != lora[1]["eval"], "different seeds should give different runs"
+    assert lora[0]["train"]["tokens"] == [c for c in res["cells"] if c["method"] == "head_ft"][0]["train"]["tokens"]
+    assert (out / "lora" / "seed0" / "plugin" / "plugin.safetensors").is_file()
+    # the report shows the numbers of results.json
+    report = (out / "report.md").read_text()
+    s = summarize(res["cells"])
+    mean, std = s["lora"]["perplexity"]
+    assert f"{mean:.3f} ± {std:.3f}" in report
+    assert "Change against **frozen**" in report and "Change against **lora**" in report
+    assert s["lora"]["accuracy"][0] is not None and s["frozen"]["kl_base_model"][0] < 1e-6
+
+
+def test_rerun_resumes_finished_cells(tmp_path):
+    cfg = {**TINY, "seeds": [0], "methods": TINY["methods"][:2]}
+    first = run_experiment(cfg, out_root=tmp_path, log=lambda *_: None)
+    logs = []
+    second = run_experiment(cfg, out_root=tmp_path, log=logs.append)
+    assert sum("done earlier" in l for l in logs) == 2
+    assert first["cells"] == second["cells"]
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config({**TINY, "modle": "x"})
+    with pytest.raises(ConfigError, match="unique name"):
+        load_config({**TINY, "methods": [{"method": "lora"}, {"method": "lora"}]})
+    with pytest.raises(Exception, match="has no option"):
+        load_config({**TINY, "methods": [{"method": "lora", "rank": 3}]})
+    with pytest.raises(ConfigError, match="seeds"):
+        load_config({**TINY, "seeds": []})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(path)
