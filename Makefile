@@ -1,6 +1,6 @@
 # The two commands the README promises: `make demo` and `make test`.
 # Both create .venv on first use with pip + venv (uv/poetry would fetch a multi-GB CUDA torch).
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

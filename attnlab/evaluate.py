@@ -252,8 +252,9 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, examples: list[Example], max_new_tokens: int = 128,
              batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None) -> list[str]:
-    """Continue each example's prompt (greedy by default); returns the generated text only."""
+             top_k: int | None = None, stats: dict | None = None) -> list[str]:
+    """Continue each example's prompt (greedy by default); returns the generated text only.
+    With a `stats` dict, counts the outputs cut off at max_new_tokens in stats["n_cut_off"]."""
     dev = _device(model)
     texts = []
     eos = tokenizer.eos_token_id
@@ -268,4 +269,7 @@ def generate(model: nn.Module, tokenizer, examples: list[Example], max_new_token
         out = model.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+        if stats is not None:
+            cut = (new.shape[1] == max_new_tokens) & ~(new == eos).any(dim=1)
+            stats["n_cut_off"] = stats.get("n_cut_off", 0) + int(cut.sum())
     return texts

@@ -102,7 +102,7 @@ def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = F
         f"methods {[m['name'] for m in cfg['methods']]}, seeds {cfg['seeds']} -> {out}")
 
     t = time.perf_counter()
-    bb = load_backbone(cfg["model"])
+    bb = load_backbone(cfg["model"], device="cuda" if torch.cuda.is_available() else None)
     log(f"[attnlab] loaded {cfg['model']} ({bb.info['n_params'] / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
     tok = bb.tokenizer
     splits = build_splits(cfg["data"], tok)
@@ -157,8 +157,10 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log) -> di
         metrics = score(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"], reference=reference)
         samples = []
         if gen_examples:
-            texts = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"])
+            gstats = {}
+            texts = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"], stats=gstats)
             metrics.update(answer_metrics(texts, [e.answer for e in gen_examples]))
+            metrics["n_cut_off"] = gstats["n_cut_off"]
             samples = [{"prompt": e.record.prompt, "gold": e.answer, "output": x}
                        for e, x in zip(gen_examples[:5], texts[:5])]
         eval_s = time.perf_counter() - t

@@ -41,7 +41,8 @@ def summarize(cells: list[dict]) -> dict:
     for name, cs in by.items():
         row = {"type": cs[0]["type"], "seeds": [c["seed"] for c in cs],
                "trainable_params": cs[0]["trainable_params"]}
-        for key, *_ in METRICS + [("n_parsed", None, None, None)]:
+        for key, *_ in METRICS + [("n_parsed", None, None, None), ("n_cut_off", None, None, None),
+                                  ("n_generated", None, None, None)]:
             row[key] = mean_std([c["eval"].get(key) for c in cs])
         row["train_seconds"] = mean_std([c["train"]["seconds"] for c in cs])
         row["tokens_per_s"] = mean_std([c["train"]["tokens_per_s"] for c in cs])
@@ -96,6 +97,11 @@ def markdown(results: dict) -> str:
         for name, r in summ.items():
             if name != ref_name:
                 lines.append(f"| {name} | " + " | ".join(_change(k, r[k][0], ref[k][0]) for k, *_ in keys) + " |")
+    gen = [(n, r) for n, r in summ.items() if r["n_generated"][0]]
+    if gen:
+        lines += ["", "Generations: " + "; ".join(
+            f"{n}: {r['n_parsed'][0]:.0f}/{r['n_generated'][0]:.0f} answers parsed as numbers, "
+            f"{r['n_cut_off'][0]:.0f} cut off at max_new_tokens" for n, r in gen) + " (means over seeds)."]
     lines += ["", "Lower is better for CE, PPL, KL and the errors; higher for accuracies, P/R/F1.", "",
               f"Data: records {data['records']['kept']}/{data['records']['seen']} kept "
               f"({data['records']['skipped']} skipped: {data['records']['reasons'] or 'none'}); "

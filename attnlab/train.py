@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import Example, collate
+from .data import IGNORE, Example, collate
 from .evaluate import target_logits
 from .modules import Plugin
 
@@ -80,10 +80,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def batch_order(n: int, cfg: TrainConfig, step: int) -> list[list[int]]:
-    """Example indices of each micro-batch of optimizer step `step`: a seeded permutation per epoch,
-    so the order depends only on (seed, step), and resuming needs no sampler state."""
-    per_step = cfg.batch_size * cfg.grad_accum
+def batch_order(n: int, cfg: TrainConfig, step: int, world: int = 1) -> list[list[int]]:
+    """Example indices of each micro-batch of optimizer step `step` (grad_accum x world of them;
+    process r takes every world-th): a seeded permutation per epoch, so the order depends only on
+    (seed, step), and resuming needs no sampler state."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
     start = step * per_step
     idx = []
     while len(idx) < per_step:
@@ -92,6 +93,10 @@ def batch_order(n: int, cfg: TrainConfig, step: int) -> list[list[int]]:
         perm = torch.randperm(n, generator=g).tolist()
         idx += perm[pos: pos + per_step - len(idx)]
     return [idx[i: i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+
+
+def _n_predicted(e: Example) -> int:
+    return sum(1 for t in e.labels[1:] if t != IGNORE)
 
 
 class TargetLoss(nn.Module):
@@ -139,22 +144,26 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
                desc=f"train {plugin.method}", mininterval=1.0, dynamic_ncols=True)
     t0 = time.perf_counter() - seconds
     dev = accelerator.device
+    world = accelerator.num_processes
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = [collate([examples[i] for i in ids], pad_id) for ids in batch_order(len(examples), cfg, step)]
-        n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        order = batch_order(len(examples), cfg, step, world)
+        # Normalise by the target tokens of the whole step (all micro-batches, all processes).
+        n_tok = sum(_n_predicted(examples[i]) for ids in order for i in ids)
         if n_tok == 0:
             raise ValueError(f"step {step}: the batch has no target tokens (check the loss mask / data)")
-        loss_sum = 0.0
-        for k, b in enumerate(micro):
-            b = {key: v.to(dev) for key, v in b.items()}
-            sync = accelerator.no_sync(loss_module) if k < len(micro) - 1 else _nullcontext()
+        mine = order[accelerator.process_index::world]
+        local = torch.zeros((), device=dev)
+        for k, ids in enumerate(mine):
+            b = {key: v.to(dev) for key, v in collate([examples[i] for i in ids], pad_id).items()}
+            sync = accelerator.no_sync(loss_module) if k < len(mine) - 1 else _nullcontext()
             with sync:
                 loss = loss_module(**b) / n_tok
-                accelerator.backward(loss)
-            loss_sum += loss.item()
+                accelerator.backward(loss * world)  # DDP averages gradients over processes
+            local += loss.detach()
+        loss_sum = float(accelerator.reduce(local, "sum")) if world > 1 else float(local)
         grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         grad_norm = float(grad_norm)
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):

@@ -73,3 +73,14 @@ def test_embedded_model_loads_from_gguf_then_from_cache():
     top = second.tokenizer.decode(b[0, -1].argmax())
     assert top.strip() == "Paris", top
     assert t_second < t_first
+
+
+def test_local_directory_loads_through_from_pretrained(tmp_path):
+    tiny = load_backbone("tiny-gpt2")
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    local = load_backbone(str(tmp_path / "m"))
+    assert all(not p.requires_grad for p in local.model.parameters()) and not local.model.training
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(local.model(ids).logits, tiny.model(ids).logits)

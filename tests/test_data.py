@@ -155,3 +155,17 @@ def test_real_wikitext_file(tiny):
     s = build_splits({"dataset_name": "wikitext", "path": str(SHARED / "wikitext-2" / "valid.txt"),
                       "n_train": 4, "n_eval": 2, "max_length": 128}, tiny.tokenizer)
     assert len(s.train) == 4 and len(s.eval) == 2
+
+
+def test_generic_hf_adapter_on_local_files(tmp_path, tiny):
+    p = _jsonl(tmp_path / "d.jsonl", [{"q": f"What is {i}+1?", "a": f"{i}+1={i + 1}", "n": i + 1} for i in range(12)])
+    cfg = {"dataset_name": "hf", "hf_name": "json", "data_files": str(p),
+           "columns": {"prompt": "q", "target": "a", "answer": "n"}, "n_train": 8, "n_eval": 4, "max_length": 512}
+    s = build_splits(cfg, tiny.tokenizer)
+    assert len(s.train) == 8 and len(s.eval) == 4
+    assert {e.answer for e in s.train + s.eval} == {str(i + 1) for i in range(12)}
+    t = tmp_path / "t.txt"
+    t.write_text("\n".join(f"line {i} of plain text for a language model" for i in range(400)))
+    s = build_splits({"dataset_name": "hf", "hf_name": "text", "data_files": str(t), "kind": "lm",
+                      "columns": {"text": "text"}, "n_train": 2, "n_eval": 1, "max_length": 64}, tiny.tokenizer)
+    assert len(s.train) == 2 and s.kind == "lm"

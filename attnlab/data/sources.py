@@ -13,6 +13,8 @@ A data config names one adapter with `dataset_name` (as the research proposals' 
   code_contests      HF deepmind/code_contests: description -> first Python solution, or `path:`
   local              `path:` JSONL / JSON / CSV / Parquet / text, with `columns:` {prompt, target, answer}
                      (or {text} for a plain LM corpus)
+  hf                 any Hugging Face dataset: `hf_name:`, optional `hf_config:`, `split:`, `data_files:`,
+                     with `columns:` as for local (set `kind: lm` and `columns: {text: ...}` for text)
 
 `kind` is "qa" (prompt -> target, loss on the target) or "lm" (plain text, packed into blocks).
 """
@@ -210,6 +212,22 @@ def _python_stdlib_rows(cfg):
             yield {"text": text, "path": path.name}
 
 
+def _hf_generic_rows(cfg):
+    if not cfg.get("hf_name"):
+        raise ValueError("dataset_name 'hf' needs `hf_name:` (a hub id, or a builder such as json/csv/parquet/text "
+                         "with `data_files:`)")
+    import datasets
+
+    kwargs = {"data_files": cfg["data_files"]} if cfg.get("data_files") else {}
+    try:
+        return datasets.load_dataset(cfg["hf_name"], cfg.get("hf_config"), split=cfg.get("split", "train"),
+                                     streaming=cfg.get("streaming", False), **kwargs)
+    except Exception as e:
+        raise RuntimeError(f"Could not load the Hugging Face dataset '{cfg['hf_name']}': {type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}\nOffline, point `data_files:` at local files or use "
+                           f"dataset_name 'local' with `path:`.") from e
+
+
 def _local_rows(cfg):
     if not cfg.get("path"):
         raise ValueError("dataset_name 'local' needs `path:` (a .jsonl, .json, .csv, .parquet or .txt file)")
@@ -257,6 +275,7 @@ SOURCES: dict[str, Source] = {
     "python_docs": Source("lm", _python_docs_rows, text_record, "offline: English prose of Python's docs"),
     "python_stdlib": Source("lm", _python_stdlib_rows, text_record, "offline: Python standard-library sources"),
     "local": Source("qa", _local_rows, local_record, "a local file with a column mapping"),
+    "hf": Source("qa", _hf_generic_rows, local_record, "any HF dataset (hf_name, hf_config, split) with a column mapping"),
 }
 
 
