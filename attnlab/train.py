@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import IGNORE, Example, collate
-from .evaluate import target_logits
+from .evaluate import target_hidden, target_logits
 from .modules import Plugin
 
 CKPT = "checkpoint"
@@ -100,21 +100,34 @@ def _n_predicted(e: Example) -> int:
 
 
 class TargetLoss(nn.Module):
-    """Summed cross-entropy over target tokens. A module so that Accelerate/DDP can wrap it."""
+    """Summed cross-entropy over target tokens, from token ids or from cached final hidden states.
+    A module so that Accelerate/DDP can wrap it. A head with its own `target_loss` (e.g. a chunked
+    one) computes the loss itself."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels):
-        logits, tokens = target_logits(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                                    "labels": labels})
-        return F.cross_entropy(logits.float(), tokens, reduction="sum")
+    def forward(self, input_ids=None, attention_mask=None, labels=None, hidden=None, tokens=None):
+        head = self.model.get_output_embeddings()
+        if hidden is None:
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            if not hasattr(head, "target_loss"):
+                logits, tokens = target_logits(self.model, batch)
+                return F.cross_entropy(logits.float(), tokens, reduction="sum")
+            hidden, tokens = target_hidden(self.model, batch)
+        if hasattr(head, "target_loss"):
+            return head.target_loss(hidden, tokens)
+        return F.cross_entropy(head(hidden).float(), tokens, reduction="sum")
 
 
 def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainConfig,
-          out_dir: str | os.PathLike | None = None, pad_id: int = 0, accelerator=None) -> TrainResult:
+          out_dir: str | os.PathLike | None = None, pad_id: int = 0, accelerator=None,
+          features=None) -> TrainResult:
     """Train `plugin`'s parameters (attached to the frozen `model`) on `examples`.
+
+    `features` (a FeatureCache of the same examples) lets a head-only plug-in train from the base's
+    cached hidden states instead of running the frozen body every step.
 
     With `out_dir`, metrics go to out_dir/metrics.jsonl and checkpoints to out_dir/checkpoint; a
     second call with the same out_dir resumes from the last checkpoint."""
@@ -126,6 +139,11 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
         return TrainResult(steps=0, tokens=0, seconds=0.0)
     if not examples:
         raise ValueError("no training examples")
+    if features is not None:
+        if not plugin.head_only:
+            raise ValueError(f"{plugin.method} changes more than the output head: it cannot train from cached features")
+        if len(features) != len(examples):
+            raise ValueError(f"the feature cache holds {len(features)} examples, not {len(examples)}")
     out = Path(out_dir) if out_dir else None
     torch.manual_seed(cfg.seed)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -156,13 +174,20 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
             raise ValueError(f"step {step}: the batch has no target tokens (check the loss mask / data)")
         mine = order[accelerator.process_index::world]
         local = torch.zeros((), device=dev)
+        plugin.on_step_start()
         for k, ids in enumerate(mine):
-            b = {key: v.to(dev) for key, v in collate([examples[i] for i in ids], pad_id).items()}
+            if features is not None:
+                h, t = features.batch(ids, device=dev)
+                b = {"hidden": h, "tokens": t}
+            else:
+                b = {key: v.to(dev) for key, v in collate([examples[i] for i in ids], pad_id).items()}
             sync = accelerator.no_sync(loss_module) if k < len(mine) - 1 else _nullcontext()
             with sync:
                 loss = loss_module(**b) / n_tok
                 accelerator.backward(loss * world)  # DDP averages gradients over processes
             local += loss.detach()
+        # Several processes: gradients a plug-in adds after the micro-batches are averaged like DDP's.
+        plugin.on_step_end(reduce=(lambda t: accelerator.reduce(t, "mean")) if world > 1 else None)
         loss_sum = float(accelerator.reduce(local, "sum")) if world > 1 else float(local)
         grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         grad_norm = float(grad_norm)

@@ -6,25 +6,35 @@ import dataclasses
 
 from torch import nn
 
+from .backward_head import BackwardAttentionHead, BackwardHead, BackwardHeadConfig
 from .base import Plugin, PluginError, check_fingerprint, load_weights, read_plugin_config
 from .frozen import Frozen, FrozenConfig
 from .head_ft import HeadFineTune, HeadFTConfig
 from .lora import LoRA, LoRAConfig
 
-METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune)}
+METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune, BackwardHead)}
 
 
 def make_config(method: str, **options):
     """The method's config dataclass from keyword options; unknown options are a clear error."""
     if method not in METHODS:
         raise PluginError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
+    presets = METHODS[method].PRESETS
+    if options.get("preset") is not None:
+        if options["preset"] not in presets:
+            raise PluginError(f"method '{method}' has no preset '{options['preset']}'; "
+                              f"presets: {', '.join(presets) or 'none'}")
+        options = {**presets[options["preset"]], **options}  # explicit options win over the preset
     cls = METHODS[method].Config
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(options) - known
     if unknown:
         raise PluginError(f"method '{method}' has no option(s) {sorted(unknown)}; "
                           f"its options are: {sorted(known) or 'none'}")
-    return cls(**options)
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as e:
+        raise PluginError(f"method '{method}': {e}") from e
 
 
 def attach(model: nn.Module, method: str, **options) -> Plugin:
@@ -47,4 +57,5 @@ def load_plugin(model: nn.Module, path) -> Plugin:
 
 
 __all__ = ["Plugin", "PluginError", "METHODS", "attach", "load_plugin", "make_config",
+           "BackwardHead", "BackwardHeadConfig", "BackwardAttentionHead",
            "Frozen", "FrozenConfig", "LoRA", "LoRAConfig", "HeadFineTune", "HeadFTConfig"]

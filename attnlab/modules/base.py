@@ -37,10 +37,13 @@ class PluginError(RuntimeError):
 class Plugin:
     method: ClassVar[str] = ""
     Config: ClassVar[type] = None
+    PRESETS: ClassVar[dict] = {}
+    head_only: ClassVar[bool] = False   # True: changes only the output head (can train from cached features)
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
         self.model: nn.Module | None = None
+        self._kept_state: dict | None = None
 
     # -- the verbs ------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "Plugin":
@@ -52,12 +55,15 @@ class Plugin:
         self._install(model)
         self.model = model
         model._attnlab_plugin = self
+        if self._kept_state is not None:  # re-attached after a detach: it keeps what it had learned
+            self.load_state_dict(self._kept_state)
         return self
 
     def detach(self) -> nn.Module:
         if self.model is None:
             raise PluginError(f"{self.method} is not attached to a model")
         model = self.model
+        self._kept_state = self.state_dict()
         self._remove(model)
         model._attnlab_plugin = None
         self.model = None
@@ -106,6 +112,14 @@ class Plugin:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
+
+    # -- training hooks: the trainer calls these around each optimizer step ----------------------
+    def on_step_start(self) -> None:
+        """Before the micro-batches of an optimizer step (e.g. precompute what they all share)."""
+
+    def on_step_end(self, reduce=None) -> None:
+        """After their backward passes, before clipping and the optimizer update. `reduce` averages
+        a tensor over processes when there are several (None: one process)."""
 
     # -- what each method defines ---------------------------------------------------------------
     def _install(self, model: nn.Module) -> None:

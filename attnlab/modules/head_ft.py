@@ -19,6 +19,7 @@ class HeadFTConfig:
 class HeadFineTune(Plugin):
     method = "head_ft"
     Config = HeadFTConfig
+    head_only = True
 
     def _install(self, model):
         old = model.get_output_embeddings()

@@ -1,0 +1,250 @@
+"""Backward Attention output head: the final linear decoder replaced by attention over the vocabulary.
+
+The method as specified (preset `paper`), for a final hidden state h at one position:
+    IE    = RMSNorm(input embedding matrix)                       V x E
+    L     = IE W_L  (optional latent projection E -> d; else L = IE)
+    K     = L W_K,  Vv = L W_V                                     V x d
+    Dot   = sum_v logit_v * Vv_v / V,  logit = h W_out^T (the frozen base's logits)
+    Q     = Dot W_Q;  scores = Q K^T / sqrt(d);  p = softmax(scores)
+
+Exact shortcuts (no approximation):
+  * K, Vv depend only on the embedding and the head's weights: computed once per optimizer step in
+    training (see on_step_start / on_step_end) and once per weight update in inference.
+  * With raw-logit weights the query is linear in h: Dot = h (W_out^T Vv) / V, so the E x d matrix
+    M = W_out^T Vv / V is precomputed too, and no token ever builds its V base logits or a V x V matrix.
+  * The training loss walks the vocabulary in chunks (chunked_ce), never storing N x V scores.
+
+Variants a careful researcher compares: weights from softmax probabilities or log-probabilities
+instead of raw logits; several heads (a mixture of their softmaxes); a non-linear (GELU MLP)
+projection; dropout; and a residual form, log p = log_softmax(base logits + g * scores), whose gate g
+starts at 0 so the head starts out reproducing the base distribution exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..chunked_ce import mixture_cross_entropy, mixture_log_probs
+from .base import Plugin, PluginError
+
+WEIGHTS = ("logits", "probs", "logprobs")
+PROJECTIONS = ("linear", "mlp")
+
+
+@dataclass
+class BackwardHeadConfig:
+    preset: str | None = None        # "paper" or "residual": named option sets (explicit options win)
+    attn_dim: int | None = None      # d; None: the base's hidden size
+    latent_dim: int | None = None    # size of the latent projection W_L; None: K, Vv from IE directly
+    n_heads: int = 1                 # > 1: a mixture of per-head softmaxes
+    weights: str = "logits"          # what weighs Vv: raw base "logits", softmax "probs", or "logprobs"
+    residual: bool = False           # log_softmax(base logits + gate * scores), gate starting at gate_init
+    gate_init: float = 0.0
+    projection: str = "linear"       # "mlp": K, Vv through Linear-GELU-Linear (the proposal's future work)
+    dropout: float = 0.0             # on the query
+    chunk_size: int = 8192           # vocabulary rows per step of the chunked loss
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got '{self.weights}'")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got '{self.projection}'")
+        if self.n_heads < 1 or self.chunk_size < 1:
+            raise ValueError(f"n_heads and chunk_size must be >= 1, got {self.n_heads}, {self.chunk_size}")
+        if self.attn_dim is not None and self.attn_dim % self.n_heads:
+            raise ValueError(f"attn_dim {self.attn_dim} is not divisible by n_heads {self.n_heads}")
+
+
+PRESETS = {
+    # The literal method: raw-logit weights, one head, no latent projection, d = hidden size.
+    "paper": {"weights": "logits", "n_heads": 1, "latent_dim": None, "residual": False, "projection": "linear"},
+    # Starts from the base distribution and learns a correction: the variant that wins in our runs.
+    "residual": {"weights": "logits", "n_heads": 1, "latent_dim": None, "residual": True, "projection": "linear"},
+}
+
+
+def _proj(n_in: int, n_out: int, kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(n_in, n_out, bias=False)
+    return nn.Sequential(nn.Linear(n_in, n_out), nn.GELU(), nn.Linear(n_out, n_out))
+
+
+class BackwardAttentionHead(nn.Module):
+    """Drop-in replacement for the LM head: forward(h) gives next-token log-probabilities (..., V)."""
+
+    def __init__(self, cfg: BackwardHeadConfig, embedding: torch.Tensor, out_head: nn.Linear):
+        super().__init__()
+        if embedding.dim() != 2 or out_head.weight.shape != embedding.shape:
+            raise PluginError(f"the input embedding {tuple(embedding.shape)} and the LM head "
+                              f"{tuple(out_head.weight.shape)} must both be vocab x hidden")
+        V, E = embedding.shape
+        d = cfg.attn_dim or E
+        if d % cfg.n_heads:
+            raise PluginError(f"attn_dim {d} is not divisible by n_heads {cfg.n_heads}")
+        self.cfg, self.vocab, self.hidden, self.dim = cfg, V, E, d
+        # Frozen base tensors, held by reference (never saved with the head, never trained).
+        self._emb = embedding
+        self._out_w = out_head.weight
+        self._out_b = out_head.bias
+        self.norm_weight = nn.Parameter(torch.ones(E, dtype=embedding.dtype, device=embedding.device))
+        n_in = E
+        if cfg.latent_dim:
+            self.W_L = nn.Linear(E, cfg.latent_dim, bias=False)
+            n_in = cfg.latent_dim
+        self.W_K = _proj(n_in, d, cfg.projection)
+        self.W_V = _proj(n_in, d, cfg.projection)
+        self.W_Q = nn.Linear(d, d, bias=False)
+        self.gate = nn.Parameter(torch.tensor(float(cfg.gate_init))) if cfg.residual else None
+        self.drop = nn.Dropout(cfg.dropout)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=cfg.init_std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        # Raw logits are tiny after the 1/V average: give W_Q a scale that makes the scores O(1).
+        if cfg.weights == "logits":
+            nn.init.normal_(self.W_Q.weight, std=cfg.init_std * V / math.sqrt(E))
+        self.to(device=embedding.device, dtype=embedding.dtype)
+        self._cache = None      # (version key, tables) for inference
+        self._step = None       # (leaf tables, graph tables) during an optimizer step
+
+    # -- tables: everything that depends only on the vocabulary and the head's weights ---------------
+    def compute_tables(self) -> dict:
+        ie = self._emb
+        ie = ie * torch.rsqrt(ie.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+        lat = self.W_L(ie) if self.cfg.latent_dim else ie
+        K, Vv = self.W_K(lat), self.W_V(lat)
+        t = {"K": K}
+        if self.cfg.weights == "probs":
+            t["Vv"] = Vv
+        else:
+            t["M"] = self._out_w.t() @ Vv / self.vocab                      # E x d
+            t["c"] = (self._out_b @ Vv / self.vocab) if self._out_b is not None else torch.zeros_like(Vv[0])
+            if self.cfg.weights == "logprobs":
+                t["mean_v"] = Vv.mean(0)
+        return t
+
+    def _version(self):
+        return tuple((id(p), p._version) for p in self.parameters()) + ((id(self._emb), self._emb._version),)
+
+    def tables(self) -> dict:
+        if self._step is not None:
+            return self._step[0]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self.compute_tables()  # a caller's own training loop: exact, recomputed per call
+        key = self._version()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.compute_tables())
+        return self._cache[1]
+
+    def on_step_start(self) -> None:
+        """Compute the tables once for the whole optimizer step; micro-batches use detached leaves."""
+        graph = self.compute_tables()
+        leaves = {k: v.detach().requires_grad_(True) for k, v in graph.items()}
+        self._step = (leaves, graph)
+
+    def on_step_end(self, reduce=None) -> None:
+        """Send the gradients the micro-batches left on the leaves back through the tables, once."""
+        if self._step is None:
+            return
+        leaves, graph = self._step
+        self._step = None
+        pairs = [(graph[k], reduce(leaves[k].grad) if reduce else leaves[k].grad)
+                 for k in graph if leaves[k].grad is not None]
+        if pairs:
+            torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
+
+    # -- per token ------------------------------------------------------------------------------------
+    def _base_logits(self, h):
+        return F.linear(h, self._out_w, self._out_b)
+
+    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, W) with log p = log of the mixture over heads of softmax(X[i] @ W[i].T); h: (N, E)."""
+        if h.dim() != 2 or h.shape[-1] != self.hidden:
+            raise PluginError(f"expected final hidden states (N, {self.hidden}), got {tuple(h.shape)}")
+        t = self.tables()
+        w = self.cfg.weights
+        if w == "probs":
+            dot = torch.softmax(self._base_logits(h), -1) @ t["Vv"] / self.vocab
+        else:
+            dot = h @ t["M"] + t["c"]
+            if w == "logprobs":
+                dot = dot - torch.logsumexp(self._base_logits(h), -1, keepdim=True) * t["mean_v"]
+        q = self.W_Q(self.drop(dot))
+        H, N = self.cfg.n_heads, h.shape[0]
+        dh = self.dim // H
+        X = q.view(N, H, dh).transpose(0, 1) / math.sqrt(dh)                    # H, N, dh
+        W = t["K"].view(self.vocab, H, dh).transpose(0, 1)                       # H, V, dh
+        if self.gate is not None:
+            # base logits + g * scores = [h, 1, g X] . [W_out, b, K]: one linear map, still chunkable
+            hb = torch.cat([h, torch.ones_like(h[:, :1])], -1)
+            wb = torch.cat([self._out_w, (self._out_b if self._out_b is not None
+                                          else self._out_w.new_zeros(self.vocab))[:, None]], -1)
+            X = torch.cat([hb.expand(H, -1, -1), self.gate * X], -1)
+            W = torch.cat([wb.expand(H, -1, -1), W], -1)
+        return X.contiguous(), W.contiguous()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[-1] != self.hidden:
+            raise PluginError(f"expected final hidden states (..., {self.hidden}), got {tuple(h.shape)}")
+        lead = h.shape[:-1]
+        X, W = self.features(h.reshape(-1, self.hidden))
+        return mixture_log_probs(X, W).view(*lead, self.vocab)
+
+    def target_loss(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of `tokens` under the head, chunked over the vocabulary."""
+        X, W = self.features(h)
+        return mixture_cross_entropy(X, W, tokens, self.cfg.chunk_size).sum()
+
+    # -- the literal formula, for tests -------------------------------------------------------------
+    def reference_log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """The specification computed literally: base logits over V, weights, Dot, Q, scores."""
+        ie = self._emb * torch.rsqrt(self._emb.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+        lat = self.W_L(ie) if self.cfg.latent_dim else ie
+        K, Vv = self.W_K(lat), self.W_V(lat)
+        logits = self._base_logits(h)                                            # N x V
+        wts = {"logits": logits, "probs": torch.softmax(logits, -1),
+               "logprobs": torch.log_softmax(logits, -1)}[self.cfg.weights]
+        dot = wts @ Vv / self.vocab
+        q = self.W_Q(self.drop(dot))
+        H, dh = self.cfg.n_heads, self.dim // self.cfg.n_heads
+        outs = []
+        for i in range(H):
+            s = q[:, i * dh:(i + 1) * dh] @ K[:, i * dh:(i + 1) * dh].t() / math.sqrt(dh)
+            if self.gate is not None:
+                s = logits + self.gate * s
+            outs.append(torch.log_softmax(s, -1))
+        return torch.logsumexp(torch.stack(outs), 0) - math.log(H)
+
+
+class BackwardHead(Plugin):
+    method = "backward_head"
+    Config = BackwardHeadConfig
+    PRESETS = PRESETS
+    head_only = True
+
+    def _install(self, model):
+        self._original = model.get_output_embeddings()
+        if not isinstance(self._original, nn.Linear):
+            raise PluginError(f"backward_head replaces a linear LM head; this model's is {type(self._original).__name__}")
+        self._head = BackwardAttentionHead(self.config, model.get_input_embeddings().weight, self._original)
+        model.set_output_embeddings(self._head)
+
+    def _remove(self, model):
+        model.set_output_embeddings(self._original)
+
+    def _parameters(self):
+        return {f"head.{k}": p for k, p in self._head.named_parameters()}
+
+    def on_step_start(self):
+        self._head.on_step_start()
+
+    def on_step_end(self, reduce=None):
+        self._head.on_step_end(reduce)
