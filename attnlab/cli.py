@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(q):
         q.add_argument("--model", default="smollm2-135m",
                        help="smollm2-135m (embedded, default), tiny-gpt2, tiny-llama, a hub id or a local dir")
-        q.add_argument("--plugin", help="folder of a saved plug-in (plugin.safetensors + config.json)")
+        q.add_argument("--plugin", "--head", dest="plugin",
+                       help="folder of a saved plug-in or head (plugin.safetensors + config.json)")
         q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
 
     def data_args(q, n):

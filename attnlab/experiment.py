@@ -35,8 +35,10 @@ DEFAULTS = {
     "train": {"steps": 50, "batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 5},
     "eval": {"batch_size": 8, "generate": True, "n_generate": 32, "max_new_tokens": 128},
     "methods": [{"name": "frozen", "method": "frozen"}, {"name": "lora", "method": "lora"}],
+    "feature_cache": True,   # head-only methods train from the base's cached hidden states
 }
 _TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
+_EVAL_KEYS = set(DEFAULTS["eval"]) | {"sampling"}
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,13 @@ def load_config(path_or_dict) -> dict:
     cfg["train"] = {**DEFAULTS["train"], **raw.get("train", {})}
     cfg["eval"] = {**DEFAULTS["eval"], **raw.get("eval", {})}
     cfg["name"] = cfg["name"] or "experiment"
+    for ev in [cfg["eval"]] + [m.get("eval", {}) for m in cfg["methods"] if isinstance(m, dict)]:
+        bad = set(ev) - _EVAL_KEYS
+        if bad:
+            raise ConfigError(f"{where}: unknown eval key(s) {sorted(bad)}; allowed: {sorted(_EVAL_KEYS)}")
+        for sset in ev.get("sampling", []) or []:
+            if not isinstance(sset, dict) or set(sset) - {"temperature", "top_k"}:
+                raise ConfigError(f"{where}: each eval.sampling entry is {{temperature: T, top_k: K}}, got {sset!r}")
     if not isinstance(cfg["seeds"], list) or not cfg["seeds"] or not all(isinstance(s, int) for s in cfg["seeds"]):
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {cfg['seeds']!r}")
     names = set()
@@ -78,7 +87,7 @@ def load_config(path_or_dict) -> dict:
 
 
 def _options(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k not in ("name", "method", "train")}
+    return {k: v for k, v in m.items() if k not in ("name", "method", "train", "eval")}
 
 
 def seed_everything(seed: int) -> None:
@@ -120,10 +129,11 @@ def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = F
 
     cells = []
     methods = [m for m in cfg["methods"] if not only_methods or m["name"] in only_methods]
+    features = {}  # built on first use by a head-only method, shared by all of them
     for m in methods:
         seeds = cfg["seeds"] if m["method"] != "frozen" else cfg["seeds"][:1]
         for seed in seeds:
-            cells.append(_run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log))
+            cells.append(_run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, features))
     results = {
         "name": cfg["name"], "config": cfg, "data": dr, "model": bb.info,
         "fingerprint": bb.fingerprint, "cells": cells,
@@ -138,21 +148,38 @@ def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = F
     return results
 
 
-def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log) -> dict:
+def _features(bb, splits, cfg, features, log):
+    from .features import build_feature_cache
+
+    if "cache" not in features:
+        t = time.perf_counter()
+        features["cache"] = build_feature_cache(bb.model, bb.spec, splits.train, bb.tokenizer.pad_token_id,
+                                                cfg["eval"]["batch_size"], log=log)
+        features["seconds"] = round(time.perf_counter() - t, 2)
+        if features["cache"] is not None:
+            log(f"[attnlab] feature cache: {features['cache'].n_tokens} train target tokens at "
+                f"{features['cache'].path} ({features['seconds']:.1f}s)")
+    return features["cache"]
+
+
+def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, features=None) -> dict:
     cell_dir = out / m["name"] / f"seed{seed}"
     done = cell_dir / "result.json"
     if done.is_file():
         log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
         return json.loads(done.read_text())
     tok = bb.tokenizer
-    ev = cfg["eval"]
+    ev = {**cfg["eval"], **m.get("eval", {})}
     tcfg = TrainConfig(**{**cfg["train"], **m.get("train", {}), "seed": seed})
     seed_everything(seed)
     plugin = METHODS[m["method"]](make_config(m["method"], **_options(m))).attach(bb.model)
     try:
         n_trainable = plugin.num_trainable()
         log(f"[attnlab] {m['name']} seed {seed}: {n_trainable:,} trainable parameters")
-        tr = train(bb.model, plugin, splits.train, tcfg, out_dir=cell_dir, pad_id=tok.pad_token_id)
+        feats = None
+        if plugin.head_only and n_trainable and cfg["feature_cache"] and features is not None:
+            feats = _features(bb, splits, cfg, features, log)
+        tr = train(bb.model, plugin, splits.train, tcfg, out_dir=cell_dir, pad_id=tok.pad_token_id, features=feats)
         t = time.perf_counter()
         metrics = score(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"], reference=reference)
         samples = []
@@ -161,6 +188,14 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log) -> di
             texts = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"], stats=gstats)
             metrics.update(answer_metrics(texts, [e.answer for e in gen_examples]))
             metrics["n_cut_off"] = gstats["n_cut_off"]
+            metrics["sampling"] = []
+            for k, sset in enumerate(ev.get("sampling") or []):
+                torch.manual_seed(seed * 1000 + k)
+                texts_s = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"], do_sample=True,
+                                   temperature=float(sset.get("temperature", 1.0)), top_k=sset.get("top_k"))
+                acc = answer_metrics(texts_s, [e.answer for e in gen_examples])["accuracy"]
+                metrics["sampling"].append({"temperature": float(sset.get("temperature", 1.0)),
+                                            "top_k": sset.get("top_k"), "accuracy": acc})
             samples = [{"prompt": e.record.prompt, "gold": e.answer, "output": x}
                        for e, x in zip(gen_examples[:5], texts[:5])]
         eval_s = time.perf_counter() - t
@@ -170,6 +205,7 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log) -> di
         plugin.detach()
     cell = {"method": m["name"], "type": m["method"], "seed": seed, "trainable_params": n_trainable,
             "train": {"steps": tr.steps, "tokens": tr.tokens, "seconds": round(tr.seconds, 2),
+                      "from_feature_cache": feats is not None,
                       "tokens_per_s": round(tr.tokens_per_s, 1) if tr.tokens else None,
                       "resumed_from_step": tr.resumed_from,
                       "final_loss": tr.history[-1]["loss"] if tr.history else None},

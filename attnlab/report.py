@@ -102,6 +102,20 @@ def markdown(results: dict) -> str:
         lines += ["", "Generations: " + "; ".join(
             f"{n}: {r['n_parsed'][0]:.0f}/{r['n_generated'][0]:.0f} answers parsed as numbers, "
             f"{r['n_cut_off'][0]:.0f} cut off at max_new_tokens" for n, r in gen) + " (means over seeds)."]
+    sampled = [c for c in results["cells"] if c["eval"].get("sampling")]
+    if sampled:
+        lines += ["", "Answer accuracy by decoding (greedy, and sampling at temperature T with top-k; "
+                  "mean ± std over seeds):", "", "| method | decoding | answer acc |", "|---|---|---:|"]
+        for name, r in summ.items():
+            if r["accuracy"][0] is not None:
+                lines.append(f"| {name} | greedy | {_fmt(r['accuracy'], '{:.3f}')} |")
+            groups = {}
+            for c in results["cells"]:
+                if c["method"] == name:
+                    for x in c["eval"].get("sampling", []):
+                        groups.setdefault((x["temperature"], x["top_k"]), []).append(x["accuracy"])
+            for (t, k), accs in groups.items():
+                lines.append(f"| {name} | T={t:g}, top-k={k or 'off'} | {_fmt(mean_std(accs), '{:.3f}')} |")
     lines += ["", "Lower is better for CE, PPL, KL and the errors; higher for accuracies, P/R/F1.", "",
               f"Data: records {data['records']['kept']}/{data['records']['seen']} kept "
               f"({data['records']['skipped']} skipped: {data['records']['reasons'] or 'none'}); "

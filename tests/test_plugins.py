@@ -18,11 +18,20 @@ def _perturb(plugin):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("method", ["frozen", "lora", "head_ft"])
+# every registered method, in the configuration that starts from the base function
+AT_INIT = {"frozen": {}, "lora": {}, "head_ft": {}, "backward_head": {"preset": "residual"}}
+
+
+def test_every_method_is_covered():
+    assert set(AT_INIT) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", list(AT_INIT))
 def test_identity_at_init_and_exact_detach(tiny, method):
     base = logits_of(tiny.model, IDS)
-    plugin = attach(tiny.model, method)
-    torch.testing.assert_close(logits_of(tiny.model, IDS), base, atol=1e-5, rtol=0)
+    plugin = attach(tiny.model, method, **AT_INIT[method])
+    # compare distributions: a head may return log-probabilities rather than raw logits
+    torch.testing.assert_close(logits_of(tiny.model, IDS).log_softmax(-1), base.log_softmax(-1), atol=1e-5, rtol=0)
     _perturb(plugin)
     if plugin.num_trainable():
         assert not torch.allclose(logits_of(tiny.model, IDS), base)
@@ -41,11 +50,11 @@ def test_lora_defaults_per_family():
     assert pg.num_trainable() == 2 * 4 * ((64 + 192) + (64 + 64) + (256 + 64))
 
 
-@pytest.mark.parametrize("method", ["lora", "head_ft"])
+@pytest.mark.parametrize("method", ["lora", "head_ft", "backward_head"])
 def test_training_changes_only_the_plugin(tiny, method):
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     s = tiny_splits(tiny, n_train=8)
-    plugin = attach(tiny.model, method)
+    plugin = attach(tiny.model, method, **AT_INIT[method])
     trainable = plugin.trainable_parameters()
     start = {n: p.detach().clone() for n, p in trainable.items()}
     train(tiny.model, plugin, s.train, TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0,
@@ -58,9 +67,9 @@ def test_training_changes_only_the_plugin(tiny, method):
         assert torch.equal(p, before[n]), f"base weight {n} changed"
 
 
-@pytest.mark.parametrize("method", ["lora", "head_ft"])
+@pytest.mark.parametrize("method", ["lora", "head_ft", "backward_head"])
 def test_save_load_roundtrip_and_fingerprint(tiny, method, tmp_path):
-    plugin = attach(tiny.model, method)
+    plugin = attach(tiny.model, method, **AT_INIT[method])
     _perturb(plugin)
     expected = logits_of(tiny.model, IDS)
     plugin.save_pretrained(tmp_path / "p")
@@ -98,3 +107,13 @@ def test_misuse_gives_clear_errors(tiny_llama, tmp_path):
 
 def test_registry_lists_the_baselines():
     assert {"frozen", "lora", "head_ft"} <= set(METHODS)
+
+
+def test_reattach_keeps_learned_weights(tiny_llama):
+    p = attach(tiny_llama.model, "lora", r=2)
+    _perturb(p)
+    trained = logits_of(tiny_llama.model, IDS)
+    p.detach()
+    p.attach(tiny_llama.model)
+    assert torch.equal(logits_of(tiny_llama.model, IDS), trained)
+    p.detach()

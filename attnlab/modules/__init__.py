@@ -11,6 +11,7 @@ from .base import Plugin, PluginError, check_fingerprint, load_weights, read_plu
 from .frozen import Frozen, FrozenConfig
 from .head_ft import HeadFineTune, HeadFTConfig
 from .lora import LoRA, LoRAConfig
+from .switch import PluginSet
 
 METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune, BackwardHead)}
 
@@ -57,5 +58,5 @@ def load_plugin(model: nn.Module, path) -> Plugin:
 
 
 __all__ = ["Plugin", "PluginError", "METHODS", "attach", "load_plugin", "make_config",
-           "BackwardHead", "BackwardHeadConfig", "BackwardAttentionHead",
+           "BackwardHead", "BackwardHeadConfig", "BackwardAttentionHead", "PluginSet",
            "Frozen", "FrozenConfig", "LoRA", "LoRAConfig", "HeadFineTune", "HeadFTConfig"]

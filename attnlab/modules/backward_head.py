@@ -88,10 +88,9 @@ class BackwardAttentionHead(nn.Module):
         if d % cfg.n_heads:
             raise PluginError(f"attn_dim {d} is not divisible by n_heads {cfg.n_heads}")
         self.cfg, self.vocab, self.hidden, self.dim = cfg, V, E, d
-        # Frozen base tensors, held by reference (never saved with the head, never trained).
-        self._emb = embedding
-        self._out_w = out_head.weight
-        self._out_b = out_head.bias
+        # Frozen base tensors, held by reference in a plain dict so that nn.Module does not register
+        # them: never saved with the head, never trained.
+        self._base = {"emb": embedding, "out_w": out_head.weight, "out_b": out_head.bias}
         self.norm_weight = nn.Parameter(torch.ones(E, dtype=embedding.dtype, device=embedding.device))
         n_in = E
         if cfg.latent_dim:
@@ -116,7 +115,7 @@ class BackwardAttentionHead(nn.Module):
 
     # -- tables: everything that depends only on the vocabulary and the head's weights ---------------
     def compute_tables(self) -> dict:
-        ie = self._emb
+        ie = self._base['emb']
         ie = ie * torch.rsqrt(ie.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
         lat = self.W_L(ie) if self.cfg.latent_dim else ie
         K, Vv = self.W_K(lat), self.W_V(lat)
@@ -124,14 +123,14 @@ class BackwardAttentionHead(nn.Module):
         if self.cfg.weights == "probs":
             t["Vv"] = Vv
         else:
-            t["M"] = self._out_w.t() @ Vv / self.vocab                      # E x d
-            t["c"] = (self._out_b @ Vv / self.vocab) if self._out_b is not None else torch.zeros_like(Vv[0])
+            t["M"] = self._base['out_w'].t() @ Vv / self.vocab                      # E x d
+            t["c"] = (self._base['out_b'] @ Vv / self.vocab) if self._base['out_b'] is not None else torch.zeros_like(Vv[0])
             if self.cfg.weights == "logprobs":
                 t["mean_v"] = Vv.mean(0)
         return t
 
     def _version(self):
-        return tuple((id(p), p._version) for p in self.parameters()) + ((id(self._emb), self._emb._version),)
+        return tuple((id(p), p._version) for p in self.parameters()) + ((id(self._base['emb']), self._base['emb']._version),)
 
     def tables(self) -> dict:
         if self._step is not None:
@@ -147,7 +146,7 @@ class BackwardAttentionHead(nn.Module):
     def on_step_start(self) -> None:
         """Compute the tables once for the whole optimizer step; micro-batches use detached leaves."""
         graph = self.compute_tables()
-        leaves = {k: v.detach().requires_grad_(True) for k, v in graph.items()}
+        leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in graph.items()}
         self._step = (leaves, graph)
 
     def on_step_end(self, reduce=None) -> None:
@@ -163,7 +162,7 @@ class BackwardAttentionHead(nn.Module):
 
     # -- per token ------------------------------------------------------------------------------------
     def _base_logits(self, h):
-        return F.linear(h, self._out_w, self._out_b)
+        return F.linear(h, self._base['out_w'], self._base['out_b'])
 
     def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(X, W) with log p = log of the mixture over heads of softmax(X[i] @ W[i].T); h: (N, E)."""
@@ -185,8 +184,8 @@ class BackwardAttentionHead(nn.Module):
         if self.gate is not None:
             # base logits + g * scores = [h, 1, g X] . [W_out, b, K]: one linear map, still chunkable
             hb = torch.cat([h, torch.ones_like(h[:, :1])], -1)
-            wb = torch.cat([self._out_w, (self._out_b if self._out_b is not None
-                                          else self._out_w.new_zeros(self.vocab))[:, None]], -1)
+            wb = torch.cat([self._base['out_w'], (self._base['out_b'] if self._base['out_b'] is not None
+                                          else self._base['out_w'].new_zeros(self.vocab))[:, None]], -1)
             X = torch.cat([hb.expand(H, -1, -1), self.gate * X], -1)
             W = torch.cat([wb.expand(H, -1, -1), W], -1)
         return X.contiguous(), W.contiguous()
@@ -206,7 +205,7 @@ class BackwardAttentionHead(nn.Module):
     # -- the literal formula, for tests -------------------------------------------------------------
     def reference_log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """The specification computed literally: base logits over V, weights, Dot, Q, scores."""
-        ie = self._emb * torch.rsqrt(self._emb.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+        ie = self._base['emb'] * torch.rsqrt(self._base['emb'].pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
         lat = self.W_L(ie) if self.cfg.latent_dim else ie
         K, Vv = self.W_K(lat), self.W_V(lat)
         logits = self._base_logits(h)                                            # N x V

@@ -1,0 +1,175 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab import PluginSet, attach, load_backbone
+from attnlab.chunked_ce import mixture_cross_entropy, mixture_log_probs
+from attnlab.evaluate import generate, score
+from attnlab.features import build_feature_cache
+from attnlab.modules import PluginError
+from attnlab.train import TrainConfig, train
+
+from .conftest import logits_of, tiny_splits
+
+OPTIONS = [dict(preset="paper"), dict(preset="residual", gate_init=0.7)] + [
+    dict(weights=w, n_heads=nh, latent_dim=lat, projection=pr, residual=res, gate_init=0.5)
+    for w, nh, lat, pr, res in itertools.product(["logits", "probs", "logprobs"], [1, 4], [None, 16],
+                                                 ["linear", "mlp"], [False, True])]
+
+
+def _perturb(plugin, scale=0.05):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in plugin.trainable_parameters().values():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_fast_path_equals_the_literal_formula(opts):
+    bb = load_backbone("tiny-llama")
+    p = attach(bb.model, "backward_head", **opts)
+    _perturb(p)
+    head = bb.model.get_output_embeddings()
+    h = torch.randn(9, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast, ref = head(h), head.reference_log_probs(h)
+    assert (fast - ref).abs().max() <= 1e-4
+    tokens = torch.randint(0, head.vocab, (9,))
+    loss = head.target_loss(h, tokens)
+    assert math.isclose(loss.item(), -ref[torch.arange(9), tokens].sum().item(), rel_tol=1e-4)
+
+
+def test_chunked_cross_entropy_value_and_gradients():
+    torch.manual_seed(0)
+    X = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(3, 41, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 41, (6,))
+    ref = -mixture_log_probs(X, W)[torch.arange(6), y]
+    for chunk in (1, 7, 41, 1000):  # 41 rows: chunks that do and do not divide the vocabulary
+        torch.testing.assert_close(mixture_cross_entropy(X, W, y, chunk), ref)
+    assert torch.autograd.gradcheck(lambda a, b: mixture_cross_entropy(a, b, y, 8), (X, W))
+    assert mixture_cross_entropy(X[:, :0], W, y[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        mixture_cross_entropy(X, W, y[:3])
+    with pytest.raises(ValueError, match="expected X"):
+        mixture_cross_entropy(X[0], W, y)
+
+
+def test_residual_starts_at_the_base_distribution(tiny):
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    base = logits_of(tiny.model, ids).log_softmax(-1)
+    p = attach(tiny.model, "backward_head", preset="residual")
+    torch.testing.assert_close(logits_of(tiny.model, ids), base, atol=1e-5, rtol=0)
+    p.detach()
+
+
+def test_tables_once_per_step_give_the_same_gradients():
+    bb = load_backbone("tiny-gpt2")
+    p = attach(bb.model, "backward_head", preset="paper", latent_dim=16, n_heads=2)
+    head = bb.model.get_output_embeddings()
+    params = p.trainable_parameters()
+    h = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, head.vocab, (2, 7))
+    for mb in range(2):  # per call: tables recomputed in every micro-batch
+        head.target_loss(h[mb], y[mb]).backward()
+    per_call = {n: q.grad.clone() for n, q in params.items()}
+    for q in params.values():
+        q.grad = None
+    p.on_step_start()
+    for mb in range(2):
+        head.target_loss(h[mb], y[mb]).backward()
+    p.on_step_end()
+    for n, q in params.items():
+        torch.testing.assert_close(q.grad, per_call[n], atol=1e-6, rtol=1e-5)
+    p.detach()
+
+
+def test_training_lowers_the_loss_and_generation_runs(tiny_llama):
+    s = tiny_splits(tiny_llama, n_train=8, n_eval=2)
+    pad = tiny_llama.tokenizer.pad_token_id
+    p = attach(tiny_llama.model, "backward_head", preset="paper")
+    before = score(tiny_llama.model, s.eval, pad)["cross_entropy"]
+    r = train(tiny_llama.model, p, s.train, TrainConfig(steps=15, batch_size=4, lr=1e-2, warmup_steps=0,
+                                                        progress=False), pad_id=pad)
+    assert r.history[-1]["loss"] < r.history[0]["loss"] - 0.5
+    assert score(tiny_llama.model, s.eval, pad)["cross_entropy"] < before
+    texts = generate(tiny_llama.model, tiny_llama.tokenizer, s.eval, max_new_tokens=5)
+    texts_s = generate(tiny_llama.model, tiny_llama.tokenizer, s.eval, max_new_tokens=5, do_sample=True)
+    assert len(texts) == len(texts_s) == 2
+    p.detach()
+
+
+def test_feature_cache_matches_live_training(tiny_llama, tmp_path):
+    s = tiny_splits(tiny_llama, n_train=8)
+    pad = tiny_llama.tokenizer.pad_token_id
+    cache = build_feature_cache(tiny_llama.model, "tiny-llama", s.train, pad, root=tmp_path, log=lambda *_: None)
+    assert len(cache) == 8 and cache.n_tokens == sum(e.n_target for e in s.train)
+    again = build_feature_cache(tiny_llama.model, "tiny-llama", s.train, pad, root=tmp_path)
+    assert again.path == cache.path
+    other = build_feature_cache(tiny_llama.model, "tiny-llama", s.train[:4], pad, root=tmp_path)
+    assert other.path != cache.path and len(other) == 4
+    curves = []
+    for feats in (None, cache):
+        torch.manual_seed(0)
+        p = attach(tiny_llama.model, "backward_head", preset="residual", gate_init=0.3)
+        r = train(tiny_llama.model, p, s.train, TrainConfig(steps=6, batch_size=4, lr=1e-2, progress=False),
+                  pad_id=pad, features=feats)
+        curves.append([h["loss"] for h in r.history])
+        p.detach()
+    for live, cached in zip(*curves):
+        assert abs(live - cached) < 2e-3 * max(1.0, abs(live))  # fp16 rounding of the cached states
+    lora = attach(tiny_llama.model, "lora")
+    with pytest.raises(ValueError, match="cannot train from cached features"):
+        train(tiny_llama.model, lora, s.train, TrainConfig(steps=1, progress=False), features=cache)
+    lora.detach()
+    assert build_feature_cache(tiny_llama.model, "tiny-llama", s.train, pad, root=tmp_path, max_bytes=10,
+                               log=lambda *_: None) is None
+
+
+def test_bad_input_is_a_clear_error(tiny_llama):
+    p = attach(tiny_llama.model, "backward_head")
+    head = tiny_llama.model.get_output_embeddings()
+    with pytest.raises(PluginError, match=r"expected final hidden states"):
+        head(torch.randn(3, 65))
+    with pytest.raises(PluginError, match=r"expected final hidden states"):
+        head.target_loss(torch.randn(2, 3, 64), torch.zeros(2, dtype=torch.long))
+    assert head(torch.randn(0, 64)).shape == (0, head.vocab)
+    assert head.target_loss(torch.randn(0, 64), torch.zeros(0, dtype=torch.long)).item() == 0
+    p.detach()
+    with pytest.raises(PluginError, match="no preset 'best'"):
+        attach(tiny_llama.model, "backward_head", preset="best")
+    with pytest.raises(PluginError, match="not divisible by n_heads"):
+        attach(tiny_llama.model, "backward_head", attn_dim=30, n_heads=4)
+    with pytest.raises(PluginError, match="weights must be one of"):
+        attach(tiny_llama.model, "backward_head", weights="raw")
+    from attnlab.modules.backward_head import BackwardAttentionHead, BackwardHeadConfig
+    with pytest.raises(PluginError, match="must both be vocab x hidden"):
+        BackwardAttentionHead(BackwardHeadConfig(), torch.randn(10, 8), torch.nn.Linear(8, 11, bias=False))
+
+
+def test_named_heads_switch_without_reloading(tiny_llama, tmp_path):
+    m = tiny_llama.model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = logits_of(m, ids)
+    a = attach(m, "backward_head", preset="paper")
+    _perturb(a)
+    out_a = logits_of(m, ids)
+    a.save_pretrained(tmp_path / "a")
+    a.detach()
+    heads = PluginSet(m)
+    heads.add("a", tmp_path / "a")
+    b = attach(m, "backward_head", preset="residual", gate_init=1.0)
+    _perturb(b, 0.2)
+    out_b = logits_of(m, ids)
+    heads.add("b", b)
+    heads.use_head("a")
+    assert torch.equal(logits_of(m, ids), out_a)
+    heads.use_head("b")
+    assert torch.equal(logits_of(m, ids), out_b)
+    heads.use_head(None)
+    assert torch.equal(logits_of(m, ids), base)
+    with pytest.raises(PluginError, match="no plug-in named 'c'"):
+        heads.use_head("c")
