@@ -64,8 +64,10 @@ class BackwardHeadConfig:
 PRESETS = {
     # The literal method: raw-logit weights, one head, no latent projection, d = hidden size.
     "paper": {"weights": "logits", "n_heads": 1, "latent_dim": None, "residual": False, "projection": "linear"},
-    # Starts from the base distribution and learns a correction: the variant that wins in our runs.
-    "residual": {"weights": "logits", "n_heads": 1, "latent_dim": None, "residual": True, "projection": "linear"},
+    # Starts from the base distribution and learns a gated correction: the best variant in our runs
+    # (docs/backward_head.md), used there with latent_dim = attn_dim = 64.
+    "residual": {"weights": "logits", "n_heads": 1, "latent_dim": 64, "attn_dim": 64, "residual": True,
+                 "projection": "linear"},
 }
 
 
@@ -106,9 +108,7 @@ class BackwardAttentionHead(nn.Module):
                 nn.init.normal_(m.weight, std=cfg.init_std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        # Raw logits are tiny after the 1/V average: give W_Q a scale that makes the scores O(1).
-        if cfg.weights == "logits":
-            nn.init.normal_(self.W_Q.weight, std=cfg.init_std * V / math.sqrt(E))
+        # Small random weights: the scores start near zero, i.e. near the uniform distribution (loss ~ ln V).
         self.to(device=embedding.device, dtype=embedding.dtype)
         self._cache = None      # (version key, tables) for inference
         self._step = None       # (leaf tables, graph tables) during an optimizer step
