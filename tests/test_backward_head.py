@@ -51,6 +51,16 @@ def test_chunked_cross_entropy_value_and_gradients():
     for chunk in (1, 7, 41, 1000):  # 41 rows: chunks that do and do not divide the vocabulary
         torch.testing.assert_close(mixture_cross_entropy(X, W, y, chunk), ref)
     assert torch.autograd.gradcheck(lambda a, b: mixture_cross_entropy(a, b, y, 8), (X, W))
+    # frozen leading columns: same value, same gradient for X and the trainable columns
+    Wf = W.detach()[..., :2]
+    Wt = W.detach()[..., 2:].clone().requires_grad_(True)
+    mixture_cross_entropy(X, torch.cat([Wf, Wt], -1), y, 8, w_grad_from=2).sum().backward()
+    gX, gWt = X.grad.clone(), Wt.grad.clone()
+    X.grad = None
+    Wt.grad = None
+    mixture_cross_entropy(X, torch.cat([Wf, Wt], -1), y, 8).sum().backward()
+    torch.testing.assert_close(gX, X.grad)
+    torch.testing.assert_close(gWt, Wt.grad)
     assert mixture_cross_entropy(X[:, :0], W, y[:0]).shape == (0,)
     with pytest.raises(ValueError, match="targets must have shape"):
         mixture_cross_entropy(X, W, y[:3])

@@ -200,7 +200,8 @@ class BackwardAttentionHead(nn.Module):
     def target_loss(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of `tokens` under the head, chunked over the vocabulary."""
         X, W = self.features(h)
-        return mixture_cross_entropy(X, W, tokens, self.cfg.chunk_size).sum()
+        frozen = self.hidden + 1 if self.gate is not None else 0  # the [W_out, b] columns of the residual form
+        return mixture_cross_entropy(X, W, tokens, self.cfg.chunk_size, w_grad_from=frozen).sum()
 
     # -- the literal formula, for tests -------------------------------------------------------------
     def reference_log_probs(self, h: torch.Tensor) -> torch.Tensor:
