@@ -67,7 +67,10 @@ def _change(key, a, b):
         return "–"
     if key in RATES:
         return f"{100 * (a - b):+.1f} pp"
-    return f"{100 * (a - b) / abs(b):+.2f}%" if b else "–"
+    if not b:
+        return "–"
+    rel = (a - b) / abs(b)
+    return f"{100 * rel:+.2f}%" if abs(rel) < 10 else f"×{a / b:.3g}"  # huge changes read better as ratios
 
 
 def markdown(results: dict) -> str:

@@ -119,7 +119,15 @@ class BackwardAttentionHead(nn.Module):
         ie = ie * torch.rsqrt(ie.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
         lat = self.W_L(ie) if self.cfg.latent_dim else ie
         K, Vv = self.W_K(lat), self.W_V(lat)
-        t = {"K": K}
+        H, dh = self.cfg.n_heads, self.dim // self.cfg.n_heads
+        W = K.view(self.vocab, H, dh).transpose(0, 1)                             # H, V, dh
+        if self.cfg.residual:
+            # base logits + g * scores = [h, 1, g X] . [W_out, b, K]: one linear map, still chunkable
+            out_b = self._base['out_b']
+            wb = torch.cat([self._base['out_w'], (out_b if out_b is not None
+                                                  else self._base['out_w'].new_zeros(self.vocab))[:, None]], -1)
+            W = torch.cat([wb.expand(H, -1, -1), W], -1)
+        t = {"W": W.contiguous()}  # laid out once here, never copied per call
         if self.cfg.weights == "probs":
             t["Vv"] = Vv
         else:
@@ -180,15 +188,10 @@ class BackwardAttentionHead(nn.Module):
         H, N = self.cfg.n_heads, h.shape[0]
         dh = self.dim // H
         X = q.view(N, H, dh).transpose(0, 1) / math.sqrt(dh)                    # H, N, dh
-        W = t["K"].view(self.vocab, H, dh).transpose(0, 1)                       # H, V, dh
         if self.gate is not None:
-            # base logits + g * scores = [h, 1, g X] . [W_out, b, K]: one linear map, still chunkable
             hb = torch.cat([h, torch.ones_like(h[:, :1])], -1)
-            wb = torch.cat([self._base['out_w'], (self._base['out_b'] if self._base['out_b'] is not None
-                                          else self._base['out_w'].new_zeros(self.vocab))[:, None]], -1)
             X = torch.cat([hb.expand(H, -1, -1), self.gate * X], -1)
-            W = torch.cat([wb.expand(H, -1, -1), W], -1)
-        return X.contiguous(), W.contiguous()
+        return X.contiguous(), t["W"]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.shape[-1] != self.hidden:
