@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .atomic import write_dir
 
 EMBEDDED = "smollm2-135m"
 TINY = ("tiny-gpt2", "tiny-llama")
@@ -128,26 +128,10 @@ def _embedded(dtype):
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
-        _atomic_save_dir(target, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+        write_dir(target, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(target)
     return model, tok
-
-
-def _atomic_save_dir(target: Path, write) -> None:
-    """Write into a temp dir beside `target`, then rename: a crash never leaves a half cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished first: its copy is as good as ours.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- hub ids and local directories ---------------------------------------------------------------

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import write_dir
 from .backbone import cache_dir, fingerprint
 from .data import Example, collate
 
@@ -93,19 +92,12 @@ def build_feature_cache(model, spec: str, examples: list[Example], pad_id: int, 
             for j, c in enumerate(counts):
                 offsets[i + j + 1] = offsets[i + j] + c
             pos += len(t)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".features.", dir=root))
-    try:
+    def write(tmp):
         np.save(tmp / "hidden.npy", hidden)
         np.save(tmp / "tokens.npy", tokens)
         np.save(tmp / "offsets.npy", offsets)
         (tmp / "meta.json").write_text(json.dumps({"spec": spec, "n_examples": len(examples), "n_tokens": n_tok,
                                                    "hidden_size": hidden_size, "dtype": "float16"}))
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir(target, write)
     return FeatureCache(target)

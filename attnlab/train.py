@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import write_dir
 from .data import IGNORE, Example, collate
 from .evaluate import target_hidden, target_logits
 from .modules import Plugin
@@ -235,34 +234,27 @@ def _append_jsonl(path: Path, rec: dict) -> None:
 def save_checkpoint(path: Path, plugin: Plugin, opt, step: int, cfg: TrainConfig) -> None:
     """Plug-in weights, AdamW moments and RNG state at `step`; replaces the previous checkpoint only
     once the new one is complete on disk."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=path.parent))
-    try:
+    names = list(plugin.trainable_parameters())
+    by_param = {id(p): n for n, p in plugin.trainable_parameters().items()}
+    moments = {}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                moments[f"{by_param[id(p)]}::{k}"] = v.detach().cpu().contiguous()
+    moments["__rng__"] = torch.get_rng_state()
+
+    def write(tmp):
         save_file(plugin.state_dict(), str(tmp / "plugin.safetensors"))
-        names = list(plugin.trainable_parameters())
-        by_param = {id(p): n for n, p in plugin.trainable_parameters().items()}
-        moments = {}
-        for p, st in opt.state.items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    moments[f"{by_param[id(p)]}::{k}"] = v.detach().cpu().contiguous()
-        moments["__rng__"] = torch.get_rng_state()
         save_file(moments, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "params": names, "train": asdict(cfg)}))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir(path, write, replace=True)
 
 
 def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig) -> tuple[int, list]:
     ckpt = out / CKPT
-    if not ckpt.exists() and (out / (CKPT + ".old")).exists():
-        ckpt = out / (CKPT + ".old")  # a crash between the two renames of save_checkpoint
+    if not ckpt.exists() and (out / f".{CKPT}.old").exists():
+        ckpt = out / f".{CKPT}.old"  # a crash between the two renames of write_dir
     if not (ckpt / "state.json").is_file():
         if (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()  # metrics of a run that never checkpointed

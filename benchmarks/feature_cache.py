@@ -48,10 +48,11 @@ def main():
             p.detach()
     live, cached = res["live"], res["cache"]
     diff = max(abs(x - y) for x, y in zip(live[1], cached[1]))
-    print(f"model {a.model}, {a.method} ({a.preset}), {a.n} examples x 1 epoch, batch {a.batch_size}, "
+    label = f"{a.method} ({a.preset})" if a.method == "backward_head" else a.method
+    print(f"model {a.model}, {label}, {a.n} examples x 1 epoch, batch {a.batch_size}, "
           f"{s.report['train_target_tokens']} target tokens, {torch.get_num_threads()} threads")
-    print(f"| epoch from the base (live) s | epoch from the cache s | speed-up | one-time cache build s | max loss-curve diff |")
-    print(f"|---:|---:|---:|---:|---:|")
+    print("| epoch from the base (live) s | epoch from the cache s | speed-up | one-time cache build s | max loss-curve diff |")
+    print("|---:|---:|---:|---:|---:|")
     print(f"| {live[0]:.1f} | {cached[0]:.2f} | {live[0] / cached[0]:.1f}× | {t_build:.1f} | {diff:.2e} |")
 
 

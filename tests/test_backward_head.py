@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from attnlab import PluginSet, attach, load_backbone
 from attnlab.chunked_ce import mixture_cross_entropy, mixture_log_probs

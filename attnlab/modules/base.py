@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import write_dir
 from ..backbone import fingerprint
 
 WEIGHTS_NAME = "plugin.safetensors"
@@ -101,16 +100,12 @@ class Plugin:
         meta = {"method": self.method, "config": dataclasses.asdict(self.config),
                 "base": fingerprint(self.model, base_name or _model_name(self.model))}
         state = self.state_dict()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+
+        def write(tmp):
             save_file(state, str(tmp / WEIGHTS_NAME))
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_dir(path, write, replace=True)
         return path
 
     # -- training hooks: the trainer calls these around each optimizer step ----------------------
