@@ -114,11 +114,23 @@ class BackwardAttentionHead(nn.Module):
         self._step = None       # (leaf tables, graph tables) during an optimizer step
 
     # -- tables: everything that depends only on the vocabulary and the head's weights ---------------
+    def _normed(self, layer: nn.Module, ie: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """layer(RMSNorm(ie)) without materialising the V x E normalised embedding (nor saving it for
+        backward): Linear(ie * r * g) = r * (ie @ (W * g)^T) + b, exactly."""
+        if isinstance(layer, nn.Sequential):
+            return layer[1:](self._normed(layer[0], ie, r))
+        out = r * (ie @ (layer.weight * self.norm_weight).t())
+        return out + layer.bias if layer.bias is not None else out
+
     def compute_tables(self) -> dict:
         ie = self._base['emb']
-        ie = ie * torch.rsqrt(ie.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
-        lat = self.W_L(ie) if self.cfg.latent_dim else ie
-        K, Vv = self.W_K(lat), self.W_V(lat)
+        with torch.no_grad():  # the RMS of each frozen embedding row: V x 1, no gradient needed
+            r = torch.rsqrt(ie.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.cfg.latent_dim:
+            lat = self._normed(self.W_L, ie, r)
+            K, Vv = self.W_K(lat), self.W_V(lat)
+        else:
+            K, Vv = self._normed(self.W_K, ie, r), self._normed(self.W_V, ie, r)
         H, dh = self.cfg.n_heads, self.dim // self.cfg.n_heads
         W = K.view(self.vocab, H, dh).transpose(0, 1)                             # H, V, dh
         if self.cfg.residual:
