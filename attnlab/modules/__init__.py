@@ -8,12 +8,13 @@ from torch import nn
 
 from .backward_head import BackwardAttentionHead, BackwardHead, BackwardHeadConfig
 from .base import Plugin, PluginError, check_fingerprint, load_weights, read_plugin_config
+from .factorized import Factorized, FactorizedConfig, patch, unpatch
 from .frozen import Frozen, FrozenConfig
 from .head_ft import HeadFineTune, HeadFTConfig
 from .lora import LoRA, LoRAConfig
 from .switch import PluginSet
 
-METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune, BackwardHead)}
+METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune, BackwardHead, Factorized)}
 
 
 def make_config(method: str, **options):
@@ -59,4 +60,5 @@ def load_plugin(model: nn.Module, path) -> Plugin:
 
 __all__ = ["Plugin", "PluginError", "METHODS", "attach", "load_plugin", "make_config",
            "BackwardHead", "BackwardHeadConfig", "BackwardAttentionHead", "PluginSet",
+           "Factorized", "FactorizedConfig", "patch", "unpatch",
            "Frozen", "FrozenConfig", "LoRA", "LoRAConfig", "HeadFineTune", "HeadFTConfig"]

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from attnlab import load_backbone
+from attnlab.modules import PluginError, patch, unpatch
+from attnlab.modules.factorized import ATTR, attention_modules
+
+from .conftest import logits_of
+
+IDS = torch.tensor([[5, 80, 77, 33, 101, 9, 64, 200, 17, 3]])
+
+
+def _perturb(plugin, scale=0.1):
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in plugin.trainable_parameters().values():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_identity_at_init_then_a_real_change_then_exact_unpatch(tiny):
+    base = logits_of(tiny.model, IDS)
+    p = patch(tiny.model)
+    assert tiny.model.config._attn_implementation == "attnlab_factorized"
+    assert (logits_of(tiny.model, IDS) - base).abs().max() <= 1e-5
+    _perturb(p)
+    assert (logits_of(tiny.model, IDS) - base).abs().max() > 1e-2
+    unpatch(tiny.model)
+    assert torch.equal(logits_of(tiny.model, IDS), base)
+    assert tiny.model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, ATTR) for m in attention_modules(tiny.model))
+
+
+def test_only_the_chosen_layers_change(tiny_llama):
+    p = patch(tiny_llama.model, layers=[1], lora_r=0)
+    mods = attention_modules(tiny_llama.model)
+    assert not hasattr(mods[0], ATTR) and hasattr(mods[1], ATTR)
+    assert all(f"layers.1.self_attn.{ATTR}" in n for n in p.trainable_parameters())
+    unpatch(tiny_llama.model)
+
+
+def test_lora_is_trained_alongside(tiny):
+    p = patch(tiny.model, lora_r=4)
+    names = list(p.trainable_parameters())
+    assert any("lora_" in n for n in names) and any(ATTR in n for n in names)
+    assert all(q.requires_grad for q in p.trainable_parameters().values())
+    unpatch(tiny.model)
+
+
+def test_kv_cache_generation_matches_no_cache(tiny):
+    p = patch(tiny.model)
+    _perturb(p)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+    a = tiny.model.generate(IDS, **kw)
+    b = tiny.model.generate(IDS, use_cache=False, **kw)
+    assert torch.equal(a, b)
+    unpatch(tiny.model)
+
+
+def test_eager_kernel_gives_the_same_outputs():
+    outs = []
+    for impl in ("sdpa", "eager"):
+        bb = load_backbone("tiny-llama")
+        bb.model.config._attn_implementation = impl
+        torch.manual_seed(0)
+        p = patch(bb.model)
+        _perturb(p)
+        outs.append(logits_of(bb.model, IDS))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_is_a_clear_error(tiny_llama):
+    m = tiny_llama.model
+    with pytest.raises(PluginError, match="out of range for a model with 2 layers"):
+        patch(m, layers=[0, 5])
+    patch(m)
+    with pytest.raises(PluginError, match="already carries"):
+        patch(m)
+    unpatch(m)
+    with pytest.raises(PluginError, match="not patched"):
+        unpatch(m)
+    from transformers import OPTConfig, OPTForCausalLM
+    opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                   num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(PluginError, match="supported: gpt2, llama"):
+        patch(opt)
