@@ -36,6 +36,8 @@ DEFAULTS = {
     "eval": {"batch_size": 8, "generate": True, "n_generate": 32, "max_new_tokens": 128},
     "methods": [{"name": "frozen", "method": "frozen"}, {"name": "lora", "method": "lora"}],
     "feature_cache": True,   # head-only methods train from the base's cached hidden states
+    "paired_baseline": None, # a method name: the report adds changes against it, paired by seed
+    "datasets": None,        # label -> data options (over `data`): the whole run once per dataset
 }
 _TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
 _EVAL_KEYS = set(DEFAULTS["eval"]) | {"sampling"}
@@ -73,6 +75,11 @@ def load_config(path_or_dict) -> dict:
                 raise ConfigError(f"{where}: each eval.sampling entry is {{temperature: T, top_k: K}}, got {sset!r}")
     if not isinstance(cfg["seeds"], list) or not cfg["seeds"] or not all(isinstance(s, int) for s in cfg["seeds"]):
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {cfg['seeds']!r}")
+    if cfg["datasets"] is not None:
+        if not isinstance(cfg["datasets"], dict) or not cfg["datasets"] or not all(
+                isinstance(v, dict) for v in cfg["datasets"].values()):
+            raise ConfigError(f"{where}: datasets is a mapping label -> data options, e.g. "
+                              f"{{math: {{dataset_name: arithmetic}}, code: {{dataset_name: python_stdlib}}}}")
     names = set()
     for m in cfg["methods"]:
         if not isinstance(m, dict) or "method" not in m:
@@ -83,6 +90,9 @@ def load_config(path_or_dict) -> dict:
         names.add(m["name"])
         make_config(m["method"], **_options(m))  # raises on unknown methods and options
         TrainConfig(**{**cfg["train"], **m.get("train", {})})
+    if cfg["paired_baseline"] is not None and cfg["paired_baseline"] not in names:
+        raise ConfigError(f"{where}: paired_baseline '{cfg['paired_baseline']}' is not one of the methods "
+                          f"{sorted(names)}")
     return cfg
 
 
@@ -97,8 +107,11 @@ def seed_everything(seed: int) -> None:
 
 def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = False,
                    only_methods: list[str] | None = None, log=print) -> dict:
-    """Run the config; returns the results dict also written to runs/<name>/results.json."""
-    from .report import write_report
+    """Run the config; returns the results dict also written to runs/<name>/results.json.
+
+    With `datasets:` the whole run happens once per dataset, in runs/<name>/<label>/, and
+    runs/<name>/report.md puts the datasets side by side."""
+    from .report import write_report, write_multi_report
 
     cfg = load_config(config)
     out = Path(cfg.get("out_dir") or Path(out_root) / cfg["name"])
@@ -107,12 +120,41 @@ def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = F
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    log(f"[attnlab] {cfg['name']}: model {cfg['model']}, data {cfg['data'].get('dataset_name', 'arithmetic')}, "
+    labels = list(cfg["datasets"]) if cfg["datasets"] else [None]
+    log(f"[attnlab] {cfg['name']}: model {cfg['model']}, data "
+        f"{labels if labels != [None] else cfg['data'].get('dataset_name', 'arithmetic')}, "
         f"methods {[m['name'] for m in cfg['methods']]}, seeds {cfg['seeds']} -> {out}")
-
     t = time.perf_counter()
     bb = load_backbone(cfg["model"], device="cuda" if torch.cuda.is_available() else None)
     log(f"[attnlab] loaded {cfg['model']} ({bb.info['n_params'] / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
+    per = {}
+    for label in labels:
+        one = copy.deepcopy(cfg)
+        if label is not None:
+            one["data"] = {**cfg["data"], **cfg["datasets"][label]}
+            one["name"] = f"{cfg['name']}/{label}"
+            log(f"[attnlab] dataset {label}: {one['data'].get('dataset_name', 'arithmetic')}")
+        d_out = out / label if label is not None else out
+        d_out.mkdir(parents=True, exist_ok=True)
+        per[label] = _run_one(bb, one, d_out, only_methods, log, time.perf_counter())
+        if label is not None:
+            write_report(d_out, per[label])
+    if labels == [None]:
+        results = per[None]
+        results["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+        _atomic_json(out / "results.json", results)
+        write_report(out, results)
+    else:
+        results = {"name": cfg["name"], "config": cfg, "datasets": per,
+                   "wall_time_s": round(time.perf_counter() - t_start, 1)}
+        _atomic_json(out / "results.json", results)
+        write_multi_report(out, results)
+    log(f"[attnlab] wrote {out / 'report.md'} in {results['wall_time_s']:.0f}s total")
+    return results
+
+
+def _run_one(bb, cfg, out, only_methods, log, t_start) -> dict:
+    """Every method x seed of `cfg` on its one dataset; results.json in `out`."""
     tok = bb.tokenizer
     splits = build_splits(cfg["data"], tok)
     dr = splits.report
@@ -143,8 +185,6 @@ def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = F
         "wall_time_s": round(time.perf_counter() - t_start, 1),
     }
     _atomic_json(out / "results.json", results)
-    write_report(out, results)
-    log(f"[attnlab] wrote {out / 'report.md'} in {results['wall_time_s']:.0f}s total")
     return results
 
 

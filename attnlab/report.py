@@ -73,6 +73,43 @@ def _change(key, a, b):
     return f"{100 * rel:+.2f}%" if abs(rel) < 10 else f"×{a / b:.3g}"  # huge changes read better as ratios
 
 
+def paired_changes(cells: list[dict], baseline: str, key: str = "perplexity") -> dict:
+    """method -> per-seed % change of `key` against `baseline` trained with the same seed (the same
+    data order and token budget), with mean ± std over those seeds and how many seeds it won."""
+    base = {c["seed"]: c["eval"].get(key) for c in cells if c["method"] == baseline}
+    out = {}
+    for name in dict.fromkeys(c["method"] for c in cells):
+        if name == baseline:
+            continue
+        pairs = [(c["seed"], c["eval"].get(key), base.get(c["seed"])) for c in cells if c["method"] == name]
+        pairs = [(s, a, b) for s, a, b in pairs if a is not None and b]
+        if not pairs:
+            continue
+        ch = [100 * (a - b) / b for _, a, b in pairs]
+        lower = dict((m[0], m[2]) for m in METRICS).get(key, True)
+        out[name] = {"seeds": [s for s, *_ in pairs], "changes": ch, "mean_std": mean_std(ch),
+                     "wins": sum((c < 0) == lower and c != 0 for c in ch)}
+    return out
+
+
+def _paired_lines(cells, baseline, summ) -> list[str]:
+    pc = paired_changes(cells, baseline)
+    if not pc:
+        return []
+    b = summ[baseline]
+    lines = ["", f"Paired by seed against **{baseline}** (each seed: the same data order and token budget; "
+             f"change = (PPL − PPL_{baseline}) / PPL_{baseline}, then mean ± std over seeds):", "",
+             f"| method | PPL | PPL {baseline} | change (paired) | seeds better | trainable | {baseline} trainable |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, p in pc.items():
+        r = summ[name]
+        m, sd = p["mean_std"]
+        lines.append(f"| {name} | {_fmt(r['perplexity'], '{:.3f}')} | {_fmt(b['perplexity'], '{:.3f}')} | "
+                     f"{m:+.2f}% ± {sd:.2f}% | {p['wins']}/{len(p['changes'])} | {r['trainable_params']:,} | "
+                     f"{b['trainable_params']:,} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     summ = summarize(results["cells"])
     present = [m for m in METRICS if any(r[m[0]][0] is not None for r in summ.values())]
@@ -100,6 +137,8 @@ def markdown(results: dict) -> str:
         for name, r in summ.items():
             if name != ref_name:
                 lines.append(f"| {name} | " + " | ".join(_change(k, r[k][0], ref[k][0]) for k, *_ in keys) + " |")
+    if cfg.get("paired_baseline") in summ:
+        lines += _paired_lines(results["cells"], cfg["paired_baseline"], summ)
     gen = [(n, r) for n, r in summ.items() if r["n_generated"][0]]
     if gen:
         lines += ["", "Generations: " + "; ".join(
@@ -173,6 +212,48 @@ def plots(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=110)
     plt.close(fig)
+
+
+def multi_markdown(results: dict) -> str:
+    """The datasets of one run side by side; each dataset's full report is in its own folder."""
+    cfg = results["config"]
+    per = results["datasets"]
+    baseline = cfg.get("paired_baseline")
+    lines = [f"# {results['name']}", "",
+             f"Model `{cfg['model']}` (frozen), seeds {cfg['seeds']}, datasets {', '.join(per)}. "
+             f"Mean ± std over seeds; the full report of each dataset is in its folder.", ""]
+    if baseline:
+        lines += [f"Perplexity on the held-out split; change against **{baseline}** paired by seed "
+                  f"(the same data order and token budget within each seed):", "",
+                  f"| dataset | data | method | PPL | PPL {baseline} | change (paired) | seeds better | "
+                  f"trainable | {baseline} trainable |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for label, res in per.items():
+            summ = summarize(res["cells"])
+            for name, p in paired_changes(res["cells"], baseline).items():
+                m, sd = p["mean_std"]
+                lines.append(f"| {label} | `{res['data']['dataset_name']}` | {name} | "
+                             f"{_fmt(summ[name]['perplexity'], '{:.3f}')} | "
+                             f"{_fmt(summ[baseline]['perplexity'], '{:.3f}')} | {m:+.2f}% ± {sd:.2f}% | "
+                             f"{p['wins']}/{len(p['changes'])} | {summ[name]['trainable_params']:,} | "
+                             f"{summ[baseline]['trainable_params']:,} |")
+        lines.append("")
+    lines += ["| dataset | method | PPL | CE | next-tok acc | train tok/s |", "|---|---|---:|---:|---:|---:|"]
+    for label, res in per.items():
+        for name, r in summarize(res["cells"]).items():
+            lines.append(f"| {label} | {name} | {_fmt(r['perplexity'], '{:.3f}')} | "
+                         f"{_fmt(r['cross_entropy'], '{:.4f}')} | {_fmt(r['next_token_accuracy'], '{:.4f}')} | "
+                         f"{_fmt(r['tokens_per_s'], '{:.0f}')} |")
+    lines += ["", "Reports: " + ", ".join(f"[{label}]({label}/report.md)" for label in per),
+              "", f"Whole run: {results['wall_time_s']:.0f}s.", ""]
+    return "\n".join(lines)
+
+
+def write_multi_report(out: Path, results: dict) -> Path:
+    out = Path(out)
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(multi_markdown(results))
+    tmp.replace(out / "report.md")
+    return out / "report.md"
 
 
 def write_report(out: Path, results: dict) -> Path:

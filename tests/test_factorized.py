@@ -19,7 +19,7 @@ def _perturb(plugin, scale=0.1):
 
 def test_identity_at_init_then_a_real_change_then_exact_unpatch(tiny):
     base = logits_of(tiny.model, IDS)
-    p = patch(tiny.model)
+    p = patch(tiny.model, "factorized")
     assert tiny.model.config._attn_implementation == "attnlab_factorized"
     assert (logits_of(tiny.model, IDS) - base).abs().max() <= 1e-5
     _perturb(p)
@@ -31,7 +31,7 @@ def test_identity_at_init_then_a_real_change_then_exact_unpatch(tiny):
 
 
 def test_only_the_chosen_layers_change(tiny_llama):
-    p = patch(tiny_llama.model, layers=[1], lora_r=0)
+    p = patch(tiny_llama.model, "factorized", layers=[1], lora_r=0)
     mods = attention_modules(tiny_llama.model)
     assert not hasattr(mods[0], ATTR) and hasattr(mods[1], ATTR)
     assert all(f"layers.1.self_attn.{ATTR}" in n for n in p.trainable_parameters())
@@ -39,7 +39,7 @@ def test_only_the_chosen_layers_change(tiny_llama):
 
 
 def test_lora_is_trained_alongside(tiny):
-    p = patch(tiny.model, lora_r=4)
+    p = patch(tiny.model, "factorized", lora_r=4)
     names = list(p.trainable_parameters())
     assert any("lora_" in n for n in names) and any(ATTR in n for n in names)
     assert all(q.requires_grad for q in p.trainable_parameters().values())
@@ -47,7 +47,7 @@ def test_lora_is_trained_alongside(tiny):
 
 
 def test_kv_cache_generation_matches_no_cache(tiny):
-    p = patch(tiny.model)
+    p = patch(tiny.model, "factorized")
     _perturb(p)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
     a = tiny.model.generate(IDS, **kw)
@@ -62,7 +62,7 @@ def test_eager_kernel_gives_the_same_outputs():
         bb = load_backbone("tiny-llama")
         bb.model.config._attn_implementation = impl
         torch.manual_seed(0)
-        p = patch(bb.model)
+        p = patch(bb.model, "factorized")
         _perturb(p)
         outs.append(logits_of(bb.model, IDS))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
@@ -71,10 +71,10 @@ def test_eager_kernel_gives_the_same_outputs():
 def test_bad_input_is_a_clear_error(tiny_llama):
     m = tiny_llama.model
     with pytest.raises(PluginError, match="out of range for a model with 2 layers"):
-        patch(m, layers=[0, 5])
-    patch(m)
+        patch(m, "factorized", layers=[0, 5])
+    patch(m, "factorized")
     with pytest.raises(PluginError, match="already carries"):
-        patch(m)
+        patch(m, "factorized")
     unpatch(m)
     with pytest.raises(PluginError, match="not patched"):
         unpatch(m)
@@ -82,4 +82,21 @@ def test_bad_input_is_a_clear_error(tiny_llama):
     opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                    num_attention_heads=2, word_embed_proj_dim=16))
     with pytest.raises(PluginError, match="supported: gpt2, llama"):
-        patch(opt)
+        patch(opt, "factorized")
+
+
+def test_trainable_counts_on_gpt2_small_match_the_proposal():
+    # The proposal: 0.81M (LoRA r=8 on c_attn, c_proj) and 1.40M (with FactorizedAttention) on GPT-2
+    # small. Factor width 2 x head_dim gives 1.41M; docs/factorized_attention.md explains the 0.8%.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from attnlab.modules import attach
+    m = GPT2LMHeadModel(GPT2Config(n_positions=32))
+    m.config._attn_implementation = "sdpa"
+    m.requires_grad_(False)
+    lora = attach(m, "lora", r=8, alpha=16)
+    assert lora.num_trainable() == 811_008
+    lora.detach()
+    fa = patch(m, "factorized", lora_r=8, factor_dim=128)
+    assert fa.num_trainable() == 1_411_752
+    unpatch(m)

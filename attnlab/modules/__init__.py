@@ -8,7 +8,7 @@ from torch import nn
 
 from .backward_head import BackwardAttentionHead, BackwardHead, BackwardHeadConfig
 from .base import Plugin, PluginError, check_fingerprint, load_weights, read_plugin_config
-from .factorized import Factorized, FactorizedConfig, patch, unpatch
+from .factorized import Factorized, FactorizedConfig
 from .frozen import Frozen, FrozenConfig
 from .head_ft import HeadFineTune, HeadFTConfig
 from .lora import LoRA, LoRAConfig
@@ -43,6 +43,26 @@ def attach(model: nn.Module, method: str, **options) -> Plugin:
     """Attach a new plug-in of `method` to `model` (in place) and return it."""
     config = make_config(method, **options)
     return METHODS[method](config).attach(model)
+
+
+ATTENTION_METHODS = ("factorized",)
+
+
+def patch(model: nn.Module, method: str = "factorized", **options) -> Plugin:
+    """patch(model, "factorized", layers=[...], ...): replace the attention of those layers with an
+    attnlab attention (in place) and return its plug-in; `unpatch(model)` undoes it exactly."""
+    if method not in ATTENTION_METHODS:
+        raise PluginError(f"'{method}' is not an attention method; attention methods: {', '.join(ATTENTION_METHODS)}"
+                          f" (use attach() for the others)")
+    return attach(model, method, **options)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove the attention patch `patch` installed; the model computes the base function again."""
+    plugin = getattr(model, "_attnlab_plugin", None)
+    if plugin is None or plugin.method not in ATTENTION_METHODS:
+        raise PluginError("this model is not patched with an attnlab attention (nothing to unpatch)")
+    return plugin.detach()
 
 
 def load_plugin(model: nn.Module, path) -> Plugin:

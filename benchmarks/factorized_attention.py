@@ -1,0 +1,107 @@
+"""FactorizedAttention + LoRA against plain attention + LoRA: training tokens/s and peak memory of
+one training step (forward + backward) at 256, 512 and 1024 tokens, side by side in one run.
+
+    python benchmarks/factorized_attention.py [--model smollm2-135m] [--lengths 256 512 1024]
+    python benchmarks/factorized_attention.py --params     # trainable counts on GPT-2 small
+
+Both arms train LoRA r=8 on the attention projections; the second also trains the factorized q/k
+parameters of every layer. The two arms alternate within each repeat so that drift in the machine's
+speed hits both alike. Peak memory: tensors created during the step (CPU: an allocator-level
+dispatch mode; CUDA: max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import peak_bytes  # noqa: E402
+
+import attnlab  # noqa: E402
+
+ARMS = {"LoRA": ("lora", {"r": 8, "alpha": 16}),
+        "LoRA + Factorized": ("factorized", {"lora_r": 8, "lora_alpha": 16, "factor_dim": 128})}
+
+
+def gpt2_small_counts() -> dict:
+    """Trainable parameters of both arms on GPT-2 small (random weights: counts need no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_positions=64))
+    m.config._attn_implementation = "sdpa"
+    m.requires_grad_(False)
+    out = {}
+    for name, (method, opts) in ARMS.items():
+        p = attnlab.attach(m, method, **opts)
+        out[name] = p.num_trainable()
+        p.detach()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--params", action="store_true", help="only print the trainable counts on GPT-2 small")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    a = ap.parse_args()
+    if a.params:
+        for name, n in gpt2_small_counts().items():
+            print(f"GPT-2 small, {name}: {n:,} trainable parameters ({n / 1e6:.2f}M)")
+        return
+    torch.manual_seed(0)
+    bb = attnlab.load_backbone(a.model, device="cuda" if torch.cuda.is_available() else None)
+    dev = next(bb.model.parameters()).device
+    rows = []
+    for T in a.lengths:
+        ids = torch.randint(0, bb.model.config.vocab_size, (1, T), device=dev)
+        times = {name: [] for name in ARMS}
+        mem, n_params = {}, {}
+        for rep in range(a.repeat + 1):  # the first round warms up
+            for name, (method, opts) in ARMS.items():
+                torch.manual_seed(0)
+                p = attnlab.attach(bb.model, method, **opts)
+                n_params[name] = p.num_trainable()
+
+                def step():
+                    bb.model(input_ids=ids, labels=ids).loss.backward()
+                    for q in p.trainable_parameters().values():
+                        q.grad = None
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                step()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if rep:
+                    times[name].append(time.perf_counter() - t)
+                if rep == 1:
+                    mem[name] = peak_bytes(step)
+                p.detach()
+        base = "LoRA"
+        for name in ARMS:
+            t = statistics.median(times[name])
+            rows.append({"tokens": T, "arm": name, "trainable": n_params[name], "step_s": t, "tokens_per_s": T / t,
+                         "peak_MiB": mem[name] / 2**20, "time_x": t / statistics.median(times[base]),
+                         "mem_x": mem[name] / mem[base]})
+    print(f"model {a.model}, batch 1, {torch.get_num_threads()} threads, {dev.type}; median of {a.repeat}")
+    print("| tokens | arm | trainable | train tok/s | step × LoRA | peak MiB | memory × LoRA |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['arm']} | {r['trainable']:,} | {r['tokens_per_s']:.0f} | {r['time_x']:.3f} | "
+              f"{r['peak_MiB']:.0f} | {r['mem_x']:.3f} |")
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
