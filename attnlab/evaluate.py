@@ -218,12 +218,12 @@ def base_reference(model: nn.Module, examples: list[Example], pad_id: int, batch
 def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8,
           reference: Reference | None = None) -> dict:
     """Teacher-forced cross-entropy, perplexity and next-token accuracy over target tokens, and
-    KL(base || model) when a base `reference` is given."""
+    KL(base || model) and top-1 agreement with the base when a base `reference` is given."""
     if not examples:
         raise ValueError("score() needs at least one example")
     dev = _device(model)
     nll = correct = n = 0.0
-    kl = 0.0
+    kl = agree = 0.0
     offset = 0
     for chunk in _batches(examples, batch_size):
         batch = {k: v.to(dev) for k, v in collate(chunk, pad_id).items()}
@@ -236,6 +236,7 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
             h = reference.hidden[offset: offset + tokens.numel()].to(dev)
             ref_logp = F.log_softmax(reference.head(h).float(), dim=-1)
             kl += kl_divergence(ref_logp, logp).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             offset += tokens.numel()
     if n == 0:
         raise ValueError("the examples have no target tokens to score")
@@ -246,6 +247,7 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
         if offset != reference.hidden.shape[0]:
             raise ValueError("the reference was computed on other examples (target counts differ)")
         out["kl_base_model"] = kl / n
+        out["top1_agreement"] = agree / n
     return out
 
 

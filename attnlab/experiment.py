@@ -10,6 +10,7 @@ evaluated once, and its target-position hidden states are kept to give every met
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -33,7 +34,8 @@ DEFAULTS = {
     "seeds": [0],
     "data": {},
     "train": {"steps": 50, "batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 5},
-    "eval": {"batch_size": 8, "generate": True, "n_generate": 32, "max_new_tokens": 128},
+    "eval": {"batch_size": 8, "generate": True, "n_generate": 32, "max_new_tokens": 128,
+             "prompt_tokens": 32},  # text data: generation continues the first prompt_tokens of eval texts
     "methods": [{"name": "frozen", "method": "frozen"}, {"name": "lora", "method": "lora"}],
     "feature_cache": True,   # head-only methods train from the base's cached hidden states
     "paired_baseline": None, # a method name: the report adds changes against it, paired by seed
@@ -163,7 +165,10 @@ def _run_one(bb, cfg, out, only_methods, log, t_start) -> dict:
         f"records {dr['records']['kept']}/{dr['records']['seen']} kept, "
         f"{dr['tokenization']['truncated']} truncated, {dr['tokenization']['skipped']} dropped at tokenization")
     ev = cfg["eval"]
-    gen_examples = splits.eval[: int(ev["n_generate"])] if ev["generate"] and splits.kind == "qa" else []
+    gen_examples = splits.eval[: int(ev["n_generate"])] if ev["generate"] else []
+    if splits.kind == "lm":  # continue the opening of each held-out text
+        gen_examples = [dataclasses.replace(e, prompt_len=min(int(ev["prompt_tokens"]), len(e.input_ids) - 1))
+                        for e in gen_examples]
 
     t = time.perf_counter()
     reference = base_reference(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"])
@@ -222,12 +227,15 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, featu
         tr = train(bb.model, plugin, splits.train, tcfg, out_dir=cell_dir, pad_id=tok.pad_token_id, features=feats)
         t = time.perf_counter()
         metrics = score(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"], reference=reference)
+        metrics.update(plugin.extra_metrics(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"]))
         samples = []
+        qa = splits.kind == "qa"
         if gen_examples:
             gstats = {}
             texts = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"], stats=gstats)
-            metrics.update(answer_metrics(texts, [e.answer for e in gen_examples]))
-            metrics["n_cut_off"] = gstats["n_cut_off"]
+            if qa:
+                metrics.update(answer_metrics(texts, [e.answer for e in gen_examples]))
+                metrics["n_cut_off"] = gstats["n_cut_off"]
             metrics["sampling"] = []
             for k, sset in enumerate(ev.get("sampling") or []):
                 torch.manual_seed(seed * 1000 + k)
@@ -236,8 +244,8 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, featu
                 acc = answer_metrics(texts_s, [e.answer for e in gen_examples])["accuracy"]
                 metrics["sampling"].append({"temperature": float(sset.get("temperature", 1.0)),
                                             "top_k": sset.get("top_k"), "accuracy": acc})
-            samples = [{"prompt": e.record.prompt, "gold": e.answer, "output": x}
-                       for e, x in zip(gen_examples[:5], texts[:5])]
+            samples = [{"prompt": e.record.prompt if qa else tok.decode(e.input_ids[: e.prompt_len]),
+                        "gold": e.answer, "output": x} for e, x in zip(gen_examples[:5], texts[:5])]
         eval_s = time.perf_counter() - t
         if n_trainable:
             plugin.save_pretrained(cell_dir / "plugin", base_name=bb.spec)

@@ -15,6 +15,10 @@ METRICS = [
     ("perplexity", "PPL", True, "{:.3f}"),
     ("next_token_accuracy", "next-tok acc", False, "{:.4f}"),
     ("kl_base_model", "KL(base‖m)", True, "{:.4f}"),
+    ("top1_agreement", "top-1 = base", False, "{:.4f}"),
+    ("sparsity", "sparsity", False, "{:.3f}"),
+    ("attention_mse", "attn MSE", True, "{:.2e}"),
+    ("grad_cosine", "grad cos", False, "{:.4f}"),
     ("accuracy", "answer acc", False, "{:.3f}"),
     ("f1", "F1", False, "{:.3f}"),
     ("precision", "P", False, "{:.3f}"),
@@ -58,7 +62,7 @@ def _fmt(ms, fmt):
     return fmt.format(m) + (f" ± {fmt.format(s)}" if s else "")
 
 
-RATES = {"next_token_accuracy", "accuracy", "f1", "precision", "recall"}
+RATES = {"next_token_accuracy", "accuracy", "f1", "precision", "recall", "top1_agreement", "sparsity", "grad_cosine"}
 
 
 def _change(key, a, b):
@@ -169,13 +173,21 @@ def markdown(results: dict) -> str:
               "![loss curves](loss_curves.png)", "", "![metrics](metrics.png)", ""]
     samples = next((c["samples"] for c in results["cells"] if c.get("samples")), [])
     if samples:
-        lines += ["## Sample generations (first eval examples, greedy)", ""]
-        for name in summ:
-            c = next(c for c in results["cells"] if c["method"] == name)
-            for s in c.get("samples", [])[:2]:
-                out = s["output"].strip().replace("\n", " ⏎ ")[:300]
-                lines.append(f"- **{name}** (gold {s['gold']}): {out}")
-        lines.append("")
+        lines += ["## Sample generations (the same eval prompts for every method, greedy, first seed)", ""]
+        firsts = {}
+        for c in results["cells"]:
+            firsts.setdefault(c["method"], c)
+        for i, s0 in enumerate(samples[:2]):
+            prompt = s0["prompt"].strip().replace("\n", " ⏎ ")
+            prompt = "…" + prompt[-200:] if len(prompt) > 200 else prompt
+            gold = f" (gold {s0['gold']})" if s0.get("gold") is not None else ""
+            lines.append(f"**Prompt {i + 1}**{gold}: {prompt}")
+            lines.append("")
+            for name, c in firsts.items():
+                if len(c.get("samples", [])) > i:
+                    out = c["samples"][i]["output"].strip().replace("\n", " ⏎ ")[:300]
+                    lines.append(f"- **{name}**: {out}")
+            lines.append("")
     return "\n".join(lines)
 
 

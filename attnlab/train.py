@@ -5,7 +5,8 @@ a progress bar, metrics appended as JSONL, atomic safetensors checkpoints and re
 handles devices, so the same code runs under `accelerate launch` on several GPUs.
 
 The loss is the mean cross-entropy over the target tokens of one optimizer step (all its
-micro-batches together), computed from the LM head at target positions only.
+micro-batches together), computed from the LM head at target positions only, unless the plug-in
+brings its own objective (e.g. distillation from the frozen base).
 """
 
 from __future__ import annotations
@@ -103,14 +104,19 @@ class TargetLoss(nn.Module):
     A module so that Accelerate/DDP can wrap it. A head with its own `target_loss` (e.g. a chunked
     one) computes the loss itself."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective=None):
         super().__init__()
         self.model = model
+        self.objective = objective  # a plug-in's own loss (e.g. distillation); None: target CE
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, hidden=None, tokens=None):
         head = self.model.get_output_embeddings()
         if hidden is None:
             batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            if self.objective is not None:
+                loss = self.objective(self.model, batch)
+                if loss is not None:
+                    return loss
             if not hasattr(head, "target_loss"):
                 logits, tokens = target_logits(self.model, batch)
                 return F.cross_entropy(logits.float(), tokens, reduction="sum")
@@ -150,7 +156,7 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    loss_module, opt = accelerator.prepare(TargetLoss(model), opt)
+    loss_module, opt = accelerator.prepare(TargetLoss(model, plugin.objective), opt)
 
     start, history = 0, []
     if out is not None:

@@ -116,6 +116,16 @@ class Plugin:
         """After their backward passes, before clipping and the optimizer update. `reduce` averages
         a tensor over processes when there are several (None: one process)."""
 
+    # -- optional: a method's own objective and metrics ------------------------------------------
+    def objective(self, model: nn.Module, batch: dict) -> torch.Tensor | None:
+        """The training loss of a batch, summed over its target tokens (the trainer divides by the
+        step's target-token count). None: cross-entropy on the target tokens."""
+        return None
+
+    def extra_metrics(self, model: nn.Module, examples: list, pad_id: int, batch_size: int) -> dict:
+        """Method-specific evaluation numbers, added to the standard ones in a run's results."""
+        return {}
+
     # -- what each method defines ---------------------------------------------------------------
     def _install(self, model: nn.Module) -> None:
         raise NotImplementedError
