@@ -1,4 +1,4 @@
-"""The `attnlab` command: run, eval, generate, data preview. Every command has --help."""
+"""The `attnlab` command: run, eval, generate, data preview, profile. Every command has --help."""
 
 from __future__ import annotations
 
@@ -160,7 +160,47 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--list", action="store_true", help="list the dataset names and exit")
     dp.add_argument("--width", type=int, default=400, help="characters shown per record")
     dp.set_defaults(func=cmd_data_preview)
+
+    from .profile import DEFAULT_VARIANTS, LENGTHS
+    pr = sub.add_parser("profile", help="time and peak memory of dense vs sparse attention across sequence length",
+                        description="Inference (forward) and training (forward + backward) wall time and peak "
+                        "memory of the model's transformer body at each length, for dense eager, dense SDPA and "
+                        "each sparse attention variant; torch.profiler isolates the attention time. Writes "
+                        "profile.md, profile.json and PNG plots to --out.")
+    pr.add_argument("--model", default="smollm2-135m")
+    pr.add_argument("--lengths", type=int, nargs="+", default=LENGTHS, help=f"default: {LENGTHS}")
+    pr.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                    help="dense-eager, dense-sdpa, or VARIANT[:key=value,...] of the sparse attention "
+                    f"(window, learned, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
+    pr.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
+    pr.add_argument("--layers", type=int, help="profile only the first N transformer layers (default: all)")
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--repeat", type=int, default=3, help="timed calls per measurement, after one warm-up")
+    pr.add_argument("--random-weights", action="store_true",
+                    help="a model of the same shape with random weights (timings do not depend on weights)")
+    pr.add_argument("--out", default="runs/profile", help="output folder (default: runs/profile)")
+    pr.set_defaults(func=cmd_profile)
     return p
+
+
+def cmd_profile(a) -> int:
+    import platform
+
+    import torch
+
+    from .profile import build_model, profile, write
+
+    dev = "cuda" if torch.cuda.is_available() else None
+    model = build_model(a.model, random_weights=a.random_weights, layers=a.layers, device=dev)
+    rows = profile(model, a.variants, a.lengths, tuple(a.modes), repeat=a.repeat, batch=a.batch)
+    where = torch.cuda.get_device_name() if dev else f"cpu, {torch.get_num_threads()} threads"
+    title = (f"attnlab profile: {a.model}{' (random weights)' if a.random_weights else ''}, "
+             f"{model.config.num_hidden_layers} layers, batch {a.batch}, {where}")
+    meta = {"model": a.model, "random_weights": a.random_weights, "layers": model.config.num_hidden_layers,
+            "batch": a.batch, "device": where, "torch": torch.__version__, "python": platform.python_version()}
+    path = write(rows, a.out, title, meta)
+    print(path.read_text())
+    return 0
 
 
 def main(argv=None) -> int:

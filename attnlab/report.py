@@ -162,6 +162,10 @@ def markdown(results: dict) -> str:
                         groups.setdefault((x["temperature"], x["top_k"]), []).append(x["accuracy"])
             for (t, k), accs in groups.items():
                 lines.append(f"| {name} | T={t:g}, top-k={k or 'off'} | {_fmt(mean_std(accs), '{:.3f}')} |")
+    if data.get("fallback_from"):
+        fb = data["fallback_from"]
+        lines += ["", f"Data: `{fb['dataset_name']}`{' at ' + str(fb['path']) if fb.get('path') else ''} could not "
+                  f"be read ({fb['reason']}); this run used the fallback `{data['dataset_name']}`."]
     lines += ["", "Lower is better for CE, PPL, KL and the errors; higher for accuracies, P/R/F1.", "",
               f"Data: records {data['records']['kept']}/{data['records']['seen']} kept "
               f"({data['records']['skipped']} skipped: {data['records']['reasons'] or 'none'}); "

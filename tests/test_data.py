@@ -169,3 +169,17 @@ def test_generic_hf_adapter_on_local_files(tmp_path, tiny):
     s = build_splits({"dataset_name": "hf", "hf_name": "text", "data_files": str(t), "kind": "lm",
                       "columns": {"text": "text"}, "n_train": 2, "n_eval": 1, "max_length": 64}, tiny.tokenizer)
     assert len(s.train) == 2 and s.kind == "lm"
+
+
+def test_fallback_when_the_dataset_cannot_be_read(tmp_path):
+    from attnlab import load_backbone
+    from attnlab.data import build_splits
+    tok = load_backbone("tiny-gpt2").tokenizer
+    cfg = {"dataset_name": "wikitext", "path": str(tmp_path / "missing.txt"), "n_train": 2, "n_eval": 2,
+           "max_length": 64, "fallback": {"dataset_name": "python_docs"}}
+    s = build_splits(cfg, tok)
+    assert s.report["dataset_name"] == "python_docs" and len(s.eval) == 2
+    assert s.report["fallback_from"]["dataset_name"] == "wikitext"
+    assert "missing.txt" in s.report["fallback_from"]["reason"]
+    with pytest.raises(Exception, match="missing.txt"):
+        build_splits({k: v for k, v in cfg.items() if k != "fallback"}, tok)

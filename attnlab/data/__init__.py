@@ -57,7 +57,25 @@ def load_records(cfg: dict, limit: int | None = None, log: SkipLog | None = None
 
 
 def build_splits(cfg: dict, tokenizer) -> Splits:
-    """Held-out eval split first, then train, from one dataset; all counts in `report`."""
+    """Held-out eval split first, then train, from one dataset; all counts in `report`.
+
+    `fallback:` (data options) is used when the dataset cannot be read (no network, no such file);
+    the report says so and why."""
+    if cfg.get("fallback"):
+        first = {k: v for k, v in cfg.items() if k != "fallback"}
+        try:
+            return build_splits(first, tokenizer)
+        except (OSError, RuntimeError, ValueError) as e:
+            if isinstance(e, EmptyDataset):
+                raise
+            alt = {**first, **cfg["fallback"]}
+            for k in ("path", "config", "split", "hf_name", "data_files"):
+                if k in first and k not in cfg["fallback"]:
+                    alt.pop(k)  # options of the unreachable source do not carry over
+            splits = build_splits(alt, tokenizer)
+            splits.report["fallback_from"] = {"dataset_name": first.get("dataset_name"), "path": first.get("path"),
+                                              "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            return splits
     cfg = {**DATA_DEFAULTS, **cfg}
     source = get_source(cfg["dataset_name"])
     kind = cfg.get("kind", source.kind)

@@ -1,0 +1,149 @@
+"""Distillation from the frozen dense model into a sparse attention, and the proposal's metrics.
+
+Teacher = the same frozen weights with dense attention (`dense_reference`), student = the patched
+model. The loss per token is KL(P_base || P_student) at the target positions, plus optionally
+  - gate_weight  x the gate's block-distribution KL against the dense attention's block-pooled
+                 maps (the signal that trains a learned gate: its top-k choice is not differentiable),
+  - hidden_weight x the mean squared difference of every layer's hidden states (intermediate-layer
+                 distillation, for unfrozen layers).
+Metrics against dense: attention-matrix MSE, cosine between the gradients that reach the attention
+layers' weights under dense and under sparse attention, and achieved sparsity; KL, perplexity and
+top-1 agreement come from `evaluate.score` with the base reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import decoder
+from .data import collate
+from .evaluate import target_positions
+
+
+def _forward(model: nn.Module, batch: dict, hidden_states: bool):
+    out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                         output_hidden_states=hidden_states)
+    keep, tokens = target_positions(batch["labels"])
+    logits = model.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])
+    return logits.float(), tokens, out.hidden_states
+
+
+def distillation_loss(model: nn.Module, plugin, batch: dict, gate_weight: float = 1.0,
+                      hidden_weight: float = 0.0) -> torch.Tensor:
+    """Summed over the batch's target tokens (the trainer divides by the step's token count)."""
+    from .modules.sparse import dense_reference
+
+    with torch.no_grad(), dense_reference(model):
+        t_logits, _, t_hidden = _forward(model, batch, hidden_weight > 0)
+    plugin.collect_gate_loss = gate_weight > 0
+    try:
+        s_logits, tokens, s_hidden = _forward(model, batch, hidden_weight > 0)
+    finally:
+        plugin.collect_gate_loss = False
+    n = tokens.numel()
+    loss = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="sum")
+    if gate_weight > 0:
+        gate = plugin.gate_loss()
+        if gate is not None:
+            loss = loss + gate_weight * n * gate
+    if hidden_weight > 0:
+        mask = batch["attention_mask"].bool()
+        mse = sum(F.mse_loss(s[mask].float(), t[mask].float()) for s, t in zip(s_hidden[1:], t_hidden[1:]))
+        loss = loss + hidden_weight * n * mse / (len(s_hidden) - 1)
+    if not loss.requires_grad:
+        raise RuntimeError(f"the '{plugin.config.variant}' attention has nothing that this loss can train: give "
+                           f"the learned gate gate_weight > 0, or unfreeze layers with train_modules")
+    return loss
+
+
+def _batches(examples, pad_id, batch_size, dev):
+    for i in range(0, len(examples), batch_size):
+        yield {k: v.to(dev) for k, v in collate(examples[i: i + batch_size], pad_id).items()}
+
+
+@torch.no_grad()
+def attention_mse(model: nn.Module, examples: list, pad_id: int, batch_size: int = 4) -> float:
+    """Mean squared difference between the sparse and the dense attention probability matrices over
+    the patched layers, heads and real (non-padding) query rows."""
+    from .modules.sparse import capture_attention
+
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in _batches(examples, pad_id, batch_size, dev):
+        with capture_attention(model) as maps:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        rows = batch["attention_mask"].bool()
+        for sparse, dense in maps.values():
+            diff = (sparse.float() - dense.float()).pow(2)                  # (B, H, Tq, Tk)
+            diff = diff * rows[:, None, :, None] * rows[:, None, None, :]
+            total += diff.sum().item()
+            count += int(rows.sum().item()) * diff.shape[1] * diff.shape[-1]
+    return total / max(count, 1)
+
+
+def _attention_weights(model: nn.Module, plugin) -> list[nn.Parameter]:
+    from .modules.sparse import attention_modules
+
+    layers = sorted({lay.layer_idx for lay in plugin.layers}) if hasattr(plugin, "layers") else None
+    mods = attention_modules(model)
+    mods = [m for i, m in enumerate(mods) if layers is None or i in layers]
+    return [p for m in mods for n, p in m.named_parameters() if "attnlab" not in n]
+
+
+def gradient_cosine(model: nn.Module, plugin, examples: list, pad_id: int, batch_size: int = 4) -> float:
+    """Cosine similarity between the cross-entropy gradients that reach the (frozen) weights of the
+    patched attention layers with dense attention and with the sparse one: does training through the
+    sparse attention move those layers the way dense attention would?"""
+    from .modules.sparse import dense_reference
+
+    weights = _attention_weights(model, plugin)
+    dev = next(model.parameters()).device
+    grads = {}
+    for mode in ("dense", "sparse"):
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        try:
+            for batch in _batches(examples, pad_id, batch_size, dev):
+                labels = batch["labels"]
+                ctx = dense_reference(model) if mode == "dense" else _null()
+                with ctx:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).logits[:, :-1]
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                ignore_index=-100, reduction="sum").backward()
+            grads[mode] = torch.cat([w.grad.flatten() for w in weights])
+        finally:
+            for w in weights:
+                w.grad = None
+                w.requires_grad_(False)
+    return F.cosine_similarity(grads["dense"], grads["sparse"], dim=0).item()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+@torch.no_grad()
+def mean_sparsity(model: nn.Module, plugin, examples: list, pad_id: int, batch_size: int = 4) -> float:
+    dev = next(model.parameters()).device
+    vals = []
+    for batch in _batches(examples, pad_id, batch_size, dev):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        vals.append(plugin.sparsity())
+    return sum(vals) / len(vals)
+
+
+def sparse_metrics(model: nn.Module, plugin, examples: list, pad_id: int, batch_size: int = 4,
+                   n_examples: int = 8) -> dict:
+    """The proposal's attention-level metrics on the first `n_examples` eval examples."""
+    ex = examples[:n_examples]
+    return {"sparsity": mean_sparsity(model, plugin, examples, pad_id, batch_size),
+            "attention_mse": attention_mse(model, ex, pad_id, batch_size),
+            "grad_cosine": gradient_cosine(model, plugin, ex, pad_id, batch_size)}
