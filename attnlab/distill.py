@@ -13,6 +13,8 @@ top-1 agreement come from `evaluate.score` with the base reference.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,24 +32,39 @@ def _forward(model: nn.Module, batch: dict, hidden_states: bool):
     return logits.float(), tokens, out.hidden_states
 
 
+@contextlib.contextmanager
+def base_function(model: nn.Module, plugin):
+    """Inside: the model computes the frozen base exactly: dense attention, and the original values
+    of any base weights the plug-in trains in place (train_modules)."""
+    from .modules.sparse import dense_reference
+
+    trained = getattr(plugin, "_train", {})
+    now = {n: p.data for n, p in trained.items()}
+    for n, p in trained.items():
+        p.data = plugin._originals[n]
+    try:
+        with dense_reference(model):
+            yield model
+    finally:
+        for n, p in trained.items():
+            p.data = now[n]
+
+
 def distillation_loss(model: nn.Module, plugin, batch: dict, gate_weight: float = 1.0,
                       hidden_weight: float = 0.0) -> torch.Tensor:
     """Summed over the batch's target tokens (the trainer divides by the step's token count)."""
-    from .modules.sparse import dense_reference
-
-    with torch.no_grad(), dense_reference(model):
+    with torch.no_grad(), base_function(model, plugin):
         t_logits, _, t_hidden = _forward(model, batch, hidden_weight > 0)
     plugin.collect_gate_loss = gate_weight > 0
     try:
         s_logits, tokens, s_hidden = _forward(model, batch, hidden_weight > 0)
+        gate = plugin.gate_loss() if gate_weight > 0 else None
     finally:
         plugin.collect_gate_loss = False
     n = tokens.numel()
     loss = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="sum")
-    if gate_weight > 0:
-        gate = plugin.gate_loss()
-        if gate is not None:
-            loss = loss + gate_weight * n * gate
+    if gate is not None:
+        loss = loss + gate_weight * n * gate
     if hidden_weight > 0:
         mask = batch["attention_mask"].bool()
         mse = sum(F.mse_loss(s[mask].float(), t[mask].float()) for s, t in zip(s_hidden[1:], t_hidden[1:]))
@@ -86,10 +103,10 @@ def attention_mse(model: nn.Module, examples: list, pad_id: int, batch_size: int
 def _attention_weights(model: nn.Module, plugin) -> list[nn.Parameter]:
     from .modules.sparse import attention_modules
 
-    layers = sorted({lay.layer_idx for lay in plugin.layers}) if hasattr(plugin, "layers") else None
-    mods = attention_modules(model)
-    mods = [m for i, m in enumerate(mods) if layers is None or i in layers]
-    return [p for m in mods for n, p in m.named_parameters() if "attnlab" not in n]
+    from .modules.sparse import ATTR
+
+    mods = [m for m in attention_modules(model) if hasattr(m, ATTR)]
+    return [p for m in mods for n, p in m.named_parameters() if ATTR not in n]
 
 
 def gradient_cosine(model: nn.Module, plugin, examples: list, pad_id: int, batch_size: int = 4) -> float:

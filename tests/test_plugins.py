@@ -19,7 +19,8 @@ def _perturb(plugin):
 
 
 # every registered method, in the configuration that starts from the base function
-AT_INIT = {"frozen": {}, "lora": {}, "head_ft": {}, "backward_head": {"preset": "residual"}, "factorized": {}}
+AT_INIT = {"frozen": {}, "lora": {}, "head_ft": {}, "backward_head": {"preset": "residual"}, "factorized": {},
+           "sparse": {"variant": "dense"}}
 
 
 def test_every_method_is_covered():

@@ -12,9 +12,11 @@ from .factorized import Factorized, FactorizedConfig
 from .frozen import Frozen, FrozenConfig
 from .head_ft import HeadFineTune, HeadFTConfig
 from .lora import LoRA, LoRAConfig
+from .sparse import SparseAttention, SparseConfig
 from .switch import PluginSet
 
-METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune, BackwardHead, Factorized)}
+METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune, BackwardHead, Factorized,
+                                                              SparseAttention)}
 
 
 def make_config(method: str, **options):
@@ -45,7 +47,7 @@ def attach(model: nn.Module, method: str, **options) -> Plugin:
     return METHODS[method](config).attach(model)
 
 
-ATTENTION_METHODS = ("factorized",)
+ATTENTION_METHODS = ("factorized", "sparse")
 
 
 def patch(model: nn.Module, method: str = "factorized", **options) -> Plugin:
@@ -80,5 +82,5 @@ def load_plugin(model: nn.Module, path) -> Plugin:
 
 __all__ = ["Plugin", "PluginError", "METHODS", "attach", "load_plugin", "make_config",
            "BackwardHead", "BackwardHeadConfig", "BackwardAttentionHead", "PluginSet",
-           "Factorized", "FactorizedConfig", "patch", "unpatch",
+           "Factorized", "FactorizedConfig", "patch", "unpatch", "SparseAttention", "SparseConfig",
            "Frozen", "FrozenConfig", "LoRA", "LoRAConfig", "HeadFineTune", "HeadFTConfig"]

@@ -1,0 +1,348 @@
+"""SparseAttention: every variant and kernel against its reference, on tiny GPT-2 and tiny Llama (GQA).
+
+Small blocks (4) and windows (3) so that ~40 tokens span many blocks and the patterns really skip."""
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from attnlab import load_backbone
+from attnlab.modules.base import PluginError, load_weights
+from attnlab.modules.sparse import (ATTR, NAMES, SparseAttention, SparseConfig, attention_modules,
+                                    capture_attention, dense_reference)
+
+from .conftest import logits_of
+
+SMALL = dict(block_size=4, window=3, top_k=2)
+SPARSE = ("window", "learned", "performer")        # the variants with their own kernels
+ALL = SPARSE + ("dense",)
+
+
+def ids(n=37, batch=2, seed=0):
+    return torch.randint(3, 250, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def attach(model, **options) -> SparseAttention:
+    return SparseAttention(SparseConfig(**{**SMALL, **options})).attach(model)
+
+
+def logits_with(model, x, mask=None, **options):
+    plugin = attach(model, **options)
+    with torch.no_grad():
+        out = model(input_ids=x, attention_mask=mask).logits
+    plugin.detach()
+    return out
+
+
+def gap(a, b):
+    return (a - b).abs().max().item()
+
+
+# --- each kernel against its reference -----------------------------------------------------------
+
+@pytest.mark.parametrize("variant", SPARSE)
+def test_gather_kernel_equals_the_masked_reference(tiny, variant):
+    x = ids()
+    base = logits_of(tiny.model, x)
+    for extra in ({}, {"sinks": 2}) if variant == "window" else ({},):
+        gathered = logits_with(tiny.model, x, variant=variant, kernel="gather", **extra)
+        masked = logits_with(tiny.model, x, variant=variant, kernel="masked", **extra)
+        assert gap(gathered, masked) <= 1e-5
+        assert gap(gathered, base) > 1e-3          # the pattern really changes the function
+
+
+def test_dense_variant_and_dense_reference_compute_the_base(tiny):
+    x = ids()
+    base = logits_of(tiny.model, x)
+    assert torch.equal(logits_with(tiny.model, x, variant="dense"), base)
+    plugin = attach(tiny.model, variant="learned")
+    with dense_reference(tiny.model):
+        assert torch.equal(logits_of(tiny.model, x), base)
+    assert gap(logits_of(tiny.model, x), base) > 1e-3   # sparse again outside
+    plugin.detach()
+
+
+@pytest.mark.parametrize("kernel", ["gather", "masked"])
+def test_patterns_that_cover_everything_equal_dense(tiny, kernel):
+    x = ids()
+    base = logits_of(tiny.model, x)
+    assert gap(logits_with(tiny.model, x, variant="learned", top_k=100, kernel=kernel), base) <= 1e-5
+    assert gap(logits_with(tiny.model, x, variant="window", window=x.shape[1], kernel=kernel), base) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_detach_restores_the_base_exactly(tiny, variant):
+    x = ids()
+    base = logits_of(tiny.model, x)
+    impl = tiny.model.config._attn_implementation
+    plugin = attach(tiny.model, variant=variant)
+    assert tiny.model.config._attn_implementation == NAMES[impl]
+    logits_of(tiny.model, x)
+    plugin.detach()
+    assert torch.equal(logits_of(tiny.model, x), base)
+    assert tiny.model.config._attn_implementation == impl
+    assert not any(hasattr(m, ATTR) for m in attention_modules(tiny.model))
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def test_only_the_chosen_layers_change(tiny_llama):
+    plugin = attach(tiny_llama.model, variant="learned", layers=[1])
+    mods = attention_modules(tiny_llama.model)
+    assert not hasattr(mods[0], ATTR) and hasattr(mods[1], ATTR)
+    assert plugin.trainable_parameters() and all(f"layers.1.self_attn.{ATTR}." in n for n in plugin.trainable_parameters())
+    logits_of(tiny_llama.model, ids())
+    assert set(plugin.layer_sparsity()) == {1}
+    plugin.detach()
+
+
+def test_eager_inner_kernel_gives_the_same_outputs():
+    outs = {}
+    for impl in ("sdpa", "eager"):
+        bb = load_backbone("tiny-llama")
+        bb.model.config._attn_implementation = impl
+        x, mask = ids(), torch.ones(2, 37, dtype=torch.long)
+        mask[1, 30:] = 0                           # a padded row: the eager mask is additive float
+        outs[impl] = {v: logits_with(bb.model, x, mask, variant=v) for v in ALL}
+    for v in ALL:
+        assert gap(outs["sdpa"][v][0], outs["eager"][v][0]) <= 1e-5
+        assert gap(outs["sdpa"][v][1, :30], outs["eager"][v][1, :30]) <= 1e-5
+
+
+# --- edge cases ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ALL)
+def test_all_padding_batch_is_finite_like_the_base(tiny, variant):
+    # SDPA gives a query with no visible key a zero output; so do the sparse kernels. The logits are
+    # then finite and equal to the base's (the eager base would average all values there instead).
+    x, mask = ids(12), torch.zeros(2, 12, dtype=torch.long)
+    with torch.no_grad():
+        base = tiny.model(input_ids=x, attention_mask=mask).logits
+    out = logits_with(tiny.model, x, mask, variant=variant)
+    assert torch.isfinite(out).all()
+    assert gap(out, base) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", SPARSE)
+def test_repeated_tokens_and_short_sequences(tiny, variant):
+    for x, extra in ((torch.full((1, 40), 40), {}),          # identical tokens: ties everywhere
+                     (ids(5), {"window": 8}),                 # shorter than the window, not whole blocks
+                     (ids(1), {}), (ids(6), {})):
+        gathered = logits_with(tiny.model, x, variant=variant, kernel="gather", **extra)
+        masked = logits_with(tiny.model, x, variant=variant, kernel="masked", **extra)
+        assert torch.isfinite(gathered).all()
+        assert gap(gathered, masked) <= 1e-5
+    short = ids(5)
+    assert gap(logits_with(tiny.model, short, variant="window", window=8), logits_of(tiny.model, short)) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_right_padded_batch_matches_each_sequence_alone(tiny, variant):
+    lengths, pad = [37, 22, 9], tiny.tokenizer.pad_token_id
+    seqs = [ids(n, batch=1, seed=n)[0] for n in lengths]
+    x = torch.full((3, 37), pad)
+    mask = torch.zeros(3, 37, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)], mask[i, :len(s)] = s, 1
+    plugin = attach(tiny.model, variant=variant, top_k=1)
+    with torch.no_grad():
+        batched = tiny.model(input_ids=x, attention_mask=mask).logits
+        for i, s in enumerate(seqs):
+            alone = tiny.model(input_ids=s[None]).logits[0]
+            assert gap(batched[i, :len(s)], alone) <= 1e-5
+    assert torch.isfinite(batched).all()
+    plugin.detach()
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_kv_cache_generation_matches_no_cache(tiny, variant):
+    # A 26-token prompt is 7 blocks of 4: the learned gate picks 1 of up to 4 candidate blocks.
+    plugin = attach(tiny.model, variant=variant, top_k=1)
+    prompt = ids(26, batch=1, seed=3)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        cached = tiny.model.generate(prompt, **kw)
+        uncached = tiny.model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    if variant in ("window", "learned"):
+        assert plugin.sparsity() > 0.2
+    plugin.detach()
+
+
+# --- the learned gate, its training signal, statistics -------------------------------------------
+
+def test_gate_loss_trains_the_gates_only(tiny):
+    plugin = attach(tiny.model, variant="learned", top_k=1)
+    gates = plugin.trainable_parameters()
+    assert gates and all(ATTR in n for n in gates)
+    x = ids(40)
+    tiny.model(input_ids=x)
+    assert all(getattr(m, ATTR).last_gate_loss is None for m in attention_modules(tiny.model))  # no teacher
+    with pytest.raises(PluginError, match="collect_gate_loss = True"):
+        plugin.gate_loss()
+
+    plugin.collect_gate_loss = True
+    opt = torch.optim.Adam(gates.values(), lr=0.05)
+    losses = []
+    for _ in range(15):
+        tiny.model(input_ids=x)
+        loss = plugin.gate_loss()
+        assert loss.requires_grad and torch.isfinite(loss) and loss > 0
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                   for p in gates.values())
+        losses.append(loss.item())
+        opt.step()
+    assert losses[-1] < losses[0]                  # the KL to the dense teacher goes down
+    assert all(p.grad is None for n, p in tiny.model.named_parameters() if n not in gates)
+    with pytest.raises(PluginError, match="no gate loss yet"):
+        plugin.gate_loss()                         # it was cleared
+    plugin.detach()
+
+
+def test_gate_threshold_mode_and_train_modules(tiny_llama):
+    m, x = tiny_llama.model, ids()
+    base = logits_of(m, x)
+    plugin = attach(m, variant="learned", threshold=1.0, train_modules=["model.layers.1.mlp"])
+    out = logits_of(m, x)                          # threshold 1: (almost) only the always-kept blocks
+    assert plugin.sparsity() > 0.3 and gap(out, base) > 1e-3
+    names = plugin.trainable_parameters()
+    assert any(n.startswith("model.layers.1.mlp.") for n in names) and any(ATTR in n for n in names)
+    up = m.model.layers[1].mlp.up_proj.weight
+    assert up.requires_grad
+    with torch.no_grad():
+        up.add_(0.1)                               # "training" a base module
+    trained = logits_of(m, x)
+    plugin.detach()                                # restores the base weights exactly ...
+    assert not any(p.requires_grad for p in m.parameters())
+    assert torch.equal(logits_of(m, x), base)
+    plugin.attach(m)                               # ... and a re-attach brings the trained ones back
+    assert torch.equal(logits_of(m, x), trained)
+    plugin.detach()
+    low = attach(m, variant="learned", threshold=1e-9, kernel="gather")   # every candidate passes
+    assert gap(logits_of(m, x), base) <= 1e-5
+    low.detach()
+
+
+def test_sparsity_is_the_fraction_of_causal_pairs_skipped(tiny):
+    x = ids(37)
+    expected = {"dense": 0.0, "performer": 0.0,
+                # window 3, sinks 1: min(p+1, 3) + [p >= 3] keys of p+1
+                "window": 1 - (1 + 2 + 3 * 35 + 34) / (37 * 38 / 2)}
+    for variant in ALL:
+        plugin = attach(tiny.model, variant=variant, sinks=1)
+        with pytest.raises(PluginError, match="run one first"):
+            plugin.sparsity()
+        logits_of(tiny.model, x)
+        s = plugin.sparsity()
+        if variant in expected:
+            assert s == pytest.approx(expected[variant], abs=1e-6)
+        else:
+            assert 0.1 < s < 0.9
+        plugin.detach()
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_capture_attention_gives_probability_matrices(tiny, variant):
+    x, mask = ids(21), torch.ones(2, 21, dtype=torch.long)
+    mask[1, 15:] = 0
+    plugin = attach(tiny.model, variant=variant, sinks=1)
+    with capture_attention(tiny.model) as probs, torch.no_grad():
+        tiny.model(input_ids=x, attention_mask=mask)
+    assert sorted(probs) == [0, 1]
+    heads = tiny.model.config.num_attention_heads
+    real = mask.bool()[:, None, :, None].expand(2, heads, 21, 1)[..., 0]   # rows of real queries
+    for sparse, dense in probs.values():
+        assert sparse.shape == dense.shape == (2, heads, 21, 21)
+        for p in (sparse, dense):
+            assert torch.allclose(p.sum(-1)[real], torch.ones(()), atol=1e-5)
+            assert (p.triu(1) == 0).all()          # causal
+        if variant == "window":                    # nothing beyond the window except the sink
+            far = torch.ones(21, 21, dtype=torch.bool).tril(-3)
+            far[:, 0] = False
+            assert (sparse[..., far] == 0).all() and (dense[..., far] > 0).any()
+        if variant == "dense":
+            assert torch.equal(sparse, dense)
+    logits_of(tiny.model, x)
+    assert sorted(probs) == [0, 1]                 # nothing captured after the block
+    plugin.detach()
+
+
+def test_save_and_load_round_trip(tiny_llama, tmp_path):
+    m, x = tiny_llama.model, ids()
+    plugin = attach(m, variant="learned", top_k=1)
+    with torch.no_grad():
+        for p in plugin.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    before = logits_of(m, x)
+    plugin.save_pretrained(tmp_path / "sparse")
+    plugin.detach()
+    again = attach(m, variant="learned", top_k=1)
+    again.load_state_dict(load_weights(tmp_path / "sparse"))
+    assert torch.equal(logits_of(m, x), before)
+    again.detach()
+
+
+# --- misuse --------------------------------------------------------------------------------------
+
+def test_bad_input_is_a_clear_error(tiny_llama):
+    m = tiny_llama.model
+    with pytest.raises(PluginError, match="unknown sparse variant 'sliding'; use one of: window, learned"):
+        SparseConfig(variant="sliding")
+    with pytest.raises(PluginError, match="unknown sparse kernel 'triton'; use one of: auto, flex"):
+        SparseConfig(kernel="triton")
+    with pytest.raises(PluginError, match="block_size must be an integer >= 1"):
+        SparseConfig(block_size=0)
+    with pytest.raises(PluginError, match="out of range for a model with 2 layers"):
+        attach(m, layers=[0, 5])
+    with pytest.raises(PluginError, match="no submodule 'model.layers.9.mlp'"):
+        attach(m, train_modules=["model.layers.9.mlp"])
+    assert m.config._attn_implementation == "sdpa"     # failed attaches leave the model untouched
+    plugin = attach(m)
+    with pytest.raises(PluginError, match="already carries"):
+        attach(m)
+    with pytest.raises(PluginError, match="already attached"):
+        plugin.attach(m)
+    plugin.detach()
+    with pytest.raises(PluginError, match="not attached"):
+        plugin.detach()
+    with pytest.raises(PluginError, match="attach SparseAttention first"):
+        with dense_reference(m):
+            pass
+    from transformers import OPTConfig, OPTForCausalLM
+    opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                   num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(PluginError, match="supported: gpt2, llama, mistral, qwen2, qwen3"):
+        attach(opt)
+
+
+# --- FlexAttention (compiles with Inductor: ~20-30 s the first time on 2 CPU cores) --------------
+
+def _flex_unavailable() -> str | None:
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return "this torch has no FlexAttention"
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        return "no C++ compiler: torch.compile cannot build FlexAttention for the CPU"
+    return None
+
+
+@pytest.mark.skipif(_flex_unavailable() is not None, reason=str(_flex_unavailable()))
+def test_flex_kernel_equals_the_masked_reference(tiny_llama):
+    m = tiny_llama.model
+    x, mask = ids(30), torch.ones(2, 30, dtype=torch.long)
+    mask[1, 26:] = 0
+    for variant in ("learned", "window"):
+        flex = logits_with(m, x, mask, variant=variant, kernel="flex", sinks=1)
+        masked = logits_with(m, x, mask, variant=variant, kernel="masked", sinks=1)
+        assert gap(flex[0], masked[0]) <= 1e-5 and gap(flex[1, :26], masked[1, :26]) <= 1e-5
+    # decoding steps (queries after the cached keys) build the BlockMask from the rule instead
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=tiny_llama.tokenizer.pad_token_id)
+    outs = []
+    for kernel in ("flex", "masked"):
+        plugin = attach(m, variant="learned", top_k=1, kernel=kernel)
+        with torch.no_grad():
+            outs.append(m.generate(x[:1], **kw))
+        plugin.detach()
+    assert torch.equal(outs[0], outs[1])
