@@ -114,3 +114,29 @@ def test_datasets_run_side_by_side_with_paired_changes(tmp_path):
         load_config({**cfg, "paired_baseline": "nope"})
     with pytest.raises(ConfigError, match="datasets is a mapping"):
         load_config({**cfg, "datasets": ["math"]})
+
+
+def test_sparse_attention_run_on_text(tmp_path):
+    cfg = {"name": "sparse", "model": "tiny-llama", "seeds": [0],
+           "data": {"dataset_name": "wikitext", "path": str(tmp_path / "absent.txt"),
+                    "fallback": {"dataset_name": "python_docs"}, "n_train": 6, "n_eval": 2, "max_length": 48},
+           "train": {"steps": 3, "batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "progress": False},
+           "eval": {"batch_size": 2, "generate": True, "n_generate": 2, "prompt_tokens": 16, "max_new_tokens": 4},
+           "methods": [{"name": "dense", "method": "frozen"},
+                       {"name": "window", "method": "sparse", "variant": "window", "window": 3, "block_size": 4,
+                        "train": {"steps": 0}},
+                       {"name": "learned", "method": "sparse", "variant": "learned", "block_size": 4, "top_k": 1}]}
+    res = run_experiment(cfg, out_root=tmp_path, log=lambda *_: None)
+    cells = {c["method"]: c for c in res["cells"]}
+    assert res["data"]["fallback_from"]["dataset_name"] == "wikitext"
+    assert cells["window"]["train"]["steps"] == 0 and cells["learned"]["train"]["steps"] == 3
+    for name in ("window", "learned"):
+        ev = cells[name]["eval"]
+        assert 0 < ev["sparsity"] < 1 and ev["attention_mse"] > 0 and -1 <= ev["grad_cosine"] <= 1
+        assert ev["kl_base_model"] > 0 and 0 <= ev["top1_agreement"] <= 1
+    assert cells["dense"]["eval"]["top1_agreement"] == 1.0
+    # generation samples: the same held-out prompts for every method, shown side by side
+    prompts = {c["method"]: [s["prompt"] for s in c["samples"]] for c in res["cells"]}
+    assert prompts["dense"] == prompts["window"] and len(prompts["dense"]) == 2
+    report = (tmp_path / "sparse" / "report.md").read_text()
+    assert "could not be read" in report and "**Prompt 1**" in report and "sparsity" in report
