@@ -98,7 +98,7 @@ class SparseConfig:
     # distillation from the dense base (attnlab.distill): per token KL(P_base || P_sparse) plus
     gate_weight: float = 1.0             # x the gates' block-map KL (what trains a learned gate)
     hidden_weight: float = 0.0           # x every layer's hidden-state MSE (intermediate layers)
-    metric_examples: int = 2             # eval examples for attention MSE and gradient cosine (O(T^2))
+    metric_examples: int = 2             # eval examples for attention MSE and gradient cosine (O(T^2); 0: skip)
 
     def __post_init__(self):
         self.validate()

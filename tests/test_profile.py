@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from attnlab.cli import main
+from attnlab.profile import build_model, parse_variant, profile
+
+
+def test_profile_rows_for_every_variant_length_and_mode(tmp_path):
+    model = build_model("tiny-llama")
+    variants = ["dense-eager", "dense-sdpa", "window:window=8,block_size=16", "learned:block_size=16,top_k=1",
+                "performer:block_size=16"]
+    rows = profile(model, variants, [64, 256], repeat=1, log=lambda *_: None)
+    assert len(rows) == len(variants) * 2 * 2
+    for r in rows:
+        assert r["seconds"] > 0 and r["peak_MiB"] > 0
+        assert (r["mode"] == "inference") == ("attention_seconds" in r)
+    by = {(r["variant"], r["tokens"], r["mode"]): r for r in rows}
+    # the eager kernel keeps T x T probabilities for the backward; SDPA and the block kernels do not
+    assert by["dense-eager", 256, "training"]["peak_MiB"] > by["dense-sdpa", 256, "training"]["peak_MiB"]
+    assert by["window:window=8,block_size=16", 256, "inference"]["sparsity"] > 0.9
+    assert model.config._attn_implementation == "sdpa", "profiling leaves the model as it found it"
+    assert getattr(model, "_attnlab_plugin", None) is None
+
+
+def test_profile_command_writes_table_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "prof"
+    assert main(["profile", "--model", "tiny-gpt2", "--lengths", "32", "64", "--repeat", "1",
+                 "--variants", "dense-sdpa", "window:window=4,block_size=16", "--out", str(out)]) == 0
+    for f in ("profile.md", "profile.json", "profile_time.png", "profile_memory.png"):
+        assert (out / f).is_file(), f
+    rows = json.loads((out / "profile.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"dense-sdpa", "window:window=4,block_size=16"}
+    assert "| window:window=4,block_size=16 | 64 |" in capsys.readouterr().out
+
+
+def test_bad_variant_specs_are_clear_errors():
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_variant("window:256")
+    with pytest.raises(ValueError, match="takes no options"):
+        parse_variant("dense-sdpa:x=1")
+    with pytest.raises(Exception, match="unknown sparse variant"):
+        profile(build_model("tiny-gpt2"), ["sliding"], [32], repeat=1, log=lambda *_: None)
+
+
+def test_profiling_a_truncated_model():
+    import torch
+    model = build_model("tiny-llama", layers=1)
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        build_model("tiny-llama", layers=5)
