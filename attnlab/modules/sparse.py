@@ -98,6 +98,9 @@ class SparseConfig:
     # distillation from the dense base (attnlab.distill): per token KL(P_base || P_sparse) plus
     gate_weight: float = 1.0             # x the gates' block-map KL (what trains a learned gate)
     hidden_weight: float = 0.0           # x every layer's hidden-state MSE (intermediate layers)
+    oracle: bool = False                 # learned: select by the dense attention's true block mass
+                                         # instead of the gate (an upper bound for any gate at this
+                                         # top_k; O(T^2) and it sees a block's later queries: analysis only)
     metric_examples: int = 2             # eval examples for attention MSE and gradient cosine (O(T^2); 0: skip)
 
     def __post_init__(self):
@@ -498,7 +501,7 @@ class SparseLayer(nn.Module):
         self.last_gate_loss: torch.Tensor | None = None
 
     # -- the learned selection --------------------------------------------------------------------
-    def select(self, k, p: Pattern):
+    def select(self, k, p: Pattern, oracle_q=None, base=None, scale=None):
         """keep (B, Hkv, nq, nb) bool, and the gate logits (B, Hkv, nq, nfull) with their candidate
         mask (nq, nfull), or None when no query block has a candidate yet."""
         cfg, bs = self.config, p.bs
@@ -510,6 +513,9 @@ class SparseLayer(nn.Module):
         pooled = k[:, :, :p.nfull * bs].detach().reshape(b, hkv, p.nfull, bs, d).mean(3)
         proxy = pooled[:, :, (p.qblocks - 1).clamp(0, p.nfull - 1)]          # block i-1 for query block i
         logits = self.wq(proxy) @ self.wk(pooled).transpose(-1, -2) / math.sqrt(cfg.gate_dim)
+        if oracle_q is not None:  # analysis: choose by the dense attention's own block mass
+            mass = teacher_block_mass(oracle_q, k, p, base, scale)[..., :p.nfull]
+            logits = mass.clamp_min(torch.finfo(mass.dtype).tiny).log()
         if cfg.threshold is not None:
             chosen = cand & (gate_log_probs(logits, cand).exp() >= cfg.threshold)
         else:
@@ -544,7 +550,7 @@ class SparseLayer(nn.Module):
         if cfg.variant == "window":
             keep = p.window_keep()
         else:
-            keep, logits, cand = self.select(k, p)
+            keep, logits, cand = self.select(k, p, q if cfg.oracle else None, base, scale)
         kernel = cfg.kernel if cfg.kernel != "auto" else ("flex" if q.device.type == "cuda" else "gather")
         if kernel == "masked":
             out = masked_attention(q, k, v, p.full_mask(keep, base), scale)
