@@ -11,6 +11,7 @@ them, and measure them honestly against standard baselines.
 __version__ = "0.1.0"
 
 from .backbone import Backbone, load_backbone  # noqa: E402
-from .modules import METHODS, PluginSet, attach, load_plugin  # noqa: E402
+from .modules import METHODS, PluginSet, attach, load_plugin, patch, unpatch  # noqa: E402
 
-__all__ = ["Backbone", "load_backbone", "attach", "load_plugin", "PluginSet", "METHODS", "__version__"]
+__all__ = ["Backbone", "load_backbone", "attach", "load_plugin", "patch", "unpatch", "PluginSet", "METHODS",
+           "__version__"]
