@@ -10,6 +10,11 @@ them, and measure them honestly against standard baselines.
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# torch.profiler (attnlab profile) would print a line at every start/stop; read when torch loads
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")
+
 from .backbone import Backbone, load_backbone  # noqa: E402
 from .modules import METHODS, PluginSet, attach, load_plugin, patch, unpatch  # noqa: E402
 
