@@ -100,3 +100,18 @@ def test_trainable_counts_on_gpt2_small_match_the_proposal():
     fa = patch(m, "factorized", lora_r=8, factor_dim=128)
     assert fa.num_trainable() == 1_411_752
     unpatch(m)
+
+
+def test_recompute_gives_the_same_loss_and_gradients(tiny):
+    ids = IDS.repeat(2, 3)
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        p = patch(tiny.model, "factorized", lora_r=4, recompute=recompute)
+        _perturb(p)
+        tiny.model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: q.grad.clone() for n, q in p.trainable_parameters().items()})
+        unpatch(tiny.model)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)

@@ -30,8 +30,9 @@ ATTR = "attnlab_factorized"
 class FactorizedQK(nn.Module):
     """The parameters one attention module carries."""
 
-    def __init__(self, head_dim: int, n_heads: int, factor_dim: int):
+    def __init__(self, head_dim: int, n_heads: int, factor_dim: int, recompute: bool = False):
         super().__init__()
+        self.recompute = recompute
         self.q_norm, self.k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
         self.q_w1, self.q_w2 = nn.Linear(head_dim, factor_dim), nn.Linear(head_dim, factor_dim)
         self.k_w3, self.k_w4 = nn.Linear(head_dim, factor_dim), nn.Linear(head_dim, factor_dim)
@@ -60,7 +61,13 @@ def factorized_attention(module, query, key, value, attention_mask, **kwargs):
 
     params = getattr(module, ATTR, None)
     if params is not None:
-        query, key = params.transform(query, key)
+        if params.recompute and torch.is_grad_enabled() and (query.requires_grad or params.q_proj.weight.requires_grad):
+            # keep only q and k for the backward and recompute the transform there: the factor-width
+            # intermediates (2 x head_dim wide, several per vector) would dominate the added memory
+            from torch.utils.checkpoint import checkpoint
+            query, key = checkpoint(params.transform, query, key, use_reentrant=False)
+        else:
+            query, key = params.transform(query, key)
     inner = getattr(module.config, "_attnlab_inner_attn", "sdpa")
     if inner == "eager":
         import importlib
@@ -100,6 +107,7 @@ class FactorizedConfig:
     lora_r: int = 8                      # LoRA on the attention projections alongside (0: none)
     lora_alpha: float = 16.0
     lora_target_modules: list[str] | None = None
+    recompute: bool = False              # recompute the q/k transform in the backward (less memory, more time)
 
 
 class Factorized(Plugin):
@@ -131,7 +139,7 @@ class Factorized(Plugin):
         self._mods = [mods[i] for i in sorted({i % n for i in layers})]
         for m in self._mods:
             heads = getattr(m, "num_heads", None) or cfg.num_attention_heads
-            m.add_module(ATTR, FactorizedQK(m.head_dim, heads, self.config.factor_dim).to(ref.device, ref.dtype))
+            m.add_module(ATTR, FactorizedQK(m.head_dim, heads, self.config.factor_dim, self.config.recompute).to(ref.device, ref.dtype))
         self._inner = cfg._attn_implementation
         cfg._attnlab_inner_attn = self._inner
         cfg._attn_implementation = NAMES[self._inner]
