@@ -101,7 +101,7 @@ def attention_mse(model: nn.Module, examples: list, pad_id: int, batch_size: int
 
 
 def _attention_weights(model: nn.Module, plugin) -> list[nn.Parameter]:
-    from .modules.sparse import attention_modules
+    from .modules.attention import attention_modules
 
     from .modules.sparse import ATTR
 

@@ -3,7 +3,8 @@ import torch
 
 from attnlab import load_backbone
 from attnlab.modules import PluginError, patch, unpatch
-from attnlab.modules.factorized import ATTR, attention_modules
+from attnlab.modules.attention import attention_modules
+from attnlab.modules.factorized import ATTR
 
 from .conftest import logits_of
 

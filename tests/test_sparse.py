@@ -10,7 +10,8 @@ import torch
 
 from attnlab import load_backbone
 from attnlab.modules.base import PluginError, load_weights
-from attnlab.modules.sparse import (ATTR, NAMES, SparseAttention, SparseConfig, attention_modules,
+from attnlab.modules.attention import attention_modules
+from attnlab.modules.sparse import (ATTR, NAMES, SparseAttention, SparseConfig,
                                     capture_attention, dense_reference)
 
 from .conftest import logits_of

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Plugin, PluginError
+from .attention import inner_attention, modules_to_patch, names, register, route, unroute
+from .base import Plugin
 
 NAME = "attnlab_factorized"
-SUPPORTED = {"gpt2": "GPT2Attention", "llama": "LlamaAttention", "mistral": "MistralAttention",
-             "qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention"}
 ATTR = "attnlab_factorized"
+LABEL = "FactorizedAttention"
 
 
 class FactorizedQK(nn.Module):
@@ -57,8 +57,6 @@ class FactorizedQK(nn.Module):
 def factorized_attention(module, query, key, value, attention_mask, **kwargs):
     """The registered attention function: transform q, k where the module is patched, then run the
     implementation the model used before patching."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     params = getattr(module, ATTR, None)
     if params is not None:
         if params.recompute and torch.is_grad_enabled() and (query.requires_grad or params.q_proj.weight.requires_grad):
@@ -68,36 +66,10 @@ def factorized_attention(module, query, key, value, attention_mask, **kwargs):
             query, key = checkpoint(params.transform, query, key, use_reentrant=False)
         else:
             query, key = params.transform(query, key)
-    inner = getattr(module.config, "_attnlab_inner_attn", "sdpa")
-    if inner == "eager":
-        import importlib
-        fn = importlib.import_module(type(module).__module__).eager_attention_forward
-    else:
-        fn = ALL_ATTENTION_FUNCTIONS[inner]
-    return fn(module, query, key, value, attention_mask, **kwargs)
+    return inner_attention(module)(module, query, key, value, attention_mask, **kwargs)
 
 
-# One registered name per inner kernel, so that transformers builds the mask that kernel expects.
-NAMES = {"sdpa": NAME, "eager": NAME + "_eager"}
-
-
-def _register():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    for inner, name in NAMES.items():
-        AttentionInterface.register(name, factorized_attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a supported model, in layer order; a clear error otherwise."""
-    mtype = model.config.model_type
-    if mtype not in SUPPORTED:
-        raise PluginError(f"FactorizedAttention does not support model type '{mtype}'; supported: "
-                          f"{', '.join(SUPPORTED)}")
-    mods = [m for m in model.modules() if type(m).__name__ == SUPPORTED[mtype]]
-    return sorted(mods, key=lambda m: m.layer_idx)
+NAMES = names(NAME)
 
 
 @dataclass
@@ -115,18 +87,8 @@ class Factorized(Plugin):
     Config = FactorizedConfig
 
     def _install(self, model):
-        mods = attention_modules(model)
-        n = len(mods)
-        layers = list(range(n)) if self.config.layers is None else list(self.config.layers)
-        bad = [i for i in layers if not isinstance(i, int) or not -n <= i < n]
-        if bad:
-            raise PluginError(f"layer indices {bad} are out of range for a model with {n} layers")
-        if any(hasattr(m, ATTR) for m in mods) or model.config._attn_implementation in NAMES.values():
-            raise PluginError("this model is already patched with FactorizedAttention; unpatch it first")
-        if model.config._attn_implementation not in NAMES:
-            raise PluginError(f"FactorizedAttention runs on the 'sdpa' or 'eager' kernel; this model uses "
-                              f"'{model.config._attn_implementation}' (load it with attn_implementation='sdpa')")
-        _register()
+        mods = modules_to_patch(model, self.config.layers, ATTR, NAMES, LABEL)
+        register(NAMES, factorized_attention)
         self._lora = None
         if self.config.lora_r:  # first: LoRA's install freezes every other parameter
             from .lora import LoRA, LoRAConfig
@@ -134,15 +96,13 @@ class Factorized(Plugin):
                                          target_modules=self.config.lora_target_modules))
             self._lora._install(model)
             self._lora.model = model
-        cfg = model.config
         ref = next(model.parameters())
-        self._mods = [mods[i] for i in sorted({i % n for i in layers})]
-        for m in self._mods:
-            heads = getattr(m, "num_heads", None) or cfg.num_attention_heads
-            m.add_module(ATTR, FactorizedQK(m.head_dim, heads, self.config.factor_dim, self.config.recompute).to(ref.device, ref.dtype))
-        self._inner = cfg._attn_implementation
-        cfg._attnlab_inner_attn = self._inner
-        cfg._attn_implementation = NAMES[self._inner]
+        self._mods = mods
+        for m in mods:
+            heads = getattr(m, "num_heads", None) or model.config.num_attention_heads
+            m.add_module(ATTR, FactorizedQK(m.head_dim, heads, self.config.factor_dim,
+                                            self.config.recompute).to(ref.device, ref.dtype))
+        self._inner = route(model, NAMES)
 
     def _remove(self, model):
         if self._lora is not None:
@@ -150,8 +110,7 @@ class Factorized(Plugin):
             self._lora = None
         for m in self._mods:
             delattr(m, ATTR)
-        model.config._attn_implementation = self._inner
-        del model.config._attnlab_inner_attn
+        unroute(model, self._inner)
 
     def _parameters(self):
         out = {n: p for n, p in self.model.named_parameters() if f".{ATTR}." in n}

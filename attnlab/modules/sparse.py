@@ -61,7 +61,6 @@ loss reaches the gate parameters only.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -70,13 +69,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import inner_attention, modules_to_patch, names, register, route, unroute
 from .base import Plugin, PluginError
 
 NAME = "attnlab_sparse"
-NAMES = {"sdpa": NAME, "eager": NAME + "_eager"}   # one per inner kernel: each gets its mask format
+NAMES = names(NAME)        # one per inner kernel: each gets its mask format
 ATTR = "attnlab_sparse"
-SUPPORTED = {"gpt2": "GPT2Attention", "llama": "LlamaAttention", "mistral": "MistralAttention",
-             "qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention"}
+LABEL = "SparseAttention"
 VARIANTS = ("window", "learned", "performer", "dense")
 KERNELS = ("auto", "flex", "gather", "masked")
 TEACHER_ROWS = 256   # query rows per chunk of the teacher's dense attention (memory ~ rows * Tk)
@@ -607,16 +606,6 @@ def gate_log_probs(logits, cand):
 
 # --- the registered attention function -----------------------------------------------------------
 
-def inner_attention(module):
-    """The implementation the model used before patching (the dense reference)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    inner = getattr(module.config, "_attnlab_inner_attn", "sdpa")
-    if inner == "eager":
-        return importlib.import_module(type(module).__module__).eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[inner]
-
-
 def sparse_attention(module, query, key, value, attention_mask, **kwargs):
     """The registered attention function: the layer's variant where the module is patched, the
     inner kernel everywhere else (and for the dense variant, and inside dense_reference)."""
@@ -640,26 +629,6 @@ def _scale(module, query, kwargs):
     if scale is None:
         scale = getattr(module, "scaling", None)
     return float(scale) if scale is not None else query.shape[-1] ** -0.5
-
-
-def _register():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    for inner, name in NAMES.items():
-        AttentionInterface.register(name, sparse_attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The causal self-attention modules of a supported model, in layer order; a clear error otherwise."""
-    mtype = model.config.model_type
-    if mtype not in SUPPORTED:
-        raise PluginError(f"SparseAttention does not support model type '{mtype}'; supported: "
-                          f"{', '.join(SUPPORTED)}")
-    mods = [m for m in model.modules()
-            if type(m).__name__ == SUPPORTED[mtype] and getattr(m, "is_causal", True)]
-    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 def _sparse_layers(model: nn.Module) -> list[SparseLayer]:
@@ -716,23 +685,13 @@ class SparseAttention(Plugin):
     def _install(self, model):
         cfg = self.config
         cfg.validate()
-        mods = attention_modules(model)
-        n = len(mods)
-        layers = list(range(n)) if cfg.layers is None else list(cfg.layers)
-        bad = [i for i in layers if not isinstance(i, int) or not -n <= i < n]
-        if bad:
-            raise PluginError(f"layer indices {bad} are out of range for a model with {n} layers")
-        if any(hasattr(m, ATTR) for m in mods) or model.config._attn_implementation in NAMES.values():
-            raise PluginError("this model is already patched with SparseAttention; detach it first")
-        if model.config._attn_implementation not in NAMES:
-            raise PluginError(f"SparseAttention runs on the 'sdpa' or 'eager' kernel; this model uses "
-                              f"'{model.config._attn_implementation}' (load it with attn_implementation='sdpa')")
+        mods = modules_to_patch(model, cfg.layers, ATTR, NAMES, LABEL)
         train = self._train_params(model)
         # train_modules are base weights: keep the originals, so that detach restores the base exactly
         self._originals = {n: prm.detach().clone() for n, prm in train.items()}
-        _register()
+        register(NAMES, sparse_attention)
         ref = next(model.parameters())
-        self._mods = [mods[i] for i in sorted({i % n for i in layers})]
+        self._mods = mods
         for m in self._mods:
             m.add_module(ATTR, SparseLayer(cfg, m.head_dim, m.layer_idx).to(ref.device, ref.dtype))
         self._layers = [getattr(m, ATTR) for m in self._mods]
@@ -740,9 +699,7 @@ class SparseAttention(Plugin):
         self._train = train
         for prm in train.values():
             prm.requires_grad_(True)
-        self._inner = model.config._attn_implementation
-        model.config._attnlab_inner_attn = self._inner
-        model.config._attn_implementation = NAMES[self._inner]
+        self._inner = route(model, NAMES)
 
     def _train_params(self, model) -> dict[str, nn.Parameter]:
         out = {}
@@ -764,8 +721,7 @@ class SparseAttention(Plugin):
         for m in self._mods:
             delattr(m, ATTR)
         self._layers = []
-        model.config._attn_implementation = self._inner
-        del model.config._attnlab_inner_attn
+        unroute(model, self._inner)
 
     def _parameters(self):
         out = {n: prm for n, prm in self.model.named_parameters() if f".{ATTR}." in n}
