@@ -50,3 +50,12 @@ def test_profiling_a_truncated_model():
     model(input_ids=torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match="between 1 and 2"):
         build_model("tiny-llama", layers=5)
+
+
+def test_random_weights_have_the_embedded_models_shape():
+    import torch
+    model = build_model("smollm2-135m", random_weights=True, layers=1)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (576, 9, 3, 49152)
+    assert cfg.num_hidden_layers == 1 and not any(p.requires_grad for p in model.parameters())
+    assert model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.shape == (1, 4, 49152)
