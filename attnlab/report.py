@@ -247,7 +247,9 @@ def multi_markdown(results: dict) -> str:
             summ = summarize(res["cells"])
             for name, p in paired_changes(res["cells"], baseline).items():
                 m, sd = p["mean_std"]
-                lines.append(f"| {label} | `{res['data']['dataset_name']}` | {name} | "
+                fb = res["data"].get("fallback_from")
+                data_name = f"`{res['data']['dataset_name']}`" + (f" (fallback for `{fb['dataset_name']}`)" if fb else "")
+                lines.append(f"| {label} | {data_name} | {name} | "
                              f"{_fmt(summ[name]['perplexity'], '{:.3f}')} | "
                              f"{_fmt(summ[baseline]['perplexity'], '{:.3f}')} | {m:+.2f}% ± {sd:.2f}% | "
                              f"{p['wins']}/{len(p['changes'])} | {summ[name]['trainable_params']:,} | "
