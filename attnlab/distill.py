@@ -117,34 +117,28 @@ def gradient_cosine(model: nn.Module, plugin, examples: list, pad_id: int, batch
 
     weights = _attention_weights(model, plugin)
     dev = next(model.parameters()).device
+    was = [w.requires_grad for w in weights]
     grads = {}
-    for mode in ("dense", "sparse"):
+    try:
         for w in weights:
             w.requires_grad_(True)
-            w.grad = None
-        try:
+        for mode in ("dense", "sparse"):
+            total = [torch.zeros_like(w) for w in weights]
             for batch in _batches(examples, pad_id, batch_size, dev):
                 labels = batch["labels"]
-                ctx = dense_reference(model) if mode == "dense" else _null()
-                with ctx:
+                with dense_reference(model) if mode == "dense" else contextlib.nullcontext():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False).logits[:, :-1]
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                                ignore_index=-100, reduction="sum").backward()
-            grads[mode] = torch.cat([w.grad.flatten() for w in weights])
-        finally:
-            for w in weights:
-                w.grad = None
-                w.requires_grad_(False)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+                # autograd.grad: no .grad left on any parameter, trained ones included
+                for t, g in zip(total, torch.autograd.grad(loss, weights)):
+                    t += g
+            grads[mode] = torch.cat([t.flatten() for t in total])
+    finally:
+        for w, r in zip(weights, was):
+            w.requires_grad_(r)
     return F.cosine_similarity(grads["dense"], grads["sparse"], dim=0).item()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 @torch.no_grad()

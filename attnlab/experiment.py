@@ -210,12 +210,24 @@ def _features(bb, splits, cfg, features, log):
 def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, features=None) -> dict:
     cell_dir = out / m["name"] / f"seed{seed}"
     done = cell_dir / "result.json"
-    if done.is_file():
-        log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
-        return json.loads(done.read_text())
     tok = bb.tokenizer
     ev = {**cfg["eval"], **m.get("eval", {})}
     tcfg = TrainConfig(**{**cfg["train"], **m.get("train", {}), "seed": seed})
+    # everything the cell's numbers depend on: a finished cell is reused only if it all matches
+    spec = json.loads(json.dumps({
+        "method": m, "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
+                               if k not in ("progress", "log_every", "checkpoint_every")},
+        "eval": ev, "data": {k: splits.report.get(k) for k in ("dataset_name", "kind", "n_train", "n_eval",
+                                                                "train_target_tokens", "eval_target_tokens")},
+        "base": bb.fingerprint["embedding_sha256"]}, default=str))
+    if done.is_file():
+        cell = json.loads(done.read_text())
+        if "spec" in cell and cell["spec"] != spec:
+            diff = sorted(k for k in spec if cell["spec"].get(k) != spec[k])
+            raise ConfigError(f"{done} was computed with other settings ({', '.join(diff)} differ); rerun with "
+                              f"--fresh, or give the config another name (or out_dir) to keep both")
+        log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
+        return cell
     seed_everything(seed)
     plugin = METHODS[m["method"]](make_config(m["method"], **_options(m))).attach(bb.model)
     try:
@@ -237,7 +249,7 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, featu
                 metrics.update(answer_metrics(texts, [e.answer for e in gen_examples]))
                 metrics["n_cut_off"] = gstats["n_cut_off"]
             metrics["sampling"] = []
-            for k, sset in enumerate(ev.get("sampling") or []):
+            for k, sset in enumerate((ev.get("sampling") or []) if qa else []):  # accuracy needs answers
                 torch.manual_seed(seed * 1000 + k)
                 texts_s = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"], do_sample=True,
                                    temperature=float(sset.get("temperature", 1.0)), top_k=sset.get("top_k"))
@@ -251,7 +263,7 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, featu
             plugin.save_pretrained(cell_dir / "plugin", base_name=bb.spec)
     finally:
         plugin.detach()
-    cell = {"method": m["name"], "type": m["method"], "seed": seed, "trainable_params": n_trainable,
+    cell = {"method": m["name"], "type": m["method"], "seed": seed, "spec": spec, "trainable_params": n_trainable,
             "train": {"steps": tr.steps, "tokens": tr.tokens, "seconds": round(tr.seconds, 2),
                       "from_feature_cache": feats is not None,
                       "tokens_per_s": round(tr.tokens_per_s, 1) if tr.tokens else None,

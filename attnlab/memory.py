@@ -36,8 +36,11 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # views and in-place results share an input's storage: nothing new was allocated
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor) and not a.is_meta}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.untyped_storage().data_ptr() not in inputs:
                 self._track(t)
         return out
 

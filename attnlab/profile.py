@@ -60,6 +60,8 @@ def parse_variant(text: str) -> Variant:
             opts[k] = json.loads(v)
         except json.JSONDecodeError:
             opts[k] = v
+    if kind.startswith("dense-") and kind not in ("dense-eager", "dense-sdpa"):
+        raise ValueError(f"unknown dense kernel '{kind}': use dense-eager or dense-sdpa")
     if kind in ("dense-eager", "dense-sdpa") and opts:
         raise ValueError(f"{kind} takes no options (got {opts})")
     return Variant(text, kind, opts)
@@ -75,6 +77,9 @@ def build_model(spec: str, random_weights: bool = False, layers: int | None = No
         cfg = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers or SMOLLM2_135M["num_hidden_layers"]})
         cfg._attn_implementation = "sdpa"
         model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    elif random_weights and spec not in ("tiny-gpt2", "tiny-llama"):  # those are random already
+        raise ValueError(f"random weights are available for smollm2-135m (and the tiny test models), not "
+                         f"'{spec}'; profile it with its own weights")
     else:
         model = load_backbone(spec).model
     if layers:
@@ -177,13 +182,13 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
     rows = []
     for v in variants:
         plugin = None
-        if v.kind.startswith("dense-"):
-            model.config._attn_implementation = v.kind.split("-", 1)[1]
-        else:
-            model.config._attn_implementation = "sdpa"
-            plugin = attach(model, "sparse", variant=v.kind, **v.options)
-        _labelled(model)
         try:
+            if v.kind.startswith("dense-"):
+                model.config._attn_implementation = v.kind.split("-", 1)[1]
+            else:
+                model.config._attn_implementation = "sdpa"
+                plugin = attach(model, "sparse", variant=v.kind, **v.options)
+            _labelled(model)
             for T in lengths:
                 g = torch.Generator().manual_seed(T)
                 ids = torch.randint(0, emb.weight.shape[0], (batch, T), generator=g).to(dev)
@@ -225,7 +230,9 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
                         f"peak {row.get('peak_MiB', float('nan')):.0f} MiB"
                         + (f", attention {row['attention_seconds'] * 1e3:.1f} ms" if "attention_seconds" in row else ""))
         finally:
-            _unlabelled(model)
+            if hasattr(model, "_attnlab_profiled_inner"):
+                _unlabelled(model)
+                del model._attnlab_profiled_inner
             if plugin is not None:
                 plugin.detach()
             model.config._attn_implementation = base_impl

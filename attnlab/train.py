@@ -252,9 +252,16 @@ def save_checkpoint(path: Path, plugin: Plugin, opt, step: int, cfg: TrainConfig
     def write(tmp):
         save_file(plugin.state_dict(), str(tmp / "plugin.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "params": names, "train": asdict(cfg)}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "params": names, "train": asdict(cfg),
+                                                    "method": plugin.method,
+                                                    "plugin": _plain(asdict(plugin.config))}))
 
     write_dir(path, write, replace=True)
+
+
+def _plain(obj):
+    """JSON round trip, so that a saved and a live config compare equal (tuples become lists)."""
+    return json.loads(json.dumps(obj, default=str))
 
 
 def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig) -> tuple[int, list]:
@@ -272,6 +279,10 @@ def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig) -> tuple[int, list
     if changed:
         raise ValueError(f"{ckpt} was written with other training settings {changed}; "
                          f"delete {out} (or run with --fresh) to start over")
+    if "plugin" in state and (state["method"], state["plugin"]) != (plugin.method, _plain(asdict(plugin.config))):
+        raise ValueError(f"{ckpt} was written by '{state['method']}' with options {state['plugin']}, not "
+                         f"'{plugin.method}' with {_plain(asdict(plugin.config))}; delete {out} (or run with "
+                         f"--fresh) to start over")
     plugin.load_state_dict(load_file(str(ckpt / "plugin.safetensors")))
     moments = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(moments.pop("__rng__"))

@@ -95,7 +95,8 @@ def test_hub_adapters_map_fields():
 
 
 def test_hub_dataset_offline_gives_a_clear_error():
-    with pytest.raises(RuntimeError, match="give a local copy with `path:`"):
+    from attnlab.data.sources import SourceUnavailable
+    with pytest.raises(SourceUnavailable, match="give a local copy with `path:`"):
         load_records({"dataset_name": "metamathqa"}, limit=1)
 
 
@@ -183,3 +184,12 @@ def test_fallback_when_the_dataset_cannot_be_read(tmp_path):
     assert "missing.txt" in s.report["fallback_from"]["reason"]
     with pytest.raises(Exception, match="missing.txt"):
         build_splits({k: v for k, v in cfg.items() if k != "fallback"}, tok)
+
+
+def test_a_typo_does_not_fall_back():
+    from attnlab import load_backbone
+    from attnlab.data import build_splits
+    tok = load_backbone("tiny-gpt2").tokenizer
+    with pytest.raises(Exception, match="wikitxt"):
+        build_splits({"dataset_name": "wikitxt", "n_train": 2, "n_eval": 2, "fallback": {"dataset_name": "python_docs"}},
+                     tok)

@@ -87,3 +87,23 @@ def test_nothing_to_train_is_a_clear_error(tiny_llama):
     with pytest.raises(RuntimeError, match="nothing that this loss can train"):
         distillation_loss(tiny_llama.model, p, batch, gate_weight=0.0)
     p.detach()
+
+
+def test_gradient_cosine_leaves_trained_weights_as_they_were(tiny_llama):
+    s = _lm_splits(tiny_llama)
+    p = attach(tiny_llama.model, "sparse", variant="window", window=3, block_size=4,
+               train_modules=["model.layers.1.self_attn"])
+    gradient_cosine(tiny_llama.model, p, s.eval[:1], tiny_llama.tokenizer.pad_token_id)
+    assert all(q.requires_grad and q.grad is None for q in p.trainable_parameters().values())
+    assert not any(q.requires_grad for n, q in tiny_llama.model.named_parameters() if "layers.0." in n)
+    p.detach()
+
+
+def test_the_oracle_is_for_analysis_only(tiny_llama):
+    s = _lm_splits(tiny_llama)
+    p = attach(tiny_llama.model, "sparse", variant="learned", block_size=4, oracle=True)
+    assert p.num_trainable() == 0
+    from attnlab.data import collate
+    with pytest.raises(Exception, match="analysis only"):
+        p.objective(tiny_llama.model, collate(s.train[:1], tiny_llama.tokenizer.pad_token_id))
+    p.detach()

@@ -140,3 +140,14 @@ def test_sparse_attention_run_on_text(tmp_path):
     assert prompts["dense"] == prompts["window"] and len(prompts["dense"]) == 2
     report = (tmp_path / "sparse" / "report.md").read_text()
     assert "could not be read" in report and "**Prompt 1**" in report and "sparsity" in report
+
+
+def test_a_finished_cell_is_not_reused_under_other_settings(tmp_path):
+    cfg = {**TINY, "seeds": [0], "methods": [{"name": "lora", "method": "lora", "r": 4}]}
+    run_experiment(cfg, out_root=tmp_path, log=lambda *_: None)
+    changed = {**cfg, "methods": [{"name": "lora", "method": "lora", "r": 4, "alpha": 4}]}
+    with pytest.raises(ConfigError, match="method differ"):
+        run_experiment(changed, out_root=tmp_path, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="data differ"):
+        run_experiment({**cfg, "data": {**cfg["data"], "n_eval": 3}}, out_root=tmp_path, log=lambda *_: None)
+    run_experiment(changed, out_root=tmp_path, fresh=True, log=lambda *_: None)

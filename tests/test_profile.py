@@ -59,3 +59,14 @@ def test_random_weights_have_the_embedded_models_shape():
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (576, 9, 3, 49152)
     assert cfg.num_hidden_layers == 1 and not any(p.requires_grad for p in model.parameters())
     assert model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.shape == (1, 4, 49152)
+
+
+def test_profile_restores_the_model_when_a_variant_is_bad():
+    model = build_model("tiny-llama")
+    with pytest.raises(Exception):
+        profile(model, ["window:window=0"], [32], repeat=1, log=lambda *_: None)
+    assert model.config._attn_implementation == "sdpa" and getattr(model, "_attnlab_plugin", None) is None
+    with pytest.raises(ValueError, match="unknown dense kernel"):
+        parse_variant("dense-flash")
+    with pytest.raises(ValueError, match="random weights are available"):
+        build_model("gpt2", random_weights=True)

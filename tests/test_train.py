@@ -101,3 +101,15 @@ def test_frozen_base_trains_nothing(tiny_llama):
     r = train(tiny_llama.model, p, [], _cfg())
     assert r.steps == 0 and r.tokens == 0
     p.detach()
+
+
+def test_resume_refuses_a_checkpoint_of_other_plugin_options(tiny_llama, tmp_path):
+    s = tiny_splits(tiny_llama, n_train=8)
+    pad = tiny_llama.tokenizer.pad_token_id
+    p = attach(tiny_llama.model, "lora", r=4)
+    train(tiny_llama.model, p, s.train, _cfg(steps=4, checkpoint_every=2), out_dir=tmp_path, pad_id=pad)
+    p.detach()
+    q = attach(tiny_llama.model, "lora", r=4, alpha=4)   # same shapes, another function
+    with pytest.raises(ValueError, match="written by 'lora' with options"):
+        train(tiny_llama.model, q, s.train, _cfg(steps=4, checkpoint_every=2), out_dir=tmp_path, pad_id=pad)
+    q.detach()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .arithmetic import arithmetic_problems
 from .records import BadRecord, EmptyDataset, Record, SkipLog
-from .sources import SOURCES, get_source, read_local
+from .sources import SOURCES, SourceUnavailable, get_source, read_local
 from .tokenize import IGNORE, Example, collate, collate_prompts, encode_lm, encode_qa, prompt_text
 
 __all__ = ["Record", "Example", "Splits", "SkipLog", "BadRecord", "EmptyDataset", "SOURCES", "IGNORE",
@@ -65,9 +65,7 @@ def build_splits(cfg: dict, tokenizer) -> Splits:
         first = {k: v for k, v in cfg.items() if k != "fallback"}
         try:
             return build_splits(first, tokenizer)
-        except (OSError, RuntimeError, ValueError) as e:
-            if isinstance(e, EmptyDataset):
-                raise
+        except SourceUnavailable as e:  # only unreachable sources fall back; a typo stays an error
             alt = {**first, **cfg["fallback"]}
             for k in ("path", "config", "split", "hf_name", "data_files"):
                 if k in first and k not in cfg["fallback"]:

@@ -46,11 +46,15 @@ class Source:
 
 # --- readers -------------------------------------------------------------------------------------
 
+class SourceUnavailable(FileNotFoundError):
+    """A dataset that cannot be reached here (no network, no such file): `fallback:` may replace it."""
+
+
 def read_local(path: str | os.PathLike) -> Iterator:
     """Rows of a local file, by extension: .jsonl, .json (a list), .csv, .parquet, .txt (one row)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"data file not found: {p} (check `path:` in the data config)")
+        raise SourceUnavailable(f"data file not found: {p} (check `path:` in the data config)")
     ext = p.suffix.lower()
     if ext == ".jsonl":
         with open(p, encoding="utf-8") as f:
@@ -100,7 +104,7 @@ def hf_rows(name: str, config: str | None = None, split: str = "train", streamin
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # datasets raises many types for "not reachable"
-        raise RuntimeError(
+        raise SourceUnavailable(
             f"Could not load the Hugging Face dataset '{name}'"
             f"{f' ({config})' if config else ''}, split '{split}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
             f"Offline, give a local copy with `path:` in the data config, or use an offline dataset_name "
@@ -223,7 +227,7 @@ def _hf_generic_rows(cfg):
         return datasets.load_dataset(cfg["hf_name"], cfg.get("hf_config"), split=cfg.get("split", "train"),
                                      streaming=cfg.get("streaming", False), **kwargs)
     except Exception as e:
-        raise RuntimeError(f"Could not load the Hugging Face dataset '{cfg['hf_name']}': {type(e).__name__}: "
+        raise SourceUnavailable(f"Could not load the Hugging Face dataset '{cfg['hf_name']}': {type(e).__name__}: "
                            f"{str(e).splitlines()[0]}\nOffline, point `data_files:` at local files or use "
                            f"dataset_name 'local' with `path:`.") from e
 

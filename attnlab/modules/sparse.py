@@ -724,13 +724,17 @@ class SparseAttention(Plugin):
         unroute(model, self._inner)
 
     def _parameters(self):
-        out = {n: prm for n, prm in self.model.named_parameters() if f".{ATTR}." in n}
+        # an oracle selects by the dense attention itself: its gate is never used, so never trained
+        out = {} if self.config.oracle else {n: prm for n, prm in self.model.named_parameters() if f".{ATTR}." in n}
         out.update(self._train)
         return out
 
     # -- the trainer's objective and the run's extra metrics (attnlab.distill) ----------------------
     def objective(self, model, batch):
         from ..distill import distillation_loss
+        if self.config.oracle:
+            raise PluginError("oracle selection is for analysis only (it sees each block's later queries); "
+                              "evaluate it zero-shot with train: {steps: 0}")
         gate = self.config.gate_weight if self.config.variant == "learned" else 0.0
         return distillation_loss(model, self, batch, gate_weight=gate, hidden_weight=self.config.hidden_weight)
 
