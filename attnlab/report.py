@@ -123,8 +123,9 @@ def markdown(results: dict) -> str:
              f"`{data['dataset_name']}` ({data['n_train']} train / {data['n_eval']} held-out eval examples, "
              f"{data['eval_target_tokens']} eval target tokens); seeds {cfg['seeds']}. "
              f"Mean ± std over seeds (std shown when more than one seed ran; the frozen base is "
-             f"deterministic and evaluated once). Generation metrics use greedy decoding on the first "
-             f"{cfg['eval']['n_generate']} eval examples.", "",
+             f"deterministic and evaluated once)."
+             + (f" Generation metrics use greedy decoding on the first {cfg['eval']['n_generate']} eval examples."
+                if any(c["eval"].get("n_generated") for c in results["cells"]) else ""), "",
              "| method | trainable | " + " | ".join(m[1] for m in present) + " | train s | train tok/s |",
              "|---|---:|" + "---:|" * len(present) + "---:|---:|"]
     for name, r in summ.items():
