@@ -19,17 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import decoder
 from .data import collate
-from .evaluate import target_positions
+from .evaluate import target_logits, target_positions
 
 
 def _forward(model: nn.Module, batch: dict, hidden_states: bool):
-    out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                         output_hidden_states=hidden_states)
+    if not hidden_states:  # the trainer's own path: the head at target positions only
+        logits, tokens = target_logits(model, batch)
+        return logits.float(), tokens, None
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=True)
     keep, tokens = target_positions(batch["labels"])
-    logits = model.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])
-    return logits.float(), tokens, out.hidden_states
+    return out.logits[:, :-1][keep].float(), tokens, out.hidden_states
 
 
 @contextlib.contextmanager

@@ -96,25 +96,17 @@ def build_model(spec: str, random_weights: bool = False, layers: int | None = No
 
 def _labelled(model: nn.Module) -> None:
     """Route the model's attention through a wrapper that labels it for torch.profiler."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from .modules.attention import attention_function, register
 
     inner = model.config._attn_implementation
-    if inner == "eager":
-        import importlib
-        mod = importlib.import_module(type(model).__module__)
-        fn = mod.eager_attention_forward
-    else:
-        fn = ALL_ATTENTION_FUNCTIONS[inner]
+    fn = attention_function(inner, model)
 
     def labelled(*args, **kwargs):
         with torch.profiler.record_function(LABEL):
             return fn(*args, **kwargs)
 
     name = f"attnlab_profiled_{inner}"
-    AttentionInterface.register(name, labelled)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    register({inner: name}, labelled)
     model._attnlab_profiled_inner = inner
     model.config._attn_implementation = name
 

@@ -107,3 +107,17 @@ def test_the_oracle_is_for_analysis_only(tiny_llama):
     with pytest.raises(Exception, match="analysis only"):
         p.objective(tiny_llama.model, collate(s.train[:1], tiny_llama.tokenizer.pad_token_id))
     p.detach()
+
+
+def test_hidden_state_distillation_term_is_zero_for_the_exact_base(tiny_llama):
+    from attnlab.data import collate
+    s = _lm_splits(tiny_llama)
+    p = attach(tiny_llama.model, "sparse", variant="dense", train_modules=["model.layers.1.mlp"])
+    batch = collate(s.train[:2], tiny_llama.tokenizer.pad_token_id)
+    loss = distillation_loss(tiny_llama.model, p, batch, gate_weight=0.0, hidden_weight=1.0)
+    assert loss.requires_grad and loss.item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for q in p.trainable_parameters().values():
+            q.add_(0.05)
+    assert distillation_loss(tiny_llama.model, p, batch, gate_weight=0.0, hidden_weight=1.0).item() > 1e-4
+    p.detach()

@@ -31,14 +31,18 @@ def register(registered: dict[str, str], fn) -> None:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
 
 
-def inner_attention(module: nn.Module):
-    """The attention implementation the model used before it was patched."""
+def attention_function(impl: str, module: nn.Module):
+    """The function transformers runs for `impl`; 'eager' is the modeling file's own of `module`."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    inner = getattr(module.config, "_attnlab_inner_attn", "sdpa")
-    if inner == "eager":
+    if impl == "eager":
         return importlib.import_module(type(module).__module__).eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[inner]
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def inner_attention(module: nn.Module):
+    """The attention implementation the model used before it was patched."""
+    return attention_function(getattr(module.config, "_attnlab_inner_attn", "sdpa"), module)
 
 
 def attention_modules(model: nn.Module, label: str = "this attention") -> list[nn.Module]:
