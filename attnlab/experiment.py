@@ -24,6 +24,7 @@ import yaml
 from . import __version__
 from .backbone import load_backbone
 from .data import build_splits
+from .errors import ConfigError
 from .evaluate import answer_metrics, base_reference, generate, score
 from .modules import METHODS, make_config
 from .train import TrainConfig, train
@@ -43,10 +44,6 @@ DEFAULTS = {
 }
 _TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
 _EVAL_KEYS = set(DEFAULTS["eval"]) | {"sampling"}
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
 
 
 def load_config(path_or_dict) -> dict:

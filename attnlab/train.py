@@ -25,6 +25,7 @@ from torch import nn
 
 from .atomic import write_dir
 from .data import IGNORE, Example, collate
+from .errors import AttnlabError
 from .evaluate import target_hidden, target_logits
 from .modules import Plugin
 
@@ -54,7 +55,7 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(AttnlabError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..errors import DataError
+
 
 @dataclass(frozen=True)
 class Record:
@@ -23,7 +25,7 @@ class BadRecord(ValueError):
     """Raised by an adapter for one raw record that cannot become a Record; it is counted, not fatal."""
 
 
-class EmptyDataset(ValueError):
+class EmptyDataset(DataError):
     """No usable records: a clear error before training, never a crash deep inside it."""
 
 

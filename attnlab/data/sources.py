@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 from .arithmetic import arithmetic_problems
 from .records import BadRecord, Record, require_text
+from ..errors import AttnlabError
 
 _CALC = re.compile(r"<<[^>]*>>")
 _HASHES = re.compile(r"####\s*(.+?)\s*$", re.S)
@@ -46,7 +47,7 @@ class Source:
 
 # --- readers -------------------------------------------------------------------------------------
 
-class SourceUnavailable(FileNotFoundError):
+class SourceUnavailable(AttnlabError, FileNotFoundError):
     """A dataset that cannot be reached here (no network, no such file): `fallback:` may replace it."""
 
 

@@ -24,12 +24,13 @@ from torch import nn
 
 from ..atomic import write_dir
 from ..backbone import fingerprint
+from ..errors import AttnlabError
 
 WEIGHTS_NAME = "plugin.safetensors"
 CONFIG_NAME = "config.json"
 
 
-class PluginError(RuntimeError):
+class PluginError(AttnlabError, RuntimeError):
     """Misuse of a plug-in (attach twice, detach when detached, wrong base): the message says the fix."""
 
 
