@@ -8,22 +8,47 @@ import sys
 
 
 def _data_cfg(a) -> dict:
-    cfg = {"dataset_name": a.dataset, "n_train": 0, "n_eval": a.n, "max_length": a.max_length}
+    cfg = {"dataset_name": a.dataset, "n_train": 0, "n_val": 0, "n_eval": a.n, "max_length": a.max_length}
     if a.path:
         cfg["path"] = a.path
     if getattr(a, "columns", None):
-        cfg["columns"] = dict(kv.split("=", 1) for kv in a.columns.split(","))
+        from .errors import ConfigError
+
+        cols = {}
+        for kv in a.columns.split(","):
+            field, sep, column = kv.partition("=")
+            if not sep or not field.strip() or not column.strip():
+                raise ConfigError(f"--columns: {kv!r} is not FIELD=COLUMN; write e.g. "
+                                  f"--columns prompt=question,target=answer (or text=COLUMN)")
+            cols[field.strip()] = column.strip()
+        cfg["columns"] = cols
     return cfg
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not allowed; expected a number >= 1")
+    return n
+
+
+def _count(text: str) -> int:
+    n = _positive(text) if text.strip() != "0" else 0
+    return n
 
 
 def cmd_run(a) -> int:
     from .experiment import run_experiment
 
-    methods = a.methods.split(",") if a.methods else None
+    from .experiment import run_folder
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods is not None else None
     res = run_experiment(a.config, out_root=a.out, fresh=a.fresh, only_methods=methods)
-    from pathlib import Path
     print()
-    print(Path(res["config"].get("out_dir") or Path(a.out) / res["name"]).joinpath("report.md").read_text())
+    print((run_folder(res["config"], a.out) / "report.md").read_text())
     return 0
 
 
@@ -50,8 +75,12 @@ def cmd_eval(a) -> int:
     metrics = score(bb.model, splits.eval, bb.tokenizer.pad_token_id, a.batch_size, reference=reference)
     if a.generate and splits.kind == "qa":
         ex = splits.eval[: a.generate]
-        texts = generate(bb.model, bb.tokenizer, ex, a.max_new_tokens, a.batch_size)
-        metrics.update(answer_metrics(texts, [e.answer for e in ex]))
+        st = {}
+        texts = generate(bb.model, bb.tokenizer, ex, a.max_new_tokens, a.batch_size, stats=st)
+        am = answer_metrics(texts, [e.answer for e in ex], finished=st.get("finished"))
+        am.pop("per_example", None)
+        metrics.update(am, n_cut_off=st.get("n_cut_off"))
+    metrics.pop("per_example", None)
     print(json.dumps({"model": a.model, "plugin": a.plugin, "data": splits.report, "metrics": metrics}, indent=2))
     return 0
 
@@ -100,7 +129,8 @@ def cmd_data_preview(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnlab", description="Attach small trainable attention modules to a "
-                                "frozen pretrained causal LM, train only them, and measure them honestly.")
+                                "frozen pretrained causal LM, train only them, and measure them honestly. "
+                                "Add --debug anywhere for a traceback instead of a one-line error.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train and evaluate every method x seed of a YAML config; write a report",
@@ -124,17 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--dataset", default="arithmetic", help="dataset_name (see `attnlab data preview --list`)")
         q.add_argument("--path", help="local data file for the dataset")
         q.add_argument("--columns", help="column mapping for local files, e.g. prompt=question,target=answer")
-        q.add_argument("--n", type=int, default=n, help=f"number of examples (default {n})")
-        q.add_argument("--max-length", type=int, default=256, help="max tokens per example (default 256)")
+        q.add_argument("--n", type=_positive, default=n, help=f"number of examples (default {n})")
+        q.add_argument("--max-length", type=_positive, default=256, help="max tokens per example (default 256)")
 
     e = sub.add_parser("eval", help="score a model (with or without a plug-in) on a dataset",
                        description="Cross-entropy, perplexity, next-token accuracy (and KL to the base when a "
                        "plug-in is given) on N examples; with --generate K, answer accuracy, P/R/F1, MSE/RMSE.")
     model_args(e)
     data_args(e, 64)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--generate", type=int, default=0, metavar="K", help="also generate for the first K examples")
-    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--batch-size", type=_positive, default=8)
+    e.add_argument("--generate", type=_count, default=0, metavar="K", help="also generate for the first K examples")
+    e.add_argument("--max-new-tokens", type=_positive, default=128)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="prompt in, text out, with or without a plug-in",
@@ -204,16 +234,25 @@ def cmd_profile(a) -> int:
 
 
 def main(argv=None) -> int:
+    import os
+
+    from .errors import AttnlabError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("ATTNLAB_DEBUG"))
+    argv = [x for x in argv if x != "--debug"]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if "--debug" in sys.argv or __import__("os").environ.get("ATTNLAB_DEBUG"):
+    except (AttnlabError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if debug:
             raise
-        print(f"attnlab: error: {e}", file=sys.stderr)
+        kind = "" if isinstance(e, AttnlabError) else f"{type(e).__name__}: "
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"attnlab: error: {kind}{text} (run with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -1,20 +1,30 @@
-"""`attnlab run CONFIG`: every method x every seed, trained and evaluated on a held-out split.
+"""`attnlab run CONFIG`: every method x every seed, trained, chosen on validation, read once on test
+and on every transfer set.
 
-The config (YAML) names the model, the data (`dataset_name`), the methods, the seeds and the
-budgets; see configs/quickstart.yaml. Each (method, seed) writes its own result.json atomically,
-so a run that is stopped resumes where it was (finished cells are read back, a cell in training
-resumes from its checkpoint). The frozen base is the same function for every seed: it is
-evaluated once, and its target-position hidden states are kept to give every method's KL(base||m).
+The config (YAML) names the model, the data, the transfer sets (`eval_sets:`), the methods, the
+seeds and the budgets; see configs/quickstart.yaml. Per (method, seed):
+
+  1. train each point of the method's sweep (`train: {lr: [a, b, c]}` and/or `steps: [...]`),
+     with optional early stopping on the validation loss;
+  2. keep the point with the lowest validation loss (the report shows the whole sweep);
+  3. score it once on the held-out test split and on each eval set (perplexity, KL to the base,
+     answers from generation), keeping per-example numbers for paired confidence intervals.
+
+Each (method, seed) writes its result.json atomically and each training run checkpoints, so a
+stopped run resumes where it was. Everything is written inside the run folder, which carries a
+marker file; `--fresh` deletes only a folder that has it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
-import os
+import math
 import platform
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -22,9 +32,13 @@ import torch
 import yaml
 
 from . import __version__
-from .backbone import load_backbone
+from .atomic import write_json_atomic
+from .backbone import fingerprint_hash, load_backbone
+from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, eval_config,
+                     reject_unknown)
 from .data import build_splits
-from .errors import ConfigError
+from .data.sources import SourceUnavailable
+from .errors import AttnlabError, ConfigError, UnsafePath
 from .evaluate import answer_metrics, base_reference, generate, score
 from .modules import METHODS, make_config
 from .train import TrainConfig, train
@@ -34,64 +48,124 @@ DEFAULTS = {
     "model": "smollm2-135m",
     "seeds": [0],
     "data": {},
+    "eval_sets": {},         # name -> data options: transfer sets, each read on its test split
     "train": {"steps": 50, "batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 5},
-    "eval": {"batch_size": 8, "generate": True, "n_generate": 32, "max_new_tokens": 128,
-             "prompt_tokens": 32},  # text data: generation continues the first prompt_tokens of eval texts
+    "eval": {},
     "methods": [{"name": "frozen", "method": "frozen"}, {"name": "lora", "method": "lora"}],
     "feature_cache": True,   # head-only methods train from the base's cached hidden states
     "paired_baseline": None, # a method name: the report adds changes against it, paired by seed
     "datasets": None,        # label -> data options (over `data`): the whole run once per dataset
 }
-_TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
-_EVAL_KEYS = set(DEFAULTS["eval"]) | {"sampling"}
+TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
+SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
+MARKER = ".attnlab-run"                        # a run folder attnlab created (only those are deleted)
+
+
+class NonFiniteResult(AttnlabError, ValueError):
+    """A trained plug-in whose evaluation is NaN/inf: it is not saved and the run stops."""
+
+
+# --- the config --------------------------------------------------------------------------------
+
+def _read_yaml(p: Path):
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); "
+                          f"check indentation and colons") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+
+
+def train_points(d: dict, where: str) -> list[dict]:
+    """The sweep of one method: every combination of the list-valued SWEEP_KEYS, each checked."""
+    d = as_mapping(where, d)
+    lists = {k: v for k, v in d.items() if isinstance(v, list)}
+    bad = set(lists) - set(SWEEP_KEYS)
+    if bad:
+        raise ConfigError(f"{where}: {sorted(bad)} cannot be a list; only {list(SWEEP_KEYS)} can be swept")
+    for k, v in lists.items():
+        if not v:
+            raise ConfigError(f"{where}.{k}: an empty list; give at least one value")
+    points = []
+    for combo in itertools.product(*lists.values()) if lists else [()]:
+        point = {**d, **dict(zip(lists, combo))}
+        points.append(dataclasses.asdict(TrainConfig.from_dict(point, where=where)))
+    return points
 
 
 def load_config(path_or_dict) -> dict:
-    """Read a YAML config, fill defaults, and check it before any model is loaded."""
+    """Read a YAML config, fill defaults, and check every section before any model is loaded."""
     if isinstance(path_or_dict, dict):
         raw, where = copy.deepcopy(path_or_dict), "config"
     else:
         p = Path(path_or_dict)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        raw, where = yaml.safe_load(p.read_text()) or {}, str(p)
-        raw.setdefault("name", p.stem)
+        raw, where = _read_yaml(p), str(p)
+        if isinstance(raw, dict):
+            raw.setdefault("name", p.stem)
+    if raw is None:
+        raise ConfigError(f"{where}: the config is empty; see configs/quickstart.yaml for a complete one")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping at top level")
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+        raise ConfigError(f"{where}: expected a mapping (key: value lines) at top level, got a {type(raw).__name__}")
+    reject_unknown(where, raw, TOP_KEYS)
     cfg = {**copy.deepcopy(DEFAULTS), **raw}
-    cfg["train"] = {**DEFAULTS["train"], **raw.get("train", {})}
-    cfg["eval"] = {**DEFAULTS["eval"], **raw.get("eval", {})}
-    cfg["name"] = cfg["name"] or "experiment"
-    for ev in [cfg["eval"]] + [m.get("eval", {}) for m in cfg["methods"] if isinstance(m, dict)]:
-        bad = set(ev) - _EVAL_KEYS
-        if bad:
-            raise ConfigError(f"{where}: unknown eval key(s) {sorted(bad)}; allowed: {sorted(_EVAL_KEYS)}")
-        for sset in ev.get("sampling", []) or []:
-            if not isinstance(sset, dict) or set(sset) - {"temperature", "top_k"}:
-                raise ConfigError(f"{where}: each eval.sampling entry is {{temperature: T, top_k: K}}, got {sset!r}")
-    if not isinstance(cfg["seeds"], list) or not cfg["seeds"] or not all(isinstance(s, int) for s in cfg["seeds"]):
-        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {cfg['seeds']!r}")
+    cfg["name"] = as_name("name", cfg["name"] if cfg["name"] is not None else "experiment")
+    cfg["model"] = as_str("model", cfg["model"])
+    if cfg.get("out_dir") is not None:
+        as_str("out_dir", cfg["out_dir"])
+    if cfg.get("description") is not None and not isinstance(cfg["description"], str):
+        raise ConfigError(f"description: {cfg['description']!r} is not text")
+    cfg["feature_cache"] = as_bool("feature_cache", cfg["feature_cache"])
+    seeds = cfg["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
+    cfg["seeds"] = [as_int(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
+    if len(set(cfg["seeds"])) != len(cfg["seeds"]):
+        raise ConfigError(f"seeds: {cfg['seeds']} repeats a seed (one result would count twice); list each once")
+    cfg["data"] = as_mapping("data", cfg["data"])
+    data_config(cfg["data"], "data")
     if cfg["datasets"] is not None:
         if not isinstance(cfg["datasets"], dict) or not cfg["datasets"] or not all(
                 isinstance(v, dict) for v in cfg["datasets"].values()):
-            raise ConfigError(f"{where}: datasets is a mapping label -> data options, e.g. "
+            raise ConfigError(f"datasets is a mapping label -> data options, e.g. "
                               f"{{math: {{dataset_name: arithmetic}}, code: {{dataset_name: python_stdlib}}}}")
+        for label, opts in cfg["datasets"].items():
+            as_name(f"datasets label", label)
+            data_config({**cfg["data"], **opts}, f"datasets.{label}")
+    cfg["eval_sets"] = as_mapping("eval_sets", cfg["eval_sets"])
+    for label, opts in cfg["eval_sets"].items():
+        as_name("eval_sets name", label)
+        if label == "test":
+            raise ConfigError("eval_sets: 'test' is the in-distribution test split's name; call the set otherwise")
+        data_config(as_mapping(f"eval_sets.{label}", opts, allow_none=False), f"eval_sets.{label}")
+    cfg["train"] = {**DEFAULTS["train"], **as_mapping("train", raw.get("train"))}
+    train_points(cfg["train"], "train")
+    cfg["eval"] = eval_config(raw.get("eval"), "eval")
+    methods = cfg["methods"]
+    if not isinstance(methods, list) or not methods:
+        raise ConfigError(f"methods: expected a non-empty list of {{name: ..., method: ...}} entries; "
+                          f"available methods: {', '.join(METHODS)}")
     names = set()
-    for m in cfg["methods"]:
+    for i, m in enumerate(methods):
         if not isinstance(m, dict) or "method" not in m:
-            raise ConfigError(f"{where}: each entry of methods needs `method:` (one of {', '.join(METHODS)})")
+            raise ConfigError(f"methods[{i}]: each entry needs `method:` (one of {', '.join(METHODS)})")
+        if m["method"] not in METHODS:
+            raise ConfigError(f"methods[{i}].method: unknown method {m['method']!r}; available: {', '.join(METHODS)}")
         m.setdefault("name", m["method"])
+        as_name(f"methods[{i}].name", m["name"])
         if m["name"] in names:
-            raise ConfigError(f"{where}: two methods are named '{m['name']}'; give each a unique name")
+            raise ConfigError(f"methods: two methods are named '{m['name']}'; give each a unique name")
         names.add(m["name"])
-        make_config(m["method"], **_options(m))  # raises on unknown methods and options
-        TrainConfig(**{**cfg["train"], **m.get("train", {})})
+        make_config(m["method"], where=f"methods.{m['name']}", **_options(m))
+        train_points({**cfg["train"], **as_mapping(f"methods.{m['name']}.train", m.get("train"))},
+                     f"methods.{m['name']}.train")
+        eval_config(m.get("eval"), f"methods.{m['name']}.eval", base=cfg["eval"])
     if cfg["paired_baseline"] is not None and cfg["paired_baseline"] not in names:
-        raise ConfigError(f"{where}: paired_baseline '{cfg['paired_baseline']}' is not one of the methods "
-                          f"{sorted(names)}")
+        raise ConfigError(f"paired_baseline: '{cfg['paired_baseline']}' is not one of the methods {sorted(names)}")
     return cfg
 
 
@@ -104,36 +178,77 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = False,
-                   only_methods: list[str] | None = None, log=print) -> dict:
-    """Run the config; returns the results dict also written to runs/<name>/results.json.
+# --- the run folder: everything is written inside it ----------------------------------------------
 
-    With `datasets:` the whole run happens once per dataset, in runs/<name>/<label>/, and
-    runs/<name>/report.md puts the datasets side by side."""
-    from .report import write_report, write_multi_report
+def run_folder(cfg: dict, out_root) -> Path:
+    return (Path(cfg["out_dir"]) if cfg.get("out_dir") else Path(out_root) / cfg["name"]).expanduser().resolve()
+
+
+def prepare_run_folder(out: Path, fresh: bool) -> None:
+    """Create (or, with `fresh`, recreate) the run folder. Refuses to write into, or delete, a
+    folder attnlab did not create, the current folder, one of its parents, home or root."""
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if out == out.parent or out == home or (fresh and (out == cwd or out in cwd.parents)):
+        raise UnsafePath(f"the run folder {out} is {'root' if out == out.parent else 'your home' if out == home else 'the current folder or one of its parents'}; "
+                         f"choose a new folder with out_dir or --out")
+    if out.exists():
+        if not out.is_dir():
+            raise UnsafePath(f"the run folder {out} is a file; choose a new folder with out_dir or --out")
+        marked = (out / MARKER).is_file()
+        if not marked and any(out.iterdir()):
+            raise UnsafePath(f"{out} exists and was not created by attnlab run (no {MARKER} file); choose a new or "
+                             f"empty folder (out_dir / --out), or delete it yourself")
+        if fresh and marked:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        (out / MARKER).write_text("created by `attnlab run`; `attnlab run --fresh` may delete this folder\n")
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """root/parts..., refused if it would leave root."""
+    p = root.joinpath(*parts).resolve()
+    if p != root and root not in p.parents:
+        raise UnsafePath(f"{'/'.join(parts)} would be written outside the run folder {root}")
+    return p
+
+
+# --- running --------------------------------------------------------------------------------------
+
+def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: list[str] | None = None,
+                   log=print) -> dict:
+    """Run the config; returns the results dict also written to <run folder>/results.json.
+
+    With `datasets:` the whole run happens once per dataset, in <run folder>/<label>/, and
+    <run folder>/report.md puts the datasets side by side."""
+    from .report import write_multi_report, write_report
 
     cfg = load_config(config)
-    out = Path(cfg.get("out_dir") or Path(out_root) / cfg["name"])
-    if fresh and out.exists():
-        import shutil
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    names = [m["name"] for m in cfg["methods"]]
+    if only_methods is not None:
+        unknown = [m for m in only_methods if m not in names]
+        if unknown or not only_methods:
+            raise ConfigError(f"--methods: {unknown or only_methods} not in this config; its methods are: "
+                              f"{', '.join(names)}")
+    out = run_folder(cfg, out_root)
+    prepare_run_folder(out, fresh)
     t_start = time.perf_counter()
     labels = list(cfg["datasets"]) if cfg["datasets"] else [None]
     log(f"[attnlab] {cfg['name']}: model {cfg['model']}, data "
-        f"{labels if labels != [None] else cfg['data'].get('dataset_name', 'arithmetic')}, "
-        f"methods {[m['name'] for m in cfg['methods']]}, seeds {cfg['seeds']} -> {out}")
+        f"{labels if labels != [None] else cfg['data'].get('dataset_name', 'arithmetic')}, eval sets "
+        f"{list(cfg['eval_sets']) or 'none'}, methods {names}, seeds {cfg['seeds']} -> {out}")
     t = time.perf_counter()
     bb = load_backbone(cfg["model"], device="cuda" if torch.cuda.is_available() else None)
     log(f"[attnlab] loaded {cfg['model']} ({bb.info['n_params'] / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
     per = {}
     for label in labels:
         one = copy.deepcopy(cfg)
+        d_out = out
         if label is not None:
             one["data"] = {**cfg["data"], **cfg["datasets"][label]}
             one["name"] = f"{cfg['name']}/{label}"
+            d_out = inside(out, label)
             log(f"[attnlab] dataset {label}: {one['data'].get('dataset_name', 'arithmetic')}")
-        d_out = out / label if label is not None else out
         d_out.mkdir(parents=True, exist_ok=True)
         per[label] = _run_one(bb, one, d_out, only_methods, log, time.perf_counter())
         if label is not None:
@@ -141,15 +256,57 @@ def run_experiment(config, out_root: str | os.PathLike = "runs", fresh: bool = F
     if labels == [None]:
         results = per[None]
         results["wall_time_s"] = round(time.perf_counter() - t_start, 1)
-        _atomic_json(out / "results.json", results)
+        write_json_atomic(out / "results.json", results)
         write_report(out, results)
     else:
         results = {"name": cfg["name"], "config": cfg, "datasets": per,
                    "wall_time_s": round(time.perf_counter() - t_start, 1)}
-        _atomic_json(out / "results.json", results)
+        write_json_atomic(out / "results.json", results)
         write_multi_report(out, results)
     log(f"[attnlab] wrote {out / 'report.md'} in {results['wall_time_s']:.0f}s total")
     return results
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """One held-out set: its examples, the prompts to generate from, and the base's reference."""
+
+    name: str
+    kind: str
+    examples: list
+    gen_examples: list
+    reference: object
+    report: dict
+
+
+def _eval_set(bb, name, examples, kind, report, ev, log) -> EvalSet:
+    gen = examples[: ev["n_generate"]] if ev["generate"] else []
+    if kind == "lm":  # continue the opening of each held-out text
+        gen = [dataclasses.replace(e, prompt_len=min(ev["prompt_tokens"], len(e.input_ids) - 1)) for e in gen]
+    t = time.perf_counter()
+    reference = base_reference(bb.model, examples, bb.tokenizer.pad_token_id, ev["batch_size"])
+    log(f"[attnlab] {name}: base reference over {reference.hidden.shape[0]} target tokens in "
+        f"{time.perf_counter() - t:.1f}s")
+    return EvalSet(name, kind, examples, gen, reference, report)
+
+
+def _load_eval_sets(bb, cfg, log) -> tuple[list[EvalSet], dict]:
+    """The transfer sets, each its test split; unreachable ones without a fallback are skipped and
+    said so in the report, never silently."""
+    sets, skipped = [], {}
+    for name, opts in cfg["eval_sets"].items():
+        opts = {"max_length": cfg["data"].get("max_length", 256), **opts, "n_train": 0, "n_val": 0}
+        try:
+            s = build_splits(opts, bb.tokenizer)
+        except SourceUnavailable as e:
+            skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            log(f"[attnlab] eval set {name}: skipped ({skipped[name]})")
+            continue
+        r = s.report
+        log(f"[attnlab] eval set {name}: {r['n_eval']} examples of {r['dataset_name']}"
+            + (f" (fallback for {r['fallback_from']['dataset_name']})" if r.get("fallback_from") else ""))
+        sets.append(_eval_set(bb, name, s.eval, s.kind, r, cfg["eval"], log))
+    return sets, skipped
 
 
 def _run_one(bb, cfg, out, only_methods, log, t_start) -> dict:
@@ -157,36 +314,30 @@ def _run_one(bb, cfg, out, only_methods, log, t_start) -> dict:
     tok = bb.tokenizer
     splits = build_splits(cfg["data"], tok)
     dr = splits.report
-    log(f"[attnlab] data: {dr['n_train']} train / {dr['n_eval']} eval examples, "
-        f"{dr['train_target_tokens']} / {dr['eval_target_tokens']} target tokens; "
-        f"records {dr['records']['kept']}/{dr['records']['seen']} kept, "
+    log(f"[attnlab] data: {dr['n_train']} train / {dr['n_val']} validation / {dr['n_eval']} test examples "
+        f"(disjoint by problem hash; {dr['split']['duplicates_removed']} duplicates removed), "
+        f"{dr['train_target_tokens']} / {dr['val_target_tokens']} / {dr['eval_target_tokens']} target tokens; "
         f"{dr['tokenization']['truncated']} truncated, {dr['tokenization']['skipped']} dropped at tokenization")
-    ev = cfg["eval"]
-    gen_examples = splits.eval[: int(ev["n_generate"])] if ev["generate"] else []
-    if splits.kind == "lm":  # continue the opening of each held-out text
-        gen_examples = [dataclasses.replace(e, prompt_len=min(int(ev["prompt_tokens"]), len(e.input_ids) - 1))
-                        for e in gen_examples]
-
-    t = time.perf_counter()
-    reference = base_reference(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"])
-    log(f"[attnlab] base reference over {reference.hidden.shape[0]} eval target tokens in {time.perf_counter() - t:.1f}s")
-
+    test = _eval_set(bb, "test", splits.eval, splits.kind, dr, cfg["eval"], log)
+    transfer, skipped = _load_eval_sets(bb, cfg, log)
+    base_fp = fingerprint_hash(bb.fingerprint)
     cells = []
     methods = [m for m in cfg["methods"] if not only_methods or m["name"] in only_methods]
     features = {}  # built on first use by a head-only method, shared by all of them
     for m in methods:
         seeds = cfg["seeds"] if m["method"] != "frozen" else cfg["seeds"][:1]
         for seed in seeds:
-            cells.append(_run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, features))
+            cells.append(_run_cell(bb, splits, [test] + transfer, cfg, m, seed, out, log, features, base_fp))
     results = {
         "name": cfg["name"], "config": cfg, "data": dr, "model": bb.info,
         "fingerprint": bb.fingerprint, "cells": cells,
+        "eval_sets": {s.name: s.report for s in transfer}, "eval_sets_skipped": skipped,
         "environment": {"attnlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
                         "device": "cuda" if torch.cuda.is_available() else "cpu",
                         "threads": torch.get_num_threads(), "platform": platform.platform()},
         "wall_time_s": round(time.perf_counter() - t_start, 1),
     }
-    _atomic_json(out / "results.json", results)
+    write_json_atomic(out / "results.json", results)
     return results
 
 
@@ -204,60 +355,126 @@ def _features(bb, splits, cfg, features, log):
     return features["cache"]
 
 
-def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, features=None) -> dict:
-    cell_dir = out / m["name"] / f"seed{seed}"
-    done = cell_dir / "result.json"
+def _point_label(point: dict, swept: list[str]) -> str:
+    return ",".join(f"{k}={point[k]:g}" if isinstance(point[k], float) else f"{k}={point[k]}" for k in swept)
+
+
+def _val_loss(bb, splits, ev) -> float | None:
+    if not splits.val:
+        return None
+    return score(bb.model, splits.val, bb.tokenizer.pad_token_id, ev["batch_size"])["cross_entropy"]
+
+
+def _evaluate(bb, plugin, es: EvalSet, ev: dict, seed: int) -> tuple[dict, dict, list]:
+    """Metrics of the model as it is now on one held-out set; per-example numbers apart."""
     tok = bb.tokenizer
-    ev = {**cfg["eval"], **m.get("eval", {})}
-    tcfg = TrainConfig(**{**cfg["train"], **m.get("train", {}), "seed": seed})
+    metrics = score(bb.model, es.examples, tok.pad_token_id, ev["batch_size"], reference=es.reference)
+    per_example = metrics.pop("per_example", {})
+    metrics.update(plugin.extra_metrics(bb.model, es.examples, tok.pad_token_id, ev["batch_size"]))
+    samples = []
+    qa = es.kind == "qa"
+    if es.gen_examples:
+        gstats = {}
+        texts = generate(bb.model, tok, es.gen_examples, ev["max_new_tokens"], ev["batch_size"], stats=gstats)
+        metrics["n_cut_off"] = gstats["n_cut_off"]
+        if qa:
+            am = answer_metrics(texts, [e.answer for e in es.gen_examples], finished=gstats.get("finished"))
+            per_example.update(am.pop("per_example", {}))
+            metrics.update(am)
+        metrics["sampling"] = []
+        for k, sset in enumerate(ev["sampling"] if qa else []):  # accuracy needs answers
+            torch.manual_seed(seed * 1000 + k)
+            st = {}
+            texts_s = generate(bb.model, tok, es.gen_examples, ev["max_new_tokens"], ev["batch_size"], do_sample=True,
+                               temperature=float(sset.get("temperature", 1.0)), top_k=sset.get("top_k"), stats=st)
+            am = answer_metrics(texts_s, [e.answer for e in es.gen_examples], finished=st.get("finished"))
+            metrics["sampling"].append({"temperature": float(sset.get("temperature", 1.0)), "top_k": sset.get("top_k"),
+                                        "accuracy": am["accuracy"],
+                                        "correct": am.get("per_example", {}).get("correct")})
+        samples = [{"prompt": e.record.prompt if qa else tok.decode(e.input_ids[: e.prompt_len]),
+                    "gold": e.answer, "output": x} for e, x in zip(es.gen_examples[:5], texts[:5])]
+    return metrics, per_example, samples
+
+
+def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features, base_fp) -> dict:
+    cell_dir = inside(out, m["name"], f"seed{seed}")
+    done = cell_dir / "result.json"
+    ev = eval_config(m.get("eval"), base=cfg["eval"])
+    points = train_points({**cfg["train"], **(m.get("train") or {})}, f"methods.{m['name']}.train")
+    points = [{**p, "seed": seed} for p in points]
+    swept = [k for k in SWEEP_KEYS if len({json.dumps(p[k]) for p in points}) > 1]
     # everything the cell's numbers depend on: a finished cell is reused only if it all matches
     spec = json.loads(json.dumps({
-        "method": m, "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
-                               if k not in ("progress", "log_every", "checkpoint_every")},
-        "eval": ev, "data": {k: splits.report.get(k) for k in ("dataset_name", "kind", "n_train", "n_eval",
-                                                                "train_target_tokens", "eval_target_tokens")},
-        "base": bb.fingerprint["embedding_sha256"]}, default=str))
+        "method": m, "train": [{k: v for k, v in p.items() if k not in ("progress", "log_every", "checkpoint_every")}
+                               for p in points],
+        "eval": ev, "data": splits.report["fingerprint"],
+        "eval_sets": {s.name: s.report.get("fingerprint") for s in sets[1:]},
+        "base": base_fp}, default=str))
     if done.is_file():
-        cell = json.loads(done.read_text())
-        if "spec" in cell and cell["spec"] != spec:
-            diff = sorted(k for k in spec if cell["spec"].get(k) != spec[k])
-            raise ConfigError(f"{done} was computed with other settings ({', '.join(diff)} differ); rerun with "
-                              f"--fresh, or give the config another name (or out_dir) to keep both")
-        log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
-        return cell
-    seed_everything(seed)
-    plugin = METHODS[m["method"]](make_config(m["method"], **_options(m))).attach(bb.model)
+        try:
+            cell = json.loads(done.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cell = None
+            log(f"[attnlab] {done} is damaged (not JSON); recomputing this cell")
+        if cell is not None:
+            if cell.get("spec") != spec:
+                diff = sorted(k for k in spec if (cell.get("spec") or {}).get(k) != spec[k])
+                raise ConfigError(f"{done} was computed with other settings ({', '.join(diff)} differ); rerun with "
+                                  f"--fresh, or give the config another name (or out_dir) to keep both")
+            log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
+            return cell
+    plugin_cls = METHODS[m["method"]]
+    options = make_config(m["method"], **_options(m))
+    run_fp = {"base": base_fp, "data": splits.report["fingerprint"], "plugin": json.loads(json.dumps(
+        {"method": m["method"], "options": dataclasses.asdict(options)}, default=str))}
+
+    sweep, best = [], None
+    for point in points:
+        tcfg = TrainConfig.from_dict(point)
+        p_dir = cell_dir if len(points) == 1 else inside(cell_dir, "sweep", _point_label(point, swept))
+        seed_everything(seed)
+        plugin = plugin_cls(make_config(m["method"], **_options(m))).attach(bb.model)
+        try:
+            n_trainable = plugin.num_trainable()
+            feats = None
+            if plugin.head_only and n_trainable and cfg["feature_cache"]:
+                feats = _features(bb, splits, cfg, features, log)
+            val_fn = (lambda: _val_loss(bb, splits, ev)) if splits.val and n_trainable else None
+            tr = train(bb.model, plugin, splits.train, tcfg, out_dir=p_dir, pad_id=bb.tokenizer.pad_token_id,
+                       features=feats, val_fn=val_fn, run_fingerprint=run_fp, log=log)
+            val = _val_loss(bb, splits, ev)
+            row = {**{k: point[k] for k in swept}, "val_loss": val, "steps": tr.steps, "tokens": tr.tokens,
+                   "best_step": tr.best_step, "stopped_early": tr.stopped_early}
+            sweep.append(row)
+            if len(points) > 1:
+                log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: validation loss {val:.4f}")
+            if best is None or (val is not None and (best[0] is None or val < best[0])):
+                best = (val, point, tr, plugin.state_dict() if len(points) > 1 else None, feats, n_trainable)
+        finally:
+            if len(points) > 1:
+                plugin.detach()
+    val, point, tr, state, feats, n_trainable = best
+    if len(points) > 1:  # the chosen point, re-attached
+        seed_everything(seed)
+        plugin = plugin_cls(make_config(m["method"], **_options(m))).attach(bb.model)
+        plugin.load_state_dict(state)
     try:
-        n_trainable = plugin.num_trainable()
-        log(f"[attnlab] {m['name']} seed {seed}: {n_trainable:,} trainable parameters")
-        feats = None
-        if plugin.head_only and n_trainable and cfg["feature_cache"] and features is not None:
-            feats = _features(bb, splits, cfg, features, log)
-        tr = train(bb.model, plugin, splits.train, tcfg, out_dir=cell_dir, pad_id=tok.pad_token_id, features=feats)
+        log(f"[attnlab] {m['name']} seed {seed}: {n_trainable:,} trainable parameters"
+            + (f"; chosen on validation: {_point_label(point, swept)}" if swept else ""))
         t = time.perf_counter()
-        metrics = score(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"], reference=reference)
-        metrics.update(plugin.extra_metrics(bb.model, splits.eval, tok.pad_token_id, ev["batch_size"]))
-        samples = []
-        qa = splits.kind == "qa"
-        if gen_examples:
-            gstats = {}
-            texts = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"], stats=gstats)
-            if qa:
-                metrics.update(answer_metrics(texts, [e.answer for e in gen_examples]))
-                metrics["n_cut_off"] = gstats["n_cut_off"]
-            metrics["sampling"] = []
-            for k, sset in enumerate((ev.get("sampling") or []) if qa else []):  # accuracy needs answers
-                torch.manual_seed(seed * 1000 + k)
-                texts_s = generate(bb.model, tok, gen_examples, ev["max_new_tokens"], ev["batch_size"], do_sample=True,
-                                   temperature=float(sset.get("temperature", 1.0)), top_k=sset.get("top_k"))
-                acc = answer_metrics(texts_s, [e.answer for e in gen_examples])["accuracy"]
-                metrics["sampling"].append({"temperature": float(sset.get("temperature", 1.0)),
-                                            "top_k": sset.get("top_k"), "accuracy": acc})
-            samples = [{"prompt": e.record.prompt if qa else tok.decode(e.input_ids[: e.prompt_len]),
-                        "gold": e.answer, "output": x} for e, x in zip(gen_examples[:5], texts[:5])]
+        results, per_example, samples = {}, {}, []
+        for es in sets:
+            metrics, pe, smp = _evaluate(bb, plugin, es, ev, seed)
+            results[es.name], per_example[es.name] = metrics, pe
+            samples = samples or smp
+            bad = [k for k in ("cross_entropy", "perplexity") if not math.isfinite(metrics.get(k, 0.0))]
+            if bad:
+                raise NonFiniteResult(f"{m['name']} seed {seed}: {', '.join(bad)} on {es.name} is not finite "
+                                      f"({metrics.get('cross_entropy')}); the plug-in is not saved. Lower the "
+                                      f"learning rate or check the data")
         eval_s = time.perf_counter() - t
         if n_trainable:
-            plugin.save_pretrained(cell_dir / "plugin", base_name=bb.spec)
+            plugin.save_pretrained(inside(cell_dir, "plugin"), base_name=bb.spec)
     finally:
         plugin.detach()
     cell = {"method": m["name"], "type": m["method"], "seed": seed, "spec": spec, "trainable_params": n_trainable,
@@ -265,18 +482,17 @@ def _run_cell(bb, splits, gen_examples, reference, cfg, m, seed, out, log, featu
                       "from_feature_cache": feats is not None,
                       "tokens_per_s": round(tr.tokens_per_s, 1) if tr.tokens else None,
                       "resumed_from_step": tr.resumed_from,
-                      "final_loss": tr.history[-1]["loss"] if tr.history else None},
+                      "final_loss": tr.history[-1]["loss"] if tr.history else None,
+                      "best_step": tr.best_step, "stopped_early": tr.stopped_early,
+                      "chosen": {k: point[k] for k in swept} if swept else None},
+            "sweep": sweep, "val_loss": val,
             "loss_curve": [[h["step"], h["loss"]] for h in tr.history],
-            "eval": metrics, "eval_seconds": round(eval_s, 2), "samples": samples}
-    log(f"[attnlab] {m['name']} seed {seed}: ppl {metrics['perplexity']:.3f}"
-        + (f", accuracy {metrics['accuracy']:.3f}" if "accuracy" in metrics else "")
+            "val_curve": [list(x) for x in tr.val_history],
+            "eval": results["test"], "eval_sets": {k: v for k, v in results.items() if k != "test"},
+            "per_example": per_example, "eval_seconds": round(eval_s, 2), "samples": samples}
+    log(f"[attnlab] {m['name']} seed {seed}: test ppl {results['test']['perplexity']:.3f}"
+        + (f", accuracy {results['test']['accuracy']:.3f}" if "accuracy" in results["test"] else "")
+        + "".join(f"; {k} ppl {v['perplexity']:.3f}" for k, v in results.items() if k != "test")
         + f" (train {tr.seconds:.0f}s, eval {eval_s:.0f}s)")
-    _atomic_json(done, cell)
+    write_json_atomic(done, cell)
     return cell
-
-
-def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)

@@ -1,10 +1,16 @@
-"""report.md (mean ± std over seeds, change against the frozen base and LoRA), PNG plots.
+"""report.md: in-distribution and transfer results side by side, every difference with a 95%
+confidence interval, the validation sweep, and PNG plots.
 
-Every number comes from results.json, written by the same run.
+Intervals: a paired bootstrap over eval examples (every method is scored on the same examples),
+with the statistic averaged over seeds when there are several (examples resampled jointly across
+seeds); with two or more seeds, a t-interval over the per-seed changes is shown as well, and a
+difference is called "within noise" when either interval covers zero. Every number comes from
+results.json, written by the same run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -36,8 +42,12 @@ def mean_std(xs: list) -> tuple[float | None, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(cells: list[dict]) -> dict:
-    """method -> {metric: (mean, std, n)} plus cost columns."""
+def _metrics(c: dict, set_name: str = "test") -> dict:
+    return c["eval"] if set_name == "test" else c.get("eval_sets", {}).get(set_name, {})
+
+
+def summarize(cells: list[dict], set_name: str = "test") -> dict:
+    """method -> {metric: (mean, std)} on one eval set, plus cost columns."""
     by = {}
     for c in cells:
         by.setdefault(c["method"], []).append(c)
@@ -47,7 +57,7 @@ def summarize(cells: list[dict]) -> dict:
                "trainable_params": cs[0]["trainable_params"]}
         for key, *_ in METRICS + [("n_parsed", None, None, None), ("n_cut_off", None, None, None),
                                   ("n_generated", None, None, None)]:
-            row[key] = mean_std([c["eval"].get(key) for c in cs])
+            row[key] = mean_std([_metrics(c, set_name).get(key) for c in cs])
         row["train_seconds"] = mean_std([c["train"]["seconds"] for c in cs])
         row["tokens_per_s"] = mean_std([c["train"]["tokens_per_s"] for c in cs])
         row["train_tokens"] = mean_std([c["train"]["tokens"] for c in cs])
@@ -114,50 +124,214 @@ def _paired_lines(cells, baseline, summ) -> list[str]:
     return lines
 
 
-def markdown(results: dict) -> str:
-    summ = summarize(results["cells"])
-    present = [m for m in METRICS if any(r[m[0]][0] is not None for r in summ.values())]
-    cfg, data, env = results["config"], results["data"], results["environment"]
-    lines = [f"# {results['name']}", "",
-             f"Model `{cfg['model']}` ({results['model']['n_params'] / 1e6:.1f}M parameters, frozen); data "
-             f"`{data['dataset_name']}` ({data['n_train']} train / {data['n_eval']} held-out eval examples, "
-             f"{data['eval_target_tokens']} eval target tokens); seeds {cfg['seeds']}. "
-             f"Mean ± std over seeds (std shown when more than one seed ran; the frozen base is "
-             f"deterministic and evaluated once)."
-             + (f" Generation metrics use greedy decoding on the first {cfg['eval']['n_generate']} eval examples."
-                if any(c["eval"].get("n_generated") for c in results["cells"]) else ""), "",
-             "| method | trainable | " + " | ".join(m[1] for m in present) + " | train s | train tok/s |",
+# --- differences with confidence intervals ------------------------------------------------------
+
+def _per_seed(cells: list[dict], name: str) -> dict:
+    return {c["seed"]: c for c in cells if c["method"] == name}
+
+
+def _pairs(cells, name, ref, set_name, key):
+    """Per-seed (a, b) per-example arrays of `key` for method `name` against `ref`: the same seed
+    when the reference was trained with it, else the reference's one (deterministic) evaluation."""
+    a, b = _per_seed(cells, name), _per_seed(cells, ref)
+    out = []
+    for seed, ca in sorted(a.items()):
+        cb = b.get(seed) or (next(iter(b.values())) if len(b) == 1 else None)
+        if cb is None:
+            continue
+        pa, pb = ca.get("per_example", {}).get(set_name, {}), cb.get("per_example", {}).get(set_name, {})
+        if all(k in pa and k in pb for k in key):
+            out.append((seed, [pa[k] for k in key], [pb[k] for k in key]))
+    return out
+
+
+def ppl_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
+    """Relative change of corpus perplexity of `name` against `ref` on one set, with its 95% CI."""
+    from .stats import paired_bootstrap_ppl_seeds
+
+    pairs = _pairs(cells, name, ref, set_name, ("nll", "n_tokens"))
+    if not pairs:
+        return None
+    r = paired_bootstrap_ppl_seeds([(a[0], a[1], b[0], b[1]) for _, a, b in pairs], n_boot=n_boot)
+    return {**r, "seeds": [s for s, *_ in pairs]}
+
+
+def acc_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
+    """Difference of answer accuracy (percentage points) of `name` against `ref`, with its 95% CI."""
+    from .stats import paired_bootstrap_diff_seeds
+
+    pairs = _pairs(cells, name, ref, set_name, ("correct",))
+    if not pairs:
+        return None
+    r = paired_bootstrap_diff_seeds([(a[0], b[0]) for _, a, b in pairs], n_boot=n_boot)
+    return {**r, "seeds": [s for s, *_ in pairs]}
+
+
+def _noise(r: dict) -> bool:
+    from .stats import within_noise
+
+    return within_noise(r["lo"], r["hi"]) or (r.get("seed_lo") is not None and within_noise(r["seed_lo"], r["seed_hi"]))
+
+
+def _fmt_change(r: dict | None, pct: bool) -> str:
+    if r is None:
+        return "–"
+    k = 100.0
+    unit = "%" if pct else " pp"
+    txt = f"{k * r['change']:+.1f}{unit} [{k * r['lo']:+.1f}, {k * r['hi']:+.1f}]"
+    if r.get("seed_lo") is not None:
+        txt += f" (seeds [{k * r['seed_lo']:+.1f}, {k * r['seed_hi']:+.1f}])"
+    return txt + (" *within noise*" if _noise(r) else (" **better**" if (r["change"] < 0) == pct else " **worse**"))
+
+
+def _set_names(results: dict) -> list[str]:
+    return ["test"] + list(results.get("eval_sets", {}))
+
+
+def _set_title(results: dict, name: str) -> str:
+    if name == "test":
+        return "test (in-distribution)"
+    r = results["eval_sets"][name]
+    opts = r.get("options", {})
+    extra = ", ".join(f"{k} {v}" for k, v in opts.items() if k in ("families", "level") and v is not None)
+    fb = f", fallback for `{r['fallback_from']['dataset_name']}`" if r.get("fallback_from") else ""
+    return f"{name} (`{r['dataset_name']}`{', ' + extra if extra else ''}{fb})"
+
+
+def transfer_lines(results: dict, ref: str = "frozen") -> list[str]:
+    """The compact table up front: every method on every set, changes against `ref` with CIs."""
+    cells = results["cells"]
+    summ = {s: summarize(cells, s) for s in _set_names(results)}
+    n_boot = results["config"].get("eval", {}).get("bootstrap", 2000)
+    sets = [s for s in _set_names(results) if summ[s]]
+    lines = ["## In-distribution vs transfer", "",
+             f"Perplexity on each held-out set and its change against **{ref}**, with a 95% confidence interval "
+             f"(paired bootstrap over the set's examples{', averaged over seeds; the seeds interval is a t-interval over per-seed changes' if len(results['config']['seeds']) > 1 else ''}). "
+             f"*within noise*: the interval covers 0.", "",
+             "| method | " + " | ".join(f"{s} PPL | Δ vs {ref} [95% CI]" for s in sets) + " |",
+             "|---|" + "---:|---:|" * len(sets)]
+    for name in summ["test"]:
+        row = [name]
+        for s in sets:
+            row.append(_fmt(summ[s].get(name, {}).get("perplexity", (None, None)), "{:.3f}"))
+            row.append("–" if name == ref else _fmt_change(ppl_change(cells, name, ref, s, n_boot), pct=True))
+        lines.append("| " + " | ".join(row) + " |")
+    acc_sets = [s for s in sets if any(r["accuracy"][0] is not None for r in summ[s].values())]
+    if acc_sets:
+        lines += ["", f"Answer accuracy (greedy; an answer counts only from a finished generation or an explicit "
+                  f"final-answer marker) and its change against **{ref}** in percentage points:", "",
+                  "| method | " + " | ".join(f"{s} acc | Δ vs {ref} [95% CI]" for s in acc_sets) + " |",
+                  "|---|" + "---:|---:|" * len(acc_sets)]
+        for name in summ["test"]:
+            row = [name]
+            for s in acc_sets:
+                r = summ[s].get(name)
+                row.append(_fmt(r["accuracy"], "{:.3f}") + (f" (n={r['n_generated'][0]:.0f})" if r and r["n_generated"][0] else "") if r else "–")
+                row.append("–" if name == ref else _fmt_change(acc_change(cells, name, ref, s, n_boot), pct=False))
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def sweep_lines(results: dict) -> list[str]:
+    rows = [(c["method"], c["seed"], x, c["train"].get("chosen")) for c in results["cells"] for x in c.get("sweep", [])]
+    swept = [r for r in rows if r[3]]
+    early = [c for c in results["cells"] if c["train"].get("best_step") is not None]
+    lines = []
+    if any(r[3] for r in rows):
+        keys = [k for k in ("lr", "steps", "weight_decay") if any(k in r[2] for r in swept)]
+        sizes = {}
+        for name, seed, x, _ in rows:
+            sizes.setdefault(name, set()).add(json.dumps({k: x.get(k) for k in keys}))
+        lines += ["", "## Validation chooses", "",
+                  "Each value was trained; the lowest validation loss (CE on the validation split, disjoint from "
+                  "test) was kept. Test was read once, for the chosen value only.", "",
+                  "| method | seed | " + " | ".join(keys) + " | val loss | chosen |", "|---|---:|" + "---:|" * len(keys) + "---:|:---:|"]
+        for name, seed, x, chosen in rows:
+            if chosen is None:
+                continue
+            pick = all(x.get(k) == chosen.get(k) for k in chosen)
+            lines.append(f"| {name} | {seed} | " + " | ".join(f"{x.get(k):g}" if isinstance(x.get(k), float) else str(x.get(k))
+                                                            for k in keys)
+                         + f" | {x['val_loss']:.4f} | {'✓' if pick else ''} |")
+        n = {name: len(v) for name, v in sizes.items() if name != "frozen"}
+        if len(set(n.values())) > 1:
+            lines += ["", f"**Unequal tuning**: the methods' sweeps differ in size ({n}); a comparison between them "
+                      f"favours the one tuned more."]
+    if early:
+        lines += ["", "Early stopping on validation: " + "; ".join(
+            f"{c['method']} seed {c['seed']}: best at step {c['train']['best_step']}"
+            + (" (stopped early)" if c["train"].get("stopped_early") else "") for c in early) + "."]
+    return lines
+
+
+def _metric_table(summ: dict, present: list) -> list[str]:
+    lines = ["| method | trainable | " + " | ".join(m[1] for m in present) + " | train s | train tok/s |",
              "|---|---:|" + "---:|" * len(present) + "---:|---:|"]
     for name, r in summ.items():
         cells = [_fmt(r[k], f) for k, _, _, f in present]
         lines.append(f"| {name} | {r['trainable_params']:,} | " + " | ".join(cells)
                      + f" | {_fmt(r['train_seconds'], '{:.0f}')} | {_fmt(r['tokens_per_s'], '{:.0f}')} |")
-    refs = [(n, summ[n]) for n in summ if summ[n]["type"] in ("frozen", "lora")]
-    for ref_name, ref in refs:
-        keys = [m for m in present if m[0] in ("cross_entropy", "perplexity", "next_token_accuracy", "accuracy",
-                                                "f1", "rmse")]
-        lines += ["", f"Change against **{ref_name}** (of the means; losses and errors in % of {ref_name}, "
-                  f"rates in percentage points):", "",
-                  "| method | " + " | ".join(m[1] for m in keys) + " |", "|---|" + "---:|" * len(keys)]
-        for name, r in summ.items():
-            if name != ref_name:
-                lines.append(f"| {name} | " + " | ".join(_change(k, r[k][0], ref[k][0]) for k, *_ in keys) + " |")
-    if cfg.get("paired_baseline") in summ:
-        lines += _paired_lines(results["cells"], cfg["paired_baseline"], summ)
-    gen = [(n, r) for n, r in summ.items() if r["n_generated"][0]]
-    if gen:
-        lines += ["", "Generations: " + "; ".join(
-            f"{n}: {r['n_parsed'][0]:.0f}/{r['n_generated'][0]:.0f} answers parsed as numbers, "
-            f"{r['n_cut_off'][0]:.0f} cut off at max_new_tokens" for n, r in gen) + " (means over seeds)."]
-    sampled = [c for c in results["cells"] if c["eval"].get("sampling")]
+    return lines
+
+
+def markdown(results: dict) -> str:
+    cfg, data, env = results["config"], results["data"], results["environment"]
+    cells = results["cells"]
+    n_boot = cfg.get("eval", {}).get("bootstrap", 2000)
+    sets = _set_names(results)
+    sp = data.get("split", {})
+    lines = [f"# {results['name']}", "",
+             f"Model `{cfg['model']}` ({results['model']['n_params'] / 1e6:.1f}M parameters, frozen). Trained on "
+             f"`{data['dataset_name']}`"
+             + (f" (families {data['options']['families']})" if data.get("options", {}).get("families") and
+                data["dataset_name"] == "arithmetic" else "")
+             + f": {data['n_train']} train / {data.get('n_val', 0)} validation / {data['n_eval']} test examples, "
+             f"disjoint by a hash of the normalised problem text ({sp.get('duplicates_removed', 0)} exact duplicates "
+             f"removed). Seeds {cfg['seeds']}; mean ± std over seeds where several ran (the frozen base is "
+             f"deterministic and evaluated once)."]
+    if results.get("eval_sets"):
+        lines[-1] += " Transfer sets, each never trained on: " + "; ".join(
+            f"{_set_title(results, s)}: {results['eval_sets'][s]['n_eval']} examples" for s in results["eval_sets"]) + "."
+    for name, why in (results.get("eval_sets_skipped") or {}).items():
+        lines += ["", f"**Eval set `{name}` skipped**: {why}"]
+    lines.append("")
+    ref = next((n for n in dict.fromkeys(c["method"] for c in cells) if
+                next(c for c in cells if c["method"] == n)["type"] == "frozen"), None)
+    if ref:
+        lines += transfer_lines(results, ref)
+    lines += sweep_lines(results)
+    for s in sets:
+        summ = summarize(cells, s)
+        present = [m for m in METRICS if any(r[m[0]][0] is not None for r in summ.values())]
+        if not summ or not present:
+            continue
+        lines += ["", f"## {_set_title(results, s)}", ""] + _metric_table(summ, present)
+        lora = [n for n in summ if summ[n]["type"] == "lora"]
+        for ref_name in lora[:1]:
+            lines += ["", f"Change against **{ref_name}** (paired by seed, 95% CI over examples"
+                      f"{' and seeds' if len(cfg['seeds']) > 1 else ''}):", "",
+                      "| method | PPL change | answer acc change |", "|---|---:|---:|"]
+            for name in summ:
+                if name not in (ref_name, ref):
+                    lines.append(f"| {name} | {_fmt_change(ppl_change(cells, name, ref_name, s, n_boot), True)} | "
+                                 f"{_fmt_change(acc_change(cells, name, ref_name, s, n_boot), False)} |")
+        gen = [(n, r) for n, r in summ.items() if r["n_generated"][0]]
+        if gen:
+            lines += ["", "Generations: " + "; ".join(
+                f"{n}: {r['n_parsed'][0]:.0f}/{r['n_generated'][0]:.0f} answers parsed, "
+                f"{r['n_cut_off'][0]:.0f} cut off at max_new_tokens" for n, r in gen) + " (means over seeds)."]
+    if cfg.get("paired_baseline") in summarize(cells):
+        lines += _paired_lines(cells, cfg["paired_baseline"], summarize(cells))
+    sampled = [c for c in cells if c["eval"].get("sampling")]
     if sampled:
-        lines += ["", "Answer accuracy by decoding (greedy, and sampling at temperature T with top-k; "
+        summ = summarize(cells)
+        lines += ["", "Answer accuracy on test by decoding (greedy, and sampling at temperature T with top-k; "
                   "mean ± std over seeds):", "", "| method | decoding | answer acc |", "|---|---|---:|"]
         for name, r in summ.items():
             if r["accuracy"][0] is not None:
                 lines.append(f"| {name} | greedy | {_fmt(r['accuracy'], '{:.3f}')} |")
             groups = {}
-            for c in results["cells"]:
+            for c in cells:
                 if c["method"] == name:
                     for x in c["eval"].get("sampling", []):
                         groups.setdefault((x["temperature"], x["top_k"]), []).append(x["accuracy"])
@@ -167,8 +341,9 @@ def markdown(results: dict) -> str:
         fb = data["fallback_from"]
         lines += ["", f"Data: `{fb['dataset_name']}`{' at ' + str(fb['path']) if fb.get('path') else ''} could not "
                   f"be read ({fb['reason']}); this run used the fallback `{data['dataset_name']}`."]
-    lines += ["", "Lower is better for CE, PPL, KL and the errors; higher for accuracies, P/R/F1.", "",
-              f"Data: records {data['records']['kept']}/{data['records']['seen']} kept "
+    lines += ["", "Lower is better for CE, PPL, KL and the errors; higher for accuracies. Answer precision = right "
+              "answers / answers given; recall = right answers / problems (= accuracy).", "",
+              f"Data: records {data['records']['kept']}/{data['records']['seen']} used "
               f"({data['records']['skipped']} skipped: {data['records']['reasons'] or 'none'}); "
               f"{data['tokenization']['truncated']} targets truncated to max_length, "
               f"{data['tokenization']['skipped']} examples dropped at tokenization "
@@ -176,11 +351,11 @@ def markdown(results: dict) -> str:
               f"Environment: attnlab {env['attnlab']}, torch {env['torch']}, {env['device']} "
               f"({env['threads']} threads), Python {env['python']}. Whole run: {results['wall_time_s']:.0f}s.", "",
               "![loss curves](loss_curves.png)", "", "![metrics](metrics.png)", ""]
-    samples = next((c["samples"] for c in results["cells"] if c.get("samples")), [])
+    samples = next((c["samples"] for c in cells if c.get("samples")), [])
     if samples:
-        lines += ["## Sample generations (the same eval prompts for every method, greedy, first seed)", ""]
+        lines += ["## Sample generations (the same test prompts for every method, greedy, first seed)", ""]
         firsts = {}
-        for c in results["cells"]:
+        for c in cells:
             firsts.setdefault(c["method"], c)
         for i, s0 in enumerate(samples[:2]):
             prompt = s0["prompt"].strip().replace("\n", " ⏎ ")
@@ -205,9 +380,12 @@ def plots(results: dict, out: Path) -> None:
     for c in results["cells"]:
         if c["loss_curve"]:
             steps, losses = zip(*c["loss_curve"])
-            ax.plot(steps, losses, label=f"{c['method']} s{c['seed']}", alpha=0.8)
+            line, = ax.plot(steps, losses, label=f"{c['method']} s{c['seed']}", alpha=0.8)
+            if c.get("val_curve"):
+                vs, vl = zip(*c["val_curve"])
+                ax.plot(vs, vl, "o--", color=line.get_color(), alpha=0.8, markersize=3)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (CE over target tokens)")
+    ax.set_ylabel("train loss (line), validation loss (dots)")
     ax.set_title(results["name"])
     if ax.has_data():
         ax.legend(fontsize=8)
@@ -215,17 +393,20 @@ def plots(results: dict, out: Path) -> None:
     fig.savefig(out / "loss_curves.png", dpi=110)
     plt.close(fig)
 
-    summ = summarize(results["cells"])
-    keys = [k for k in ("perplexity", "next_token_accuracy", "accuracy", "f1")
-            if any(r[k][0] is not None for r in summ.values())]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        names = list(summ)
-        means = [summ[n][key][0] or 0 for n in names]
-        stds = [summ[n][key][1] or 0 for n in names]
-        ax.bar(names, means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(names))])
-        ax.set_title(dict((m[0], m[1]) for m in METRICS)[key])
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    sets = _set_names(results)
+    summs = {st: summarize(results["cells"], st) for st in sets}
+    keys = [k for k in ("perplexity", "next_token_accuracy", "accuracy")
+            if any(r[k][0] is not None for sm in summs.values() for r in sm.values())]
+    fig, axes = plt.subplots(len(sets), len(keys), figsize=(3.2 * len(keys), 3.0 * len(sets)), squeeze=False)
+    for row, st in zip(axes, sets):
+        summ = summs[st]
+        for ax, key in zip(row, keys):
+            names = list(summ)
+            means = [summ[n][key][0] or 0 for n in names]
+            stds = [summ[n][key][1] or 0 for n in names]
+            ax.bar(names, means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(names))])
+            ax.set_title(f"{st}: {dict((m[0], m[1]) for m in METRICS)[key]}", fontsize=9)
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=110)
     plt.close(fig)

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .arithmetic import arithmetic_problems
+from ..errors import AttnlabError, ConfigError, DataError
+from . import arithmetic
 from .records import BadRecord, Record, require_text
-from ..errors import AttnlabError
 
 _CALC = re.compile(r"<<[^>]*>>")
 _HASHES = re.compile(r"####\s*(.+?)\s*$", re.S)
@@ -52,35 +52,50 @@ class SourceUnavailable(AttnlabError, FileNotFoundError):
 
 
 def read_local(path: str | os.PathLike) -> Iterator:
-    """Rows of a local file, by extension: .jsonl, .json (a list), .csv, .parquet, .txt (one row)."""
+    """Rows of a local file, by extension: .jsonl, .json (a list), .csv, .parquet, .txt (one row).
+    A JSONL line that is not UTF-8 or not JSON becomes a counted skip naming the file and line."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"data path {p} is a folder; give a file (.jsonl, .json, .csv, .parquet or .txt)")
     if not p.exists():
         raise SourceUnavailable(f"data file not found: {p} (check `path:` in the data config)")
     ext = p.suffix.lower()
     if ext == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield _Unparsable(f"{p.name} line {i}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield _Unparsable(f"line {i}: invalid JSON ({e.msg})")
-    elif ext == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise ValueError(f"{p}: expected a JSON list of objects, got {type(data).__name__}")
-        yield from data
-    elif ext == ".csv":
-        with open(p, encoding="utf-8", newline="") as f:
-            yield from csv.DictReader(f)
-    elif ext == ".parquet":
-        import pyarrow.parquet as pq
-        yield from pq.read_table(p).to_pylist()
-    elif ext in (".txt", ".md", ".text", ".raw", ""):
-        yield {"text": p.read_text(encoding="utf-8")}
-    else:
-        raise ValueError(f"{p}: unsupported extension '{ext}'; use .jsonl, .json, .csv, .parquet or .txt")
+                    yield _Unparsable(f"{p.name} line {i}: invalid JSON ({e.msg})")
+        return
+    try:
+        if ext == ".json":
+            data = json.loads(p.read_text(encoding="utf-8"))
+            if not isinstance(data, list):
+                raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}")
+            yield from data
+        elif ext == ".csv":
+            with open(p, encoding="utf-8", newline="") as f:
+                yield from csv.DictReader(f)
+        elif ext == ".parquet":
+            import pyarrow.parquet as pq
+            yield from pq.read_table(p).to_pylist()
+        elif ext in (".txt", ".md", ".text", ".raw", ""):
+            yield {"text": p.read_text(encoding="utf-8")}
+        else:
+            raise DataError(f"{p}: unsupported extension '{ext}'; use .jsonl, .json, .csv, .parquet or .txt")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        f"convert it to UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: invalid JSON at line {e.lineno} ({e.msg})") from None
 
 
 class _Unparsable:
@@ -156,8 +171,10 @@ def metamath_record(raw, cfg) -> Record:
 
 
 def _arithmetic_rows(cfg):
-    n = int(cfg.get("n_train", 0)) + int(cfg.get("n_eval", 0))
-    return arithmetic_problems(max(n, 1), seed=int(cfg.get("seed", 0)))
+    # endless: the splitter reads until each split (by hash) has what it needs
+    if not hasattr(arithmetic, "iter_problems"):  # TEMPORARY until generator v2 lands
+        return iter(arithmetic.arithmetic_problems(20000, seed=int(cfg.get("seed", 0))))
+    return arithmetic.iter_problems(seed=int(cfg.get("seed", 0)), level=cfg.get("level"), families=cfg.get("families", "train"))
 
 
 # --- plain text and code -------------------------------------------------------------------------
@@ -219,7 +236,7 @@ def _python_stdlib_rows(cfg):
 
 def _hf_generic_rows(cfg):
     if not cfg.get("hf_name"):
-        raise ValueError("dataset_name 'hf' needs `hf_name:` (a hub id, or a builder such as json/csv/parquet/text "
+        raise ConfigError("dataset_name 'hf' needs `hf_name:` (a hub id, or a builder such as json/csv/parquet/text "
                          "with `data_files:`)")
     import datasets
 
@@ -235,7 +252,7 @@ def _hf_generic_rows(cfg):
 
 def _local_rows(cfg):
     if not cfg.get("path"):
-        raise ValueError("dataset_name 'local' needs `path:` (a .jsonl, .json, .csv, .parquet or .txt file)")
+        raise ConfigError("dataset_name 'local' needs `path:` (a .jsonl, .json, .csv, .parquet or .txt file)")
     return read_local(cfg["path"])
 
 
@@ -286,5 +303,5 @@ SOURCES: dict[str, Source] = {
 
 def get_source(name: str) -> Source:
     if name not in SOURCES:
-        raise ValueError(f"unknown dataset_name '{name}'; choose one of: {', '.join(SOURCES)}")
+        raise ConfigError(f"unknown dataset_name '{name}'; choose one of: {', '.join(SOURCES)}")
     return SOURCES[name]

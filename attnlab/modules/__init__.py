@@ -6,6 +6,8 @@ import dataclasses
 
 from torch import nn
 
+from ..config import check_fields
+from ..errors import ConfigError
 from .backward_head import BackwardAttentionHead, BackwardHead, BackwardHeadConfig
 from .base import Plugin, PluginError, check_fingerprint, load_weights, read_plugin_config
 from .factorized import Factorized, FactorizedConfig
@@ -19,7 +21,7 @@ METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, He
                                                               SparseAttention)}
 
 
-def make_config(method: str, **options):
+def make_config(method: str, where: str | None = None, **options):
     """The method's config dataclass from keyword options; unknown options are a clear error."""
     if method not in METHODS:
         raise PluginError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
@@ -36,7 +38,11 @@ def make_config(method: str, **options):
         raise PluginError(f"method '{method}' has no option(s) {sorted(unknown)}; "
                           f"its options are: {sorted(known) or 'none'}")
     try:
-        return cls(**options)
+        config = cls(**options)
+        check_fields(config, where or method)
+        return config
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise PluginError(f"method '{method}': {e}") from e
 

@@ -1,0 +1,150 @@
+"""Issue 10 (results that transfer): splits that cannot leak, eval sets in every run, validation
+chooses and test is read once, intervals in the report."""
+
+import json
+
+import pytest
+
+from attnlab.data import build_splits, split_of
+from attnlab.experiment import load_config, run_experiment
+
+quiet = {"log": lambda *_: None}
+
+
+def gsm8k_file(path, n=600, dup_every=25):
+    rows = []
+    for i in range(n):
+        rows.append({"question": f"Tom has {i} apples and buys {i % 7 + 1} more. How many apples now?",
+                     "answer": f"{i} + {i % 7 + 1} = {i + i % 7 + 1}\n#### {i + i % 7 + 1}"})
+        if i % dup_every == 0:  # an exact duplicate, differently spaced and cased
+            rows.append({"question": rows[-1]["question"].upper().replace(" ", "  "), "answer": rows[-1]["answer"]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def prompts(exs):
+    return {e.record.prompt.lower() for e in exs}
+
+
+def test_train_validation_and_test_are_disjoint_and_duplicates_are_counted(tmp_path, tiny):
+    p = gsm8k_file(tmp_path / "g.jsonl")
+    s = build_splits({"dataset_name": "gsm8k", "path": str(p), "n_train": 100, "n_val": 20, "n_eval": 30,
+                      "max_length": 400}, tiny.tokenizer)
+    tr, va, te = prompts(s.train), prompts(s.val), prompts(s.eval)
+    assert len(tr) == 100 and len(va) == 20 and len(te) == 30
+    assert not (tr & va) and not (tr & te) and not (va & te)
+    assert s.report["split"]["duplicates_removed"] >= 5  # of the rows read before every split was full
+    assert len(tr | va | te) == 150  # case- and space-insensitive: a duplicate never comes back in another split
+    for e in s.eval:
+        assert split_of(e.record.prompt, 0.1, 0.2) == "test"
+
+
+def test_the_test_split_does_not_move_when_the_training_set_grows(tmp_path, tiny):
+    p = gsm8k_file(tmp_path / "g.jsonl")
+    small = build_splits({"dataset_name": "gsm8k", "path": str(p), "n_train": 10, "n_eval": 20, "max_length": 400},
+                         tiny.tokenizer)
+    big = build_splits({"dataset_name": "gsm8k", "path": str(p), "n_train": 150, "n_eval": 20, "max_length": 400},
+                       tiny.tokenizer)
+    assert prompts(small.eval) == prompts(big.eval)
+    assert not prompts(big.train) & prompts(small.eval)
+
+
+def test_text_corpora_split_by_document(tiny):
+    s = build_splits({"dataset_name": "python_docs", "n_train": 4, "n_val": 2, "n_eval": 2, "max_length": 64},
+                     tiny.tokenizer)
+    assert len(s.train) == 4 and len(s.val) == 2 and len(s.eval) == 2
+    ids = [tuple(e.input_ids) for e in s.train + s.val + s.eval]
+    assert len(set(ids)) == len(ids)
+
+
+TINY = {
+    "name": "transfer",
+    "model": "tiny-gpt2",
+    "seeds": [0, 1],
+    "data": {"dataset_name": "arithmetic", "families": "train", "n_train": 8, "n_val": 4, "n_eval": 6,
+             "max_length": 400},
+    "eval_sets": {"transfer": {"dataset_name": "arithmetic", "families": "transfer", "n_eval": 6},
+                  "missing": {"dataset_name": "gsm8k", "path": "/nonexistent/gsm8k.jsonl"}},
+    "train": {"steps": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "progress": False},
+    "eval": {"batch_size": 6, "generate": True, "n_generate": 3, "max_new_tokens": 4, "bootstrap": 200},
+    "methods": [{"name": "frozen", "method": "frozen"},
+                {"name": "lora", "method": "lora", "r": 2, "train": {"lr": [1e-4, 3e-2]}},
+                {"name": "head_ft", "method": "head_ft", "train": {"lr": [1e-5, 1e-3]}}],
+}
+
+
+@pytest.fixture(scope="module")
+def transfer_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    logs = []
+    res = run_experiment(TINY, out_root=out, log=logs.append)
+    return res, out / "transfer", logs
+
+
+def test_every_method_is_scored_on_test_and_on_every_eval_set(transfer_run):
+    res, out, _ = transfer_run
+    saved = json.loads((out / "results.json").read_text())
+    for c in saved["cells"]:
+        assert c["eval"]["perplexity"] > 0 and c["eval_sets"]["transfer"]["perplexity"] > 0
+        assert set(c["per_example"]) == {"test", "transfer"}
+        assert len(c["per_example"]["transfer"]["nll"]) == 6
+    assert saved["eval_sets"]["transfer"]["options"]["families"] == "transfer"
+
+
+def test_an_unreachable_eval_set_is_skipped_and_said_so(transfer_run):
+    res, out, logs = transfer_run
+    assert "missing" in res["eval_sets_skipped"]
+    report = (out / "report.md").read_text()
+    assert "**Eval set `missing` skipped**" in report
+    assert any("eval set missing: skipped" in line for line in logs)
+
+
+def test_the_sweep_keeps_the_value_with_the_lowest_validation_loss(transfer_run):
+    res, out, _ = transfer_run
+    for c in res["cells"]:
+        if c["method"] == "frozen":
+            continue
+        assert len(c["sweep"]) == 2
+        best = min(c["sweep"], key=lambda x: x["val_loss"])
+        assert c["train"]["chosen"] == {"lr": best["lr"]} and c["val_loss"] == best["val_loss"]
+        assert (out / c["method"] / f"seed{c['seed']}" / "sweep" / f"lr={best['lr']:g}").is_dir()
+
+
+def test_the_report_leads_with_in_distribution_vs_transfer_with_intervals(transfer_run):
+    res, out, _ = transfer_run
+    report = (out / "report.md").read_text()
+    assert report.index("## In-distribution vs transfer") < report.index("## Validation chooses")
+    assert "| method | test PPL | Δ vs frozen [95% CI] | transfer PPL | Δ vs frozen [95% CI] |" in report
+    from attnlab.report import ppl_change
+    r = ppl_change(res["cells"], "lora", "frozen", "transfer", n_boot=200)
+    assert r["lo"] <= r["change"] <= r["hi"] and len(r["seed_values"]) == 2
+    assert f"{100 * r['change']:+.1f}% [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]" in report
+    assert "| lora | 0 |" in report and "✓" in report  # the sweep table marks the chosen value
+    for f in ("loss_curves.png", "metrics.png"):
+        assert (out / f).is_file()
+
+
+def test_test_is_read_once_per_cell(tmp_path, monkeypatch):
+    import attnlab.experiment as ex
+
+    seen = []
+    real = ex.score
+
+    def counting(model, examples, *a, **k):
+        seen.append(id(examples))
+        return real(model, examples, *a, **k)
+
+    monkeypatch.setattr(ex, "score", counting)
+    cfg = {**TINY, "seeds": [0], "eval_sets": {}, "eval": {**TINY["eval"], "generate": False},
+           "methods": [TINY["methods"][1]]}
+    res = run_experiment(cfg, out_root=tmp_path, **quiet)
+    # validation is read by every sweep point (and early stopping); test exactly once, for the chosen point
+    test_ids = {i for i in seen if seen.count(i) == 1}
+    assert len(test_ids) == 1 and len(seen) >= 3
+
+
+def test_shipped_experiment_configs_use_eval_sets():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("quickstart", "backward_head", "factorized_attention"):
+        assert load_config(root / f"{name}.yaml")["eval_sets"], name
