@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,14 +86,58 @@ def load_backbone(spec: str = EMBEDDED, *, dtype: torch.dtype = torch.float32,
 
 
 def fingerprint(model: nn.Module, name: str) -> dict:
-    """What a saved plug-in must match to be loaded onto a base: name, sizes, embedding hash."""
+    """What a saved plug-in, a checkpoint or a finished result must match to be used with a base:
+    name, sizes, the input-embedding hash, and `body_sha256`, a hash of the architecture config
+    and of every frozen parameter and buffer of the base (name, shape, dtype and 192 sampled values
+    each), so a model with the same embedding and another body differs. It is the same with or
+    without an attnlab plug-in attached: plug-in parameters are trainable or named `lora_` /
+    `attnlab`, PEFT's `.base_layer` is folded back, and a replaced output head is hashed as the
+    original the plug-in keeps."""
     emb = model.get_input_embeddings().weight.detach().to(torch.float32).cpu().contiguous()
     return {
         "model": name,
         "vocab_size": int(emb.shape[0]),
         "hidden_size": int(emb.shape[1]),
         "embedding_sha256": hashlib.sha256(emb.numpy().tobytes()).hexdigest()[:16],
+        "body_sha256": _body_hash(model),
     }
+
+
+def fingerprint_hash(fp: dict) -> str:
+    """One short hash of a fingerprint (everything but the display name)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in fp.items() if k != "model"}, sort_keys=True).encode()
+                          ).hexdigest()[:16]
+
+
+_VOLATILE_CONFIG = ("name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
+
+
+def _sample(t: torch.Tensor) -> bytes:
+    x = t.detach().reshape(-1)
+    if x.numel() == 0:
+        return b""
+    step = max(1, x.numel() // 64)
+    return torch.cat([x[:64], x[-64:], x[::step][:64]]).to(torch.float32).cpu().numpy().tobytes()
+
+
+def _body_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    plugin = getattr(model, "_attnlab_plugin", None)
+    head_now = model.get_output_embeddings()
+    head = getattr(plugin, "_original", None) or head_now
+    emb = {id(t) for t in model.get_input_embeddings().parameters()}
+    skip = {id(t) for t in list(head_now.parameters()) + list(head_now.buffers())} - emb if head_now is not None else set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.requires_grad or id(t) in skip or "lora_" in name or "attnlab" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        h.update(f"|{name}|{tuple(t.shape)}|{t.dtype}|".encode() + _sample(t))
+    if head is not None:
+        for name, t in head.named_parameters():
+            h.update(f"|head.{name}|{tuple(t.shape)}|{t.dtype}|".encode() + _sample(t))
+    return h.hexdigest()[:16]
 
 
 def decoder(model: nn.Module) -> nn.Module:

@@ -450,9 +450,11 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                 log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: validation loss {val:.4f}")
             if best is None or (val is not None and (best[0] is None or val < best[0])):
                 best = (val, point, tr, plugin.state_dict() if len(points) > 1 else None, feats, n_trainable)
-        finally:
-            if len(points) > 1:
-                plugin.detach()
+        except BaseException:
+            plugin.detach()
+            raise
+        if len(points) > 1:
+            plugin.detach()
     val, point, tr, state, feats, n_trainable = best
     if len(points) > 1:  # the chosen point, re-attached
         seed_everything(seed)

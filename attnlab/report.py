@@ -437,12 +437,19 @@ def multi_markdown(results: dict) -> str:
                              f"{p['wins']}/{len(p['changes'])} | {summ[name]['trainable_params']:,} | "
                              f"{summ[baseline]['trainable_params']:,} |")
         lines.append("")
-    lines += ["| dataset | method | PPL | CE | next-tok acc | train tok/s |", "|---|---|---:|---:|---:|---:|"]
+    extra = list(dict.fromkeys(s for res in per.values() for s in res.get("eval_sets", {})))
+    lines += ["Test perplexity (in-distribution) and perplexity on each eval set (never trained on); the change "
+              "against frozen with its 95% interval is in each dataset's report.", "",
+              "| dataset | method | PPL | CE | next-tok acc | " + " | ".join(f"{s} PPL" for s in extra)
+              + (" | " if extra else "") + "train tok/s |", "|---|---|---:|---:|---:|" + "---:|" * len(extra) + "---:|"]
     for label, res in per.items():
+        others = {s: summarize(res["cells"], s) for s in extra}
         for name, r in summarize(res["cells"]).items():
             lines.append(f"| {label} | {name} | {_fmt(r['perplexity'], '{:.3f}')} | "
                          f"{_fmt(r['cross_entropy'], '{:.4f}')} | {_fmt(r['next_token_accuracy'], '{:.4f}')} | "
-                         f"{_fmt(r['tokens_per_s'], '{:.0f}')} |")
+                         + "".join(f"{_fmt(others[s].get(name, {}).get('perplexity', (None, None)), '{:.3f}')} | "
+                                   for s in extra)
+                         + f"{_fmt(r['tokens_per_s'], '{:.0f}')} |")
     lines += ["", "Reports: " + ", ".join(f"[{label}]({label}/report.md)" for label in per),
               "", f"Whole run: {results['wall_time_s']:.0f}s.", ""]
     return "\n".join(lines)

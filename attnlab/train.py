@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import write_dir
+from .atomic import remove_stale_temps, verify_dir, write_dir
+from .config import as_bool, as_float, as_int, as_mapping, reject_unknown
 from .data import IGNORE, Example, collate
-from .errors import AttnlabError
+from .errors import AttnlabError, ConfigError, DamagedFile
 from .evaluate import target_hidden, target_logits
 from .modules import Plugin
 
@@ -41,18 +42,44 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0       # gradient clipping; 0 turns it off
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 50       # 0: only at the end
+    eval_every: int = 0              # validation loss every N steps (needs a val_fn); 0: off
+    patience: int = 0                # stop after this many validations without improvement; 0: never
     progress: bool = True
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"need steps >= 0, batch_size >= 1, grad_accum >= 1; got {self.steps}, "
-                             f"{self.batch_size}, {self.grad_accum}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        w = "train"
+        self.steps = as_int(f"{w}.steps", self.steps, min=0)
+        self.batch_size = as_int(f"{w}.batch_size", self.batch_size, min=1)
+        self.grad_accum = as_int(f"{w}.grad_accum", self.grad_accum, min=1)
+        self.lr = as_float(f"{w}.lr", self.lr, min=0, strict_min=True)
+        self.weight_decay = as_float(f"{w}.weight_decay", self.weight_decay, min=0)
+        self.warmup_steps = as_int(f"{w}.warmup_steps", self.warmup_steps, min=0)
+        self.min_lr_ratio = as_float(f"{w}.min_lr_ratio", self.min_lr_ratio, min=0, max=1)
+        self.max_grad_norm = as_float(f"{w}.max_grad_norm", self.max_grad_norm, min=0)
+        self.seed = as_int(f"{w}.seed", self.seed)
+        self.log_every = as_int(f"{w}.log_every", self.log_every, min=1)
+        self.checkpoint_every = as_int(f"{w}.checkpoint_every", self.checkpoint_every, min=0)
+        self.eval_every = as_int(f"{w}.eval_every", self.eval_every, min=0)
+        self.patience = as_int(f"{w}.patience", self.patience, min=0)
+        self.progress = as_bool(f"{w}.progress", self.progress)
+
+    @classmethod
+    def from_dict(cls, d, where: str = "train") -> "TrainConfig":
+        """Validated TrainConfig from a config section; unknown keys name the allowed ones."""
+        d = as_mapping(where, d)
+        reject_unknown(where, d, [f.name for f in fields(cls)])
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("train.", f"{where}.", 1)) from None
+
+
+class ResumeMismatch(AttnlabError, ValueError):
+    """A checkpoint written for another base, data, plug-in or training settings."""
 
 
 class NonFiniteLoss(AttnlabError, RuntimeError):
@@ -66,6 +93,9 @@ class TrainResult:
     seconds: float
     history: list = field(default_factory=list)
     resumed_from: int = 0
+    val_history: list = field(default_factory=list)   # [[step, validation loss], ...]
+    best_step: int | None = None                       # the step whose weights were kept (early stopping)
+    stopped_early: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -129,14 +159,20 @@ class TargetLoss(nn.Module):
 
 def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainConfig,
           out_dir: str | os.PathLike | None = None, pad_id: int = 0, accelerator=None,
-          features=None) -> TrainResult:
+          features=None, val_fn=None, run_fingerprint: dict | None = None, log=print) -> TrainResult:
     """Train `plugin`'s parameters (attached to the frozen `model`) on `examples`.
 
     `features` (a FeatureCache of the same examples) lets a head-only plug-in train from the base's
     cached hidden states instead of running the frozen body every step.
 
-    With `out_dir`, metrics go to out_dir/metrics.jsonl and checkpoints to out_dir/checkpoint; a
-    second call with the same out_dir resumes from the last checkpoint."""
+    `val_fn()` (the validation loss of the model as it is, no gradients) is called every
+    `cfg.eval_every` steps and at the end; the plug-in ends with the weights of the best
+    validation, and `cfg.patience` stops early after that many validations without improvement.
+
+    With `out_dir`, metrics go to out_dir/metrics.jsonl and checkpoints to out_dir/checkpoint
+    (verified by checksum on resume; the previous one is kept as checkpoint.prev); a second call
+    with the same out_dir resumes from the last good checkpoint. `run_fingerprint` (base, data,
+    plug-in) is stored with it, and a checkpoint of another run is refused, not resumed."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -158,18 +194,20 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     loss_module, opt = accelerator.prepare(TargetLoss(model, plugin.objective), opt)
+    validate = val_fn is not None and cfg.eval_every > 0
 
-    start, history = 0, []
+    st = _State()
     if out is not None:
-        start, history = _resume(out, plugin, opt, cfg)
-    tokens = sum(h["tokens"] for h in history[-1:]) if history else 0
-    seconds = history[-1]["elapsed_s"] if history else 0.0
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or not accelerator.is_main_process,
+        st = _resume(out, plugin, opt, cfg, run_fingerprint, log)
+    history = st.history
+    tokens, seconds = st.tokens, st.elapsed_s
+    bar = tqdm(total=cfg.steps, initial=st.step, disable=not cfg.progress or not accelerator.is_main_process,
                desc=f"train {plugin.method}", mininterval=1.0, dynamic_ncols=True)
     t0 = time.perf_counter() - seconds
     dev = accelerator.device
     world = accelerator.num_processes
-    for step in range(start, cfg.steps):
+    step = st.step
+    for step in range(st.step, cfg.steps if not st.stopped_early else st.step):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -195,8 +233,11 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
         # Several processes: gradients a plug-in adds after the micro-batches are averaged like DDP's.
         plugin.on_step_end(reduce=(lambda t: accelerator.reduce(t, "mean")) if world > 1 else None)
         loss_sum = float(accelerator.reduce(local, "sum")) if world > 1 else float(local)
-        grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        grad_norm = float(grad_norm)
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
+        else:
+            norms = [p.grad.detach().norm() for p in params.values() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
             where = f"{out / CKPT}" if out is not None and (out / CKPT).exists() else "none was written yet"
@@ -209,17 +250,39 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
         elapsed = time.perf_counter() - t0
         rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "elapsed_s": round(elapsed, 3), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
-        history.append(rec)
+        last = step + 1 == cfg.steps
+        if validate and ((step + 1) % cfg.eval_every == 0 or last):
+            val = float(val_fn())
+            rec["val_loss"] = val
+            st.val_history.append([step + 1, val])
+            if st.best_val is None or val < st.best_val:
+                st.best_val, st.best_step, st.bad = val, step + 1, 0
+                st.best_state = plugin.state_dict()
+            else:
+                st.bad += 1
+                if cfg.patience and st.bad >= cfg.patience:
+                    st.stopped_early = True
+        logged = (step + 1) % cfg.log_every == 0 or last or st.stopped_early
+        if logged:
+            history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        st.step, st.tokens, st.elapsed_s = step + 1, tokens, round(elapsed, 3)
         if out is not None and accelerator.is_main_process:
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if logged:
                 _append_jsonl(out / "metrics.jsonl", rec)
-            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
-                save_checkpoint(out / CKPT, plugin, opt, step + 1, cfg)
+            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last or st.stopped_early:
+                save_checkpoint(out / CKPT, plugin, opt, st, cfg, run_fingerprint)
+        if st.stopped_early:
+            log(f"[attnlab] {plugin.method}: stopped early at step {step + 1}: validation has not improved for "
+                f"{cfg.patience} evaluations (best {st.best_val:.4f} at step {st.best_step})")
+            break
     bar.close()
-    return TrainResult(steps=cfg.steps, tokens=tokens, seconds=time.perf_counter() - t0, history=history,
-                       resumed_from=start)
+    if st.best_state is not None:
+        plugin.load_state_dict(st.best_state)
+    return TrainResult(steps=st.step, tokens=tokens, seconds=time.perf_counter() - t0, history=history,
+                       resumed_from=st.resumed_from, val_history=st.val_history,
+                       best_step=st.best_step, stopped_early=st.stopped_early)
 
 
 class _nullcontext:
@@ -236,28 +299,53 @@ def _append_jsonl(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-# --- checkpoints: safetensors + JSON, written atomically -----------------------------------------
+# --- checkpoints: safetensors + JSON + a checksum manifest, written atomically -------------------
 
-def save_checkpoint(path: Path, plugin: Plugin, opt, step: int, cfg: TrainConfig) -> None:
-    """Plug-in weights, AdamW moments and RNG state at `step`; replaces the previous checkpoint only
-    once the new one is complete on disk."""
+@dataclass
+class _State:
+    """Where training is: everything a resume needs besides the weights and optimizer moments."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    history: list = field(default_factory=list)
+    val_history: list = field(default_factory=list)
+    best_val: float | None = None
+    best_step: int | None = None
+    bad: int = 0
+    best_state: dict | None = None
+    stopped_early: bool = False
+    resumed_from: int = 0
+
+
+def save_checkpoint(path: Path, plugin: Plugin, opt, st: _State, cfg: TrainConfig,
+                    run_fingerprint: dict | None = None) -> None:
+    """Plug-in weights, AdamW moments, RNG states and the trainer's state at `st.step`; replaces
+    the previous checkpoint (kept as checkpoint.prev) only once the new one is complete on disk."""
     names = list(plugin.trainable_parameters())
     by_param = {id(p): n for n, p in plugin.trainable_parameters().items()}
     moments = {}
-    for p, st in opt.state.items():
-        for k, v in st.items():
+    for p, s in opt.state.items():
+        for k, v in s.items():
             if torch.is_tensor(v):
                 moments[f"{by_param[id(p)]}::{k}"] = v.detach().cpu().contiguous()
     moments["__rng__"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, r in enumerate(torch.cuda.get_rng_state_all()):
+            moments[f"__cuda_rng_{i}__"] = r
 
     def write(tmp):
         save_file(plugin.state_dict(), str(tmp / "plugin.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "params": names, "train": asdict(cfg),
-                                                    "method": plugin.method,
-                                                    "plugin": _plain(asdict(plugin.config))}))
+        if st.best_state is not None:
+            save_file(st.best_state, str(tmp / "best.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "step": st.step, "tokens": st.tokens, "elapsed_s": st.elapsed_s, "params": names,
+            "train": asdict(cfg), "method": plugin.method, "plugin": _plain(asdict(plugin.config)),
+            "run": _plain(run_fingerprint), "val_history": st.val_history, "best_val": st.best_val,
+            "best_step": st.best_step, "bad": st.bad, "stopped_early": st.stopped_early}))
 
-    write_dir(path, write, replace=True)
+    write_dir(path, write, replace=True, keep_previous=f"{path.name}.prev")
 
 
 def _plain(obj):
@@ -265,28 +353,70 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig) -> tuple[int, list]:
-    ckpt = out / CKPT
-    if not ckpt.exists() and (out / f".{CKPT}.old").exists():
-        ckpt = out / f".{CKPT}.old"  # a crash between the two renames of write_dir
+_IGNORED = ("progress", "checkpoint_every", "log_every")
+
+
+def _read_checkpoint(ckpt: Path) -> dict:
+    """state.json of a checkpoint whose files all match its manifest, else DamagedFile."""
     if not (ckpt / "state.json").is_file():
+        raise DamagedFile(f"{ckpt / 'state.json'} is missing")
+    verify_dir(ckpt)
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        int(state["step"])
+        return state
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise DamagedFile(f"{ckpt / 'state.json'} is damaged (not the JSON a checkpoint writes)") from None
+
+
+def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig, run_fingerprint: dict | None, log) -> _State:
+    stale = remove_stale_temps(out, CKPT) if out.is_dir() else 0
+    if stale:
+        log(f"[attnlab] removed {stale} half-written checkpoint folder(s) in {out}")
+    candidates = [out / CKPT, out / f"{CKPT}.prev", out / f".{CKPT}.old"]  # .old: a crash between two renames
+    state = ckpt = None
+    for c in candidates:
+        if not c.exists():
+            continue
+        try:
+            state, ckpt = _read_checkpoint(c), c
+            moments = load_file(str(c / "optimizer.safetensors"))
+            weights = load_file(str(c / "plugin.safetensors"))
+            best = load_file(str(c / "best.safetensors")) if (c / "best.safetensors").is_file() else None
+            break
+        except (DamagedFile, OSError, RuntimeError, ValueError) as e:
+            log(f"[attnlab] checkpoint {c} is damaged ({' '.join(str(e).split())[:200]}); trying an earlier one")
+            state = ckpt = None
+    if state is None:
+        if any(c.exists() for c in candidates):
+            log(f"[attnlab] no usable checkpoint in {out}: starting {plugin.method} from step 0")
         if (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()  # metrics of a run that never checkpointed
-        return 0, []
-    state = json.loads((ckpt / "state.json").read_text())
-    saved_cfg = {k: v for k, v in state["train"].items() if k not in ("progress", "checkpoint_every", "log_every")}
-    now_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_every", "log_every")}
+        return _State()
+    saved_cfg = {k: v for k, v in state["train"].items() if k not in _IGNORED}
+    now_cfg = {k: v for k, v in asdict(cfg).items() if k not in _IGNORED}
     changed = {k: (saved_cfg.get(k), v) for k, v in now_cfg.items() if saved_cfg.get(k) != v}
     if changed:
-        raise ValueError(f"{ckpt} was written with other training settings {changed}; "
-                         f"delete {out} (or run with --fresh) to start over")
+        raise ResumeMismatch(f"{ckpt} was written with other training settings {changed}; delete {out} (or run "
+                             f"with --fresh) to start over")
     if "plugin" in state and (state["method"], state["plugin"]) != (plugin.method, _plain(asdict(plugin.config))):
-        raise ValueError(f"{ckpt} was written by '{state['method']}' with options {state['plugin']}, not "
-                         f"'{plugin.method}' with {_plain(asdict(plugin.config))}; delete {out} (or run with "
-                         f"--fresh) to start over")
-    plugin.load_state_dict(load_file(str(ckpt / "plugin.safetensors")))
-    moments = load_file(str(ckpt / "optimizer.safetensors"))
+        raise ResumeMismatch(f"{ckpt} was written by '{state['method']}' with options {state['plugin']}, not "
+                             f"'{plugin.method}' with {_plain(asdict(plugin.config))}; delete {out} (or run with "
+                             f"--fresh) to start over")
+    saved_run, now_run = state.get("run"), _plain(run_fingerprint)
+    if saved_run is not None or now_run is not None:
+        keys = sorted(set(saved_run or {}) | set(now_run or {}))
+        differ = [k for k in keys if (saved_run or {}).get(k) != (now_run or {}).get(k)]
+        if differ:
+            raise ResumeMismatch(f"{ckpt} belongs to a run with another {', '.join(differ)} "
+                                 f"({'; '.join(f'{k}: {(saved_run or {}).get(k)} then, {(now_run or {}).get(k)} now' for k in differ)[:300]}); "
+                                 f"rerun with --fresh or another out_dir to start over")
+    plugin.load_state_dict(weights)
     torch.set_rng_state(moments.pop("__rng__"))
+    cuda = sorted(k for k in moments if k.startswith("__cuda_rng_"))
+    states = [moments.pop(k) for k in cuda]
+    if states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states)
     params = plugin.trainable_parameters()
     for key, v in moments.items():
         name, k = key.split("::")
@@ -295,9 +425,20 @@ def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig) -> tuple[int, list
     step = int(state["step"])
     history = []
     if (out / "metrics.jsonl").exists():
-        history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        history = [h for h in history if h["step"] <= step]
+        for i, line in enumerate((out / "metrics.jsonl").read_text(errors="replace").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                history.append(json.loads(line))
+            except json.JSONDecodeError:
+                log(f"[attnlab] {out / 'metrics.jsonl'} line {i + 1} is torn; dropped")
+        history = [h for h in history if isinstance(h, dict) and h.get("step", 1e18) <= step]
         tmp = out / ".metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
         os.replace(tmp, out / "metrics.jsonl")
-    return step, history
+    log(f"[attnlab] {plugin.method}: resumed from step {step} ({ckpt.name})")
+    return _State(step=step, tokens=int(state.get("tokens", history[-1]["tokens"] if history else 0)),
+                  elapsed_s=float(state.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0)),
+                  history=history, val_history=state.get("val_history", []), best_val=state.get("best_val"),
+                  best_step=state.get("best_step"), bad=int(state.get("bad", 0)), best_state=best,
+                  stopped_early=bool(state.get("stopped_early")), resumed_from=step)

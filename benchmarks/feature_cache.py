@@ -31,7 +31,7 @@ def main():
     a = ap.parse_args()
     bb = attnlab.load_backbone(a.model)
     pad = bb.tokenizer.pad_token_id
-    s = build_splits({"dataset_name": "arithmetic", "n_train": a.n, "n_eval": 1, "max_length": 192}, bb.tokenizer)
+    s = build_splits({"dataset_name": "arithmetic", "n_train": a.n, "n_val": 0, "n_eval": 1, "max_length": 192}, bb.tokenizer)
     cfg = TrainConfig(steps=a.n // a.batch_size, batch_size=a.batch_size, lr=1e-3, warmup_steps=1, progress=False)
     opts = {"preset": a.preset} if a.method == "backward_head" else {}
     with tempfile.TemporaryDirectory() as root:

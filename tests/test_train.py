@@ -2,6 +2,8 @@ import json
 import math
 
 import pytest
+
+from attnlab.atomic import write_manifest
 import torch
 
 from attnlab import attach
@@ -34,7 +36,7 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="lr must be"):
+    with pytest.raises(ValueError, match="train.lr: nan is not a finite number"):
         TrainConfig(lr=float("nan"))
 
 
@@ -71,6 +73,7 @@ def test_seeded_runs_are_identical_and_resume_is_exact(tiny_llama, tmp_path):
     state = json.loads((tmp_path / "c" / "checkpoint" / "state.json").read_text())
     state["train"]["steps"] = 6  # as if the first run had been stopped after step 3 of 6
     (tmp_path / "c" / "checkpoint" / "state.json").write_text(json.dumps(state))
+    write_manifest(tmp_path / "c" / "checkpoint")  # the checkpoint a 6-step run writes at step 3
     resumed, w_resumed = _run(tiny_llama, tmp_path / "c", 6, checkpoint_every=3)
     assert resumed.resumed_from == 3
     for k in w_full:

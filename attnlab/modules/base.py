@@ -153,7 +153,9 @@ def read_plugin_config(path: str | os.PathLike) -> dict:
 def check_fingerprint(saved: dict, model: nn.Module, path) -> None:
     """Refuse a plug-in trained on another base: sizes and the embedding hash must match."""
     now = fingerprint(model, _model_name(model))
-    for key in ("vocab_size", "hidden_size", "embedding_sha256"):
+    for key in ("vocab_size", "hidden_size", "embedding_sha256", "body_sha256"):
+        if key == "body_sha256" and key not in saved:
+            continue  # saved before the body was fingerprinted: sizes and embedding only
         if saved.get(key) != now[key]:
             raise PluginError(
                 f"{path} was trained on base '{saved.get('model')}' ({key}={saved.get(key)}), but this base "
