@@ -20,8 +20,18 @@ from .backbone import decoder
 from .data import IGNORE, Example, collate, collate_prompts
 
 # --- answers -------------------------------------------------------------------------------------
+#
+# An answer counts only when the model gave one: an explicit final-answer marker (\boxed{}, '####',
+# 'The answer is', 'Answer:') anywhere, or, in a generation that finished (ended with EOS before
+# max_new_tokens), its last number. A cut-off generation without a marker is unanswered: its last
+# digits are wherever the cut fell, not an answer. Numbers with more than 15 significant digits
+# are unparsed (runaway digit strings, beyond float precision).
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_MARKERS = [re.compile(r"####\s*([^\n]+)"),
+            re.compile(r"[Tt]he (?:final )?answer is:?\s*\$?([^\n]+?)\s*(?:\.\s*)?$", re.M),
+            re.compile(r"^\s*(?:Final )?[Aa]nswer:\s*([^\n]+?)\s*$", re.M)]
+MAX_DIGITS = 15
 
 
 def _last_boxed(text: str) -> str | None:
@@ -36,17 +46,19 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a solution: the last \\boxed{...}, else what follows '####', else the
-    last number in the text, else None."""
+def extract_answer(text: str, finished: bool = True) -> str | None:
+    """The final answer of a solution: the last \\boxed{...}, else the last '#### X', 'The answer
+    is X' or 'Answer: X'; else, only if the generation `finished`, its last number; else None."""
     if not text:
         return None
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
-    m = re.search(r"####\s*([^\n]+)", text)
-    if m:
-        return m.group(1).strip()
+    found = [(m.start(), m.group(1).strip()) for rx in _MARKERS for m in rx.finditer(text)]
+    if found:
+        return max(found)[1]
+    if not finished:
+        return None
     nums = _NUMBER.findall(text)
     return nums[-1] if nums else None
 
@@ -62,13 +74,14 @@ def normalize_answer(ans: str | None) -> str:
     s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
     s = s.rstrip(".").strip()
     num = parse_number(s)
-    if num is not None and math.isfinite(num) and num == int(num) and abs(num) < 1e15:
+    if num is not None and num == int(num) and abs(num) < 1e15:
         return str(int(num))
     return re.sub(r"\s+", " ", s)
 
 
 def parse_number(ans: str | None) -> float | None:
-    """A float from '42', '-3.5', '1,234', '3/4', '\\frac{3}{4}', '$12', '50%' (-> 50); else None."""
+    """A float from '42', '-3.5', '1,234', '3/4', '\\frac{3}{4}', '$12', '50%' (-> 50); else None.
+    More than 15 significant digits, inf and nan are not numbers here."""
     if ans is None:
         return None
     s = str(ans).strip().replace("$", "").replace(",", "").rstrip(".").strip()
@@ -76,13 +89,16 @@ def parse_number(ans: str | None) -> float | None:
     m = re.fullmatch(r"\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", s)
     if m:
         s = f"{m.group(1)}/{m.group(2)}"
-    try:
-        if re.fullmatch(r"-?[\d.]+/-?[\d.]+", s):
-            a, b = s.split("/")
-            return float(a) / float(b) if float(b) != 0 else None
-        return float(s)
-    except ValueError:
+    if not re.fullmatch(r"-?(\d+\.?\d*|\.\d+)(/-?(\d+\.?\d*|\.\d+))?", s):
         return None
+    for part in s.split("/"):
+        if len(part.lstrip("-").replace(".", "").lstrip("0")) > MAX_DIGITS:
+            return None
+    if "/" in s:
+        a, b = s.split("/")
+        return float(a) / float(b) if float(b) != 0 else None
+    x = float(s)
+    return x if math.isfinite(x) else None
 
 
 def answers_match(pred: str | None, gold: str | None) -> bool:
@@ -91,16 +107,17 @@ def answers_match(pred: str | None, gold: str | None) -> bool:
     a, b = parse_number(pred), parse_number(gold)
     if a is not None and b is not None:
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    return normalize_answer(pred) == normalize_answer(gold)
+    return bool(normalize_answer(pred)) and normalize_answer(pred) == normalize_answer(gold)
 
 
-def token_prf(pred: str | None, gold: str | None) -> tuple[float, float, float]:
-    """Token-level precision, recall, F1 of the answer strings (SQuAD-style bag of tokens)."""
+def token_prf(pred: str | None, gold: str | None) -> tuple[float, float, float] | None:
+    """Token-level precision, recall, F1 of two answer strings (SQuAD-style bag of tokens), for
+    text answers. None when the gold is empty: there is nothing to score against."""
     p = normalize_answer(pred).split()
     g = normalize_answer(gold).split()
-    if not p and not g:
-        return 1.0, 1.0, 1.0
-    if not p or not g:
+    if not g:
+        return None
+    if not p:
         return 0.0, 0.0, 0.0
     common = 0
     rest = list(g)
@@ -114,36 +131,57 @@ def token_prf(pred: str | None, gold: str | None) -> tuple[float, float, float]:
     return prec, rec, 2 * prec * rec / (prec + rec)
 
 
-def numeric_errors(preds: list, golds: list) -> dict:
-    """MSE, RMSE and median absolute error over the pairs where both answers parse as numbers."""
-    errs = []
+def numeric_errors(preds: list, golds: list, max_abs: float = 1e6) -> dict:
+    """Errors of the answers that parse as numbers: the median absolute error over all of them,
+    and MSE / RMSE only over those with |prediction| and |gold| <= max_abs (a runaway number
+    would otherwise be the whole RMSE), with both counts."""
+    errs, in_range = [], []
     for p, g in zip(preds, golds):
         a, b = parse_number(p), parse_number(g)
         if a is not None and b is not None:
             errs.append(a - b)
-    out = {"n_parsed": len(errs), "n_total": len(golds)}
-    if errs:
-        mse = sum(e * e for e in errs) / len(errs)
-        out.update(mse=mse, rmse=math.sqrt(mse), median_abs_error=statistics.median(abs(e) for e in errs))
+            if abs(a) <= max_abs and abs(b) <= max_abs:
+                in_range.append(a - b)
+    out = {"n_parsed": len(errs), "n_in_range": len(in_range), "n_total": len(golds), "rmse_range": max_abs,
+           "median_abs_error": statistics.median(abs(e) for e in errs) if errs else None}
+    if in_range:
+        mse = sum(e * e for e in in_range) / len(in_range)
+        out.update(mse=mse, rmse=math.sqrt(mse))
     else:
-        out.update(mse=None, rmse=None, median_abs_error=None)
+        out.update(mse=None, rmse=None)
     return out
 
 
-def answer_metrics(texts: list[str], golds: list[str | None]) -> dict:
-    """Exact-match accuracy, token P/R/F1 and numeric errors of generated solutions."""
-    preds = [extract_answer(t) for t in texts]
-    prf = [token_prf(p, g) for p, g in zip(preds, golds)]
-    n = max(len(golds), 1)
+def answer_metrics(texts: list[str], golds: list[str | None], finished: list[bool] | None = None) -> dict:
+    """Answer accuracy and its companions over generated solutions.
+
+    Problems without a gold answer are left out of every number and counted (`n_no_gold`).
+    accuracy = right / problems. precision = right / answers given (how often an answer, when
+    the model commits to one, is right); recall = right / problems (= accuracy); F1 their harmonic
+    mean: it differs from accuracy when the model often gives no answer. `per_example['correct']`
+    lists 0/1 per problem with a gold answer, in order (for paired intervals)."""
+    finished = list(finished) if finished is not None else [True] * len(texts)
+    keep = [i for i, g in enumerate(golds) if g is not None and str(g).strip()]
+    preds = [extract_answer(texts[i], finished[i]) for i in keep]
+    gold = [golds[i] for i in keep]
+    correct = [int(answers_match(p, g)) for p, g in zip(preds, gold)]
+    n = len(keep)
+    given = sum(p is not None for p in preds)
+    right = sum(correct)
+    prec = right / given if given else None
+    rec = right / n if n else None
     out = {
-        "accuracy": sum(answers_match(p, g) for p, g in zip(preds, golds)) / n,
-        "precision": sum(x[0] for x in prf) / n,
-        "recall": sum(x[1] for x in prf) / n,
-        "f1": sum(x[2] for x in prf) / n,
-        "n_answered": sum(p is not None for p in preds),
-        "n_generated": len(golds),
+        "accuracy": rec,
+        "precision": prec,
+        "recall": rec,
+        "f1": (2 * prec * rec / (prec + rec) if prec and rec else (0.0 if prec is not None and rec is not None else None)),
+        "n_answered": given,
+        "n_generated": len(texts),
+        "n_no_gold": len(texts) - n,
+        "n_finished": sum(bool(f) for f in finished),
     }
-    out.update(numeric_errors(preds, golds))
+    out.update(numeric_errors(preds, gold))
+    out["per_example"] = {"correct": correct}
     return out
 
 
@@ -225,17 +263,25 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
     nll = correct = n = 0.0
     kl = agree = 0.0
     offset = 0
+    ex_nll, ex_tok, ex_kl = [], [], []
     for chunk in _batches(examples, batch_size):
         batch = {k: v.to(dev) for k, v in collate(chunk, pad_id).items()}
         logits, tokens = target_logits(model, batch)
+        # rows come example by example (boolean-mask order is row-major)
+        counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
         logp = F.log_softmax(logits.float(), dim=-1)
-        nll += -logp.gather(1, tokens[:, None]).sum().item()
+        tok_nll = -logp.gather(1, tokens[:, None])[:, 0]
+        nll += tok_nll.sum().item()
+        ex_nll += [x.sum().item() for x in tok_nll.split(counts)]
+        ex_tok += counts
         correct += (logp.argmax(-1) == tokens).sum().item()
         n += tokens.numel()
         if reference is not None:
             h = reference.hidden[offset: offset + tokens.numel()].to(dev)
             ref_logp = F.log_softmax(reference.head(h).float(), dim=-1)
-            kl += kl_divergence(ref_logp, logp).sum().item()
+            tok_kl = kl_divergence(ref_logp, logp)
+            kl += tok_kl.sum().item()
+            ex_kl += [x.sum().item() for x in tok_kl.split(counts)]
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             offset += tokens.numel()
     if n == 0:
@@ -243,11 +289,13 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
     ce = nll / n
     out = {"cross_entropy": ce, "perplexity": math.exp(min(ce, 700)), "next_token_accuracy": correct / n,
            "target_tokens": int(n)}
+    out["per_example"] = {"nll": ex_nll, "n_tokens": ex_tok}
     if reference is not None:
         if offset != reference.hidden.shape[0]:
             raise ValueError("the reference was computed on other examples (target counts differ)")
         out["kl_base_model"] = kl / n
         out["top1_agreement"] = agree / n
+        out["per_example"]["kl"] = ex_kl
     return out
 
 
@@ -256,7 +304,8 @@ def generate(model: nn.Module, tokenizer, examples: list[Example], max_new_token
              batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, stats: dict | None = None) -> list[str]:
     """Continue each example's prompt (greedy by default); returns the generated text only.
-    With a `stats` dict, counts the outputs cut off at max_new_tokens in stats["n_cut_off"]."""
+    With a `stats` dict, counts the outputs cut off at max_new_tokens in stats["n_cut_off"] and
+    lists per example whether it finished (ended before max_new_tokens) in stats["finished"]."""
     dev = _device(model)
     texts = []
     eos = tokenizer.eos_token_id
@@ -272,6 +321,8 @@ def generate(model: nn.Module, tokenizer, examples: list[Example], max_new_token
         new = out[:, batch["input_ids"].shape[1]:]
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
         if stats is not None:
-            cut = (new.shape[1] == max_new_tokens) & ~(new == eos).any(dim=1)
+            ended = (new == eos).any(dim=1) if eos is not None else torch.zeros(len(new), dtype=torch.bool)
+            cut = (new.shape[1] == max_new_tokens) & ~ended
             stats["n_cut_off"] = stats.get("n_cut_off", 0) + int(cut.sum())
+            stats.setdefault("finished", []).extend((~cut).tolist())
     return texts

@@ -45,7 +45,7 @@ def test_token_prf_hand_computed():
     assert (p, r) == (2 / 3, 0.5) and math.isclose(f, 4 / 7)
     assert token_prf("x", "y") == (0.0, 0.0, 0.0)
     assert token_prf(None, "y") == (0.0, 0.0, 0.0)
-    assert token_prf("", "") == (1.0, 1.0, 1.0)
+    assert token_prf("", "") is None  # an empty gold is not scored (it used to count as a perfect 1.0)
 
 
 def test_numeric_errors_hand_computed():
@@ -109,3 +109,50 @@ def test_score_matches_a_manual_computation(tiny):
 def test_score_rejects_empty_input(tiny):
     with pytest.raises(ValueError, match="at least one example"):
         score(tiny.model, [], 0)
+
+
+# --- sound answer metrics (issue 10) -------------------------------------------------------------
+
+def test_a_127_digit_run_is_unparsed():
+    run = "9" * 127
+    assert parse_number(run) is None and parse_number("1" * 16) is None and parse_number("1" * 15) == 111111111111111
+    m = answer_metrics([f"so {run}"], ["5"])
+    assert m["n_parsed"] == 0 and m["rmse"] is None and m["accuracy"] == 0.0
+
+
+def test_an_empty_gold_is_excluded_and_counted_not_scored_as_right():
+    m = answer_metrics(["#### 3", "#### 4", "#### 5"], ["3", "", None])
+    assert m["n_no_gold"] == 2 and m["accuracy"] == 1.0 and m["per_example"]["correct"] == [1]
+    assert answer_metrics(["#### "], [""])["accuracy"] is None
+
+
+def test_a_cut_off_generation_without_a_marker_is_unparsed():
+    assert extract_answer("3 + 4 = 7 then 7 * 2 = 1", finished=False) is None
+    assert extract_answer("3 + 4 = 7\n#### 7\nand then 99", finished=False) == "7"
+    assert extract_answer("So the answer is 12.", finished=False) == "12"
+    assert extract_answer("3 + 4 = 7", finished=True) == "7"
+    m = answer_metrics(["we get 12", "#### 12"], ["12", "12"], finished=[False, False])
+    assert m["per_example"]["correct"] == [0, 1] and m["n_answered"] == 1
+
+
+def test_rmse_leaves_out_of_range_answers_out_and_says_so():
+    m = numeric_errors(["10", "12", "5000000"], ["10", "10", "10"], max_abs=1e6)
+    assert m["n_parsed"] == 3 and m["n_in_range"] == 2 and m["rmse_range"] == 1e6
+    assert m["rmse"] == pytest.approx(math.sqrt(2)) and m["median_abs_error"] == 2
+
+
+def test_precision_differs_from_accuracy_when_answers_are_missing():
+    m = answer_metrics(["#### 1", "#### 9", "no idea", "thinking"], ["1", "2", "3", "4"], finished=[True, True, True, False])
+    # answered: "1" (right), "9" (wrong); "no idea" finished without a number; "thinking" was cut off
+    assert m["accuracy"] == 0.25 and m["recall"] == 0.25 and m["precision"] == 0.5
+    assert m["f1"] == pytest.approx(2 * 0.5 * 0.25 / 0.75)
+
+
+def test_score_per_example_nll_sums_to_the_total(tiny):
+    s = tiny_splits(tiny, n_train=2, n_eval=5)
+    ref = base_reference(tiny.model, s.eval, tiny.tokenizer.pad_token_id, 2)
+    m = score(tiny.model, s.eval, tiny.tokenizer.pad_token_id, 2, reference=ref)
+    pe = m["per_example"]
+    assert len(pe["nll"]) == len(pe["n_tokens"]) == len(pe["kl"]) == 5
+    assert sum(pe["n_tokens"]) == m["target_tokens"] == sum(e.n_target for e in s.eval)
+    assert sum(pe["nll"]) / sum(pe["n_tokens"]) == pytest.approx(m["cross_entropy"], rel=1e-6)
