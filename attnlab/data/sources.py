@@ -2,7 +2,8 @@
 
 A data config names one adapter with `dataset_name` (as the research proposals' config.yaml does):
 
-  arithmetic         offline: seeded multi-step word problems (the default math data)
+  arithmetic         offline: seeded multi-step word problems, 30 families x 5 levels (`families:`
+                     train | transfer | all, `level:` 1..5); see data/arithmetic.py
   python_docs        offline: the English prose of Python's own documentation (pydoc_data.topics)
   python_stdlib      offline: Python standard-library sources, as a code corpus
   gsm8k              `path:` a GSM8K-format JSONL (question, answer ending '#### N'); else HF openai/gsm8k
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..errors import AttnlabError, ConfigError, DataError
-from . import arithmetic
+from .arithmetic import iter_problems
 from .records import BadRecord, Record, require_text
 
 _CALC = re.compile(r"<<[^>]*>>")
@@ -172,9 +173,7 @@ def metamath_record(raw, cfg) -> Record:
 
 def _arithmetic_rows(cfg):
     # endless: the splitter reads until each split (by hash) has what it needs
-    if not hasattr(arithmetic, "iter_problems"):  # TEMPORARY until generator v2 lands
-        return iter(arithmetic.arithmetic_problems(20000, seed=int(cfg.get("seed", 0))))
-    return arithmetic.iter_problems(seed=int(cfg.get("seed", 0)), level=cfg.get("level"), families=cfg.get("families", "train"))
+    return iter_problems(seed=int(cfg.get("seed", 0)), level=cfg.get("level"), families=cfg.get("families", "train"))
 
 
 # --- plain text and code -------------------------------------------------------------------------
