@@ -114,8 +114,9 @@ def cmd_data_preview(a) -> int:
         return 0
     log = SkipLog()
     recs = load_records(_data_cfg(a), limit=a.n, log=log)
-    for r in recs:
-        print(json.dumps(r.to_dict(), ensure_ascii=False)[: a.width])
+    for r in recs:  # each field cut to --width, so every line stays valid JSON
+        print(json.dumps({k: v[: a.width] + "…" if isinstance(v, str) and len(v) > a.width else v
+                          for k, v in r.to_dict().items()}, ensure_ascii=False))
     print(f"# {a.dataset}: {log.summary()}" + (f"; first problems: {log.examples}" if log.examples else ""),
           file=sys.stderr)
     if a.model:
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(dp, 3)
     dp.add_argument("--model", help="also tokenize with this model and report truncation")
     dp.add_argument("--list", action="store_true", help="list the dataset names and exit")
-    dp.add_argument("--width", type=int, default=400, help="characters shown per record")
+    dp.add_argument("--width", type=int, default=400, help="characters shown per field")
     dp.set_defaults(func=cmd_data_preview)
 
     from .profile import DEFAULT_VARIANTS, LENGTHS

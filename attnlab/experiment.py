@@ -449,7 +449,8 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             if len(points) > 1:
                 log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: validation loss {val:.4f}")
             if best is None or (val is not None and (best[0] is None or val < best[0])):
-                best = (val, point, tr, plugin.state_dict() if len(points) > 1 else None, feats, n_trainable)
+                best = (val, point, tr, {k: v.clone() for k, v in plugin.state_dict().items()} if len(points) > 1
+                        else None, feats, n_trainable)
         except BaseException:
             plugin.detach()
             raise

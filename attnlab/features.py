@@ -4,7 +4,8 @@ The base never changes, so one pass over the training set is enough for every ep
 seed that only trains the output head. Hidden states are stored in fp16 (.npy, memory-mapped on
 read) with the target tokens and per-example offsets, under a key that hashes the model's
 fingerprint and every example's token ids and loss mask (so data or tokenization changes miss the
-cache). Written atomically; `numpy.load(allow_pickle=False)` reads it back, no pickle.
+cache). Written atomically with a checksum manifest, verified on every load (a damaged entry is
+rebuilt); `numpy.load(allow_pickle=False)` reads it back, no pickle.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import write_dir
+from .atomic import verify_dir, write_dir
 from .backbone import cache_dir, fingerprint
 from .data import Example, collate
+from .errors import DamagedFile
 
 DEFAULT_MAX_BYTES = 4 << 30
 
@@ -74,7 +77,16 @@ def build_feature_cache(model, spec: str, examples: list[Example], pad_id: int, 
     root = Path(root) if root else cache_dir() / "features"
     target = root / cache_key(model, spec, examples)
     if (target / "meta.json").is_file():
-        return FeatureCache(target)
+        try:
+            verify_dir(target)
+            cache = FeatureCache(target)
+            if len(cache) == len(examples) and cache.n_tokens == n_tok:
+                return cache
+            raise DamagedFile(f"{target} holds {len(cache)} examples / {cache.n_tokens} tokens, not "
+                              f"{len(examples)} / {n_tok}")
+        except (DamagedFile, ValueError, OSError) as e:
+            log(f"[attnlab] feature cache {target.name} is damaged ({' '.join(str(e).split())[:160]}); rebuilding it")
+            shutil.rmtree(target, ignore_errors=True)
     dev = next(model.parameters()).device
     hidden = np.empty((n_tok, hidden_size), dtype=np.float16)
     tokens = np.empty(n_tok, dtype=np.int32)

@@ -257,7 +257,7 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
             st.val_history.append([step + 1, val])
             if st.best_val is None or val < st.best_val:
                 st.best_val, st.best_step, st.bad = val, step + 1, 0
-                st.best_state = plugin.state_dict()
+                st.best_state = {k: v.clone() for k, v in plugin.state_dict().items()}  # a copy, not a view
             else:
                 st.bad += 1
                 if cfg.patience and st.bad >= cfg.patience:

@@ -37,7 +37,8 @@ def test_run_writes_report_results_and_plots(tmp_path):
     s = summarize(res["cells"])
     mean, std = s["lora"]["perplexity"]
     assert f"{mean:.3f} ± {std:.3f}" in report
-    assert "Change against **frozen**" in report and "Change against **lora**" in report
+    assert "## In-distribution vs transfer" in report and "| lora | " in report and "Δ vs frozen [95% CI]" in report
+    assert "Change against **lora** (paired by seed" in report
     assert s["lora"]["accuracy"][0] is not None and s["frozen"]["kl_base_model"][0] < 1e-6
     # tiny random models never emit eos within 8 tokens: every generation is cut off, and reported so
     assert all(c["eval"]["n_cut_off"] == 2 for c in res["cells"])

@@ -123,6 +123,14 @@ _OPENERS = ["", "Then ", "After that, ", "Later, ", "Next, "]
 _MULT = {2: "twice", 3: "three times", 4: "four times"}
 
 
+def _plural(word: str) -> str:
+    if word.endswith("f"):
+        return word[:-1] + "ves"
+    if word.endswith(("x", "ch", "sh", "s")):
+        return word + "es"
+    return word + "s"
+
+
 def _sentence(opener: str, text: str) -> str:
     return opener + text if opener else text
 
@@ -139,8 +147,8 @@ def _problem(fam: Family, level: int, r: random.Random) -> tuple[str, list[str],
     if left >= 2 and r.random() < 0.35:
         k, m = r.randint(2, 6 if small else 9), r.randint(2, 10 if small else 15)
         x = k * m
-        sentences.append(r.choice([f"{name} has {k} {fam.container}s with {m} {item} in each.",
-                                   f"At the {fam.place}, {name} starts with {k} {fam.container}s of {m} {item} each."]))
+        sentences.append(r.choice([f"{name} has {k} {_plural(fam.container)} with {m} {item} in each.",
+                                   f"At the {fam.place}, {name} starts with {k} {_plural(fam.container)} of {m} {item} each."]))
         steps.append(f"{name} starts with {k} * {m} = {x} {item}.")
         left -= 1
     else:
@@ -160,7 +168,7 @@ def _problem(fam: Family, level: int, r: random.Random) -> tuple[str, list[str],
             if divisors:
                 k = r.choice(divisors)
                 c = x // k
-                sentences.append(_sentence(opener, f"{name} splits the {item} equally into {k} {fam.container}s."))
+                sentences.append(_sentence(opener, f"{name} splits the {item} equally into {k} {_plural(fam.container)}."))
                 steps.append(f"Each {fam.container} gets {x} / {k} = {c} {item}.")
                 question = r.choice([f"How many {item} are in each {fam.container}?",
                                      f"How many {item} does one {fam.container} get?"])
@@ -199,8 +207,8 @@ def _problem(fam: Family, level: int, r: random.Random) -> tuple[str, list[str],
                 kind = "add_groups"
             c = x + g if kind == "add_groups" else x - g
             verb = r.choice(fam.gain if kind == "add_groups" else fam.lose)
-            sentences.append(_sentence(opener, f"{name} {verb} {k} {fam.container}s with {m} {item} in each."))
-            steps.append(f"{k} {fam.container}s of {m} is {k} * {m} = {g} {item}.")
+            sentences.append(_sentence(opener, f"{name} {verb} {k} {_plural(fam.container)} with {m} {item} in each."))
+            steps.append(f"{k} {_plural(fam.container)} of {m} is {k} * {m} = {g} {item}.")
             steps.append(f"{x} {'+' if kind == 'add_groups' else '-'} {g} = {c} {item}.")
             x, left = c, left - 2
     if r.random() < 0.35:  # a number that does not matter

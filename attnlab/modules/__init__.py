@@ -76,6 +76,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 def load_plugin(model: nn.Module, path) -> Plugin:
     """Load a saved plug-in onto `model`, refusing a base whose fingerprint differs."""
     meta = read_plugin_config(path)
+    if meta["method"] not in METHODS:
+        raise PluginError(f"{path} was saved by method '{meta['method']}', which is not registered here; "
+                          f"available: {', '.join(METHODS)}")
     check_fingerprint(meta["base"], model, path)
     plugin = METHODS[meta["method"]](make_config(meta["method"], **meta["config"])).attach(model)
     try:

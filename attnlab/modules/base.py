@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import write_dir
+from ..atomic import verify_dir, write_dir
 from ..backbone import fingerprint
-from ..errors import AttnlabError
+from ..errors import AttnlabError, DamagedFile
 
 WEIGHTS_NAME = "plugin.safetensors"
 CONFIG_NAME = "config.json"
@@ -101,6 +101,7 @@ class Plugin:
         meta = {"method": self.method, "config": dataclasses.asdict(self.config),
                 "base": fingerprint(self.model, base_name or _model_name(self.model))}
         state = self.state_dict()
+        check_finite(state, f"{self.method} plug-in")
 
         def write(tmp):
             save_file(state, str(tmp / WEIGHTS_NAME))
@@ -143,11 +144,22 @@ def _model_name(model: nn.Module) -> str:
 
 
 def read_plugin_config(path: str | os.PathLike) -> dict:
+    """The plug-in's config.json, after checking every file against the folder's manifest."""
     path = Path(path)
     cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file() or not (path / WEIGHTS_NAME).is_file():
+    if not path.is_dir() or not cfg_file.is_file() or not (path / WEIGHTS_NAME).is_file():
         raise PluginError(f"{path} is not an attnlab plug-in (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    return json.loads(cfg_file.read_text())
+    verify_dir(path)  # DamagedFile names the file
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise DamagedFile(f"{cfg_file} is damaged (not JSON)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("base"), dict) or not isinstance(meta.get("config"), dict) \
+            or not isinstance(meta.get("method"), str):
+        missing = [k for k in ("method", "config", "base") if not isinstance(meta, dict) or k not in meta]
+        raise PluginError(f"{cfg_file} is not a complete plug-in config (missing or wrong: "
+                          f"{', '.join(missing) or 'method/config/base'}); save it again with save_pretrained")
+    return meta
 
 
 def check_fingerprint(saved: dict, model: nn.Module, path) -> None:
@@ -163,4 +175,18 @@ def check_fingerprint(saved: dict, model: nn.Module, path) -> None:
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / WEIGHTS_NAME))
+    """The plug-in's tensors; a file safetensors cannot read, or a NaN/inf weight, is refused."""
+    f = Path(path) / WEIGHTS_NAME
+    try:
+        state = load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise DamagedFile(f"{f} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    check_finite(state, f)
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], where) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise PluginError(f"{where}: weights {bad[:3]} hold NaN or inf values; this plug-in cannot be used "
+                          f"(retrain it with a lower learning rate)")
