@@ -254,11 +254,17 @@ def base_reference(model: nn.Module, examples: list[Example], pad_id: int, batch
 
 @torch.no_grad()
 def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8,
-          reference: Reference | None = None) -> dict:
+          reference: Reference | None = None, body_frozen: bool = False) -> dict:
     """Teacher-forced cross-entropy, perplexity and next-token accuracy over target tokens, and
-    KL(base || model) and top-1 agreement with the base when a base `reference` is given."""
+    KL(base || model) and top-1 agreement with the base when a base `reference` is given.
+
+    `body_frozen`: the model differs from the base at most in its output head (the frozen base, a
+    head-only plug-in), so its final hidden states are the reference's: only the head runs. Exact,
+    and it skips the whole transformer body."""
     if not examples:
         raise ValueError("score() needs at least one example")
+    if body_frozen and (reference is None or not _has_plain_head(model)):
+        body_frozen = False
     dev = _device(model)
     nll = correct = n = 0.0
     kl = agree = 0.0
@@ -266,7 +272,11 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
     ex_nll, ex_tok, ex_kl = [], [], []
     for chunk in _batches(examples, batch_size):
         batch = {k: v.to(dev) for k, v in collate(chunk, pad_id).items()}
-        logits, tokens = target_logits(model, batch)
+        if body_frozen:
+            _, tokens = target_positions(batch["labels"])
+            logits = model.get_output_embeddings()(reference.hidden[offset: offset + tokens.numel()].to(dev))
+        else:
+            logits, tokens = target_logits(model, batch)
         # rows come example by example (boolean-mask order is row-major)
         counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
         logp = F.log_softmax(logits.float(), dim=-1)

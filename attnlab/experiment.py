@@ -359,16 +359,26 @@ def _point_label(point: dict, swept: list[str]) -> str:
     return ",".join(f"{k}={point[k]:g}" if isinstance(point[k], float) else f"{k}={point[k]}" for k in swept)
 
 
-def _val_loss(bb, splits, ev) -> float | None:
+def _body_frozen(plugin) -> bool:
+    """The plug-in leaves the transformer body as it is: scoring needs only the output head."""
+    return plugin.head_only or plugin.method == "frozen"
+
+
+def _val_loss(bb, splits, ev, plugin, refs: dict) -> float | None:
+    """Cross-entropy on the validation split (head-only plug-ins: from the base's cached states)."""
     if not splits.val:
         return None
-    return score(bb.model, splits.val, bb.tokenizer.pad_token_id, ev["batch_size"])["cross_entropy"]
+    if _body_frozen(plugin) and "val" not in refs:
+        refs["val"] = base_reference(bb.model, splits.val, bb.tokenizer.pad_token_id, ev["batch_size"])
+    return score(bb.model, splits.val, bb.tokenizer.pad_token_id, ev["batch_size"], reference=refs.get("val"),
+                 body_frozen=_body_frozen(plugin))["cross_entropy"]
 
 
 def _evaluate(bb, plugin, es: EvalSet, ev: dict, seed: int) -> tuple[dict, dict, list]:
     """Metrics of the model as it is now on one held-out set; per-example numbers apart."""
     tok = bb.tokenizer
-    metrics = score(bb.model, es.examples, tok.pad_token_id, ev["batch_size"], reference=es.reference)
+    metrics = score(bb.model, es.examples, tok.pad_token_id, ev["batch_size"], reference=es.reference,
+                    body_frozen=_body_frozen(plugin))
     per_example = metrics.pop("per_example", {})
     metrics.update(plugin.extra_metrics(bb.model, es.examples, tok.pad_token_id, ev["batch_size"]))
     samples = []
@@ -439,10 +449,10 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             feats = None
             if plugin.head_only and n_trainable and cfg["feature_cache"]:
                 feats = _features(bb, splits, cfg, features, log)
-            val_fn = (lambda: _val_loss(bb, splits, ev)) if splits.val and n_trainable else None
+            val_fn = (lambda: _val_loss(bb, splits, ev, plugin, features)) if splits.val and n_trainable else None
             tr = train(bb.model, plugin, splits.train, tcfg, out_dir=p_dir, pad_id=bb.tokenizer.pad_token_id,
                        features=feats, val_fn=val_fn, run_fingerprint=run_fp, log=log)
-            val = _val_loss(bb, splits, ev)
+            val = _val_loss(bb, splits, ev, plugin, features)
             row = {**{k: point[k] for k in swept}, "val_loss": val, "steps": tr.steps, "tokens": tr.tokens,
                    "best_step": tr.best_step, "stopped_early": tr.stopped_early}
             sweep.append(row)

@@ -156,3 +156,19 @@ def test_score_per_example_nll_sums_to_the_total(tiny):
     assert len(pe["nll"]) == len(pe["n_tokens"]) == len(pe["kl"]) == 5
     assert sum(pe["n_tokens"]) == m["target_tokens"] == sum(e.n_target for e in s.eval)
     assert sum(pe["nll"]) / sum(pe["n_tokens"]) == pytest.approx(m["cross_entropy"], rel=1e-6)
+
+
+def test_scoring_a_head_only_plugin_from_the_cached_body_is_exact(tiny):
+    from attnlab import attach
+    s = tiny_splits(tiny, n_train=2, n_eval=5)
+    ref = base_reference(tiny.model, s.eval, tiny.tokenizer.pad_token_id, 2)
+    p = attach(tiny.model, "head_ft")
+    with torch.no_grad():
+        for v in p.trainable_parameters().values():
+            v.add_(0.05 * torch.randn_like(v))
+    full = score(tiny.model, s.eval, tiny.tokenizer.pad_token_id, 2, reference=ref)
+    fast = score(tiny.model, s.eval, tiny.tokenizer.pad_token_id, 2, reference=ref, body_frozen=True)
+    p.detach()
+    assert fast["kl_base_model"] > 0
+    for k in ("cross_entropy", "kl_base_model", "top1_agreement", "next_token_accuracy"):
+        assert fast[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), k
