@@ -141,7 +141,10 @@ def load_config(path_or_dict) -> dict:
         as_name("eval_sets name", label)
         if label == "test":
             raise ConfigError("eval_sets: 'test' is the in-distribution test split's name; call the set otherwise")
-        data_config(as_mapping(f"eval_sets.{label}", opts, allow_none=False), f"eval_sets.{label}")
+        opts = as_mapping(f"eval_sets.{label}", opts, allow_none=False)
+        data_config({k: v for k, v in opts.items() if k != "eval"}, f"eval_sets.{label}")
+        eval_config(opts.get("eval"), f"eval_sets.{label}.eval", base=cfg.get("eval") if isinstance(
+            cfg.get("eval"), dict) else None)
     cfg["train"] = {**DEFAULTS["train"], **as_mapping("train", raw.get("train"))}
     train_points(cfg["train"], "train")
     cfg["eval"] = eval_config(raw.get("eval"), "eval")
@@ -277,9 +280,11 @@ class EvalSet:
     gen_examples: list
     reference: object
     report: dict
+    eval: dict = dataclasses.field(default_factory=dict)   # this set's overrides of the eval options
 
 
-def _eval_set(bb, name, examples, kind, report, ev, log) -> EvalSet:
+def _eval_set(bb, name, examples, kind, report, ev, log, overrides=None) -> EvalSet:
+    ev = {**ev, **(overrides or {})}
     gen = examples[: ev["n_generate"]] if ev["generate"] else []
     if kind == "lm":  # continue the opening of each held-out text
         gen = [dataclasses.replace(e, prompt_len=min(ev["prompt_tokens"], len(e.input_ids) - 1)) for e in gen]
@@ -287,7 +292,7 @@ def _eval_set(bb, name, examples, kind, report, ev, log) -> EvalSet:
     reference = base_reference(bb.model, examples, bb.tokenizer.pad_token_id, ev["batch_size"])
     log(f"[attnlab] {name}: base reference over {reference.hidden.shape[0]} target tokens in "
         f"{time.perf_counter() - t:.1f}s")
-    return EvalSet(name, kind, examples, gen, reference, report)
+    return EvalSet(name, kind, examples, gen, reference, report, dict(overrides or {}))
 
 
 def _load_eval_sets(bb, cfg, log) -> tuple[list[EvalSet], dict]:
@@ -295,7 +300,9 @@ def _load_eval_sets(bb, cfg, log) -> tuple[list[EvalSet], dict]:
     said so in the report, never silently."""
     sets, skipped = [], {}
     for name, opts in cfg["eval_sets"].items():
-        opts = {"max_length": cfg["data"].get("max_length", 256), **opts, "n_train": 0, "n_val": 0}
+        overrides = opts.get("eval") or {}
+        opts = {"max_length": cfg["data"].get("max_length", 256), **{k: v for k, v in opts.items() if k != "eval"},
+                "n_train": 0, "n_val": 0}
         try:
             s = build_splits(opts, bb.tokenizer)
         except SourceUnavailable as e:
@@ -305,7 +312,7 @@ def _load_eval_sets(bb, cfg, log) -> tuple[list[EvalSet], dict]:
         r = s.report
         log(f"[attnlab] eval set {name}: {r['n_eval']} examples of {r['dataset_name']}"
             + (f" (fallback for {r['fallback_from']['dataset_name']})" if r.get("fallback_from") else ""))
-        sets.append(_eval_set(bb, name, s.eval, s.kind, r, cfg["eval"], log))
+        sets.append(_eval_set(bb, name, s.eval, s.kind, r, cfg["eval"], log, overrides))
     return sets, skipped
 
 
@@ -374,35 +381,55 @@ def _val_loss(bb, splits, ev, plugin, refs: dict) -> float | None:
                  body_frozen=_body_frozen(plugin))["cross_entropy"]
 
 
-def _evaluate(bb, plugin, es: EvalSet, ev: dict, seed: int) -> tuple[dict, dict, list]:
-    """Metrics of the model as it is now on one held-out set; per-example numbers apart."""
+def _evaluate(bb, plugin, sets: list[EvalSet], ev: dict, seed: int) -> tuple[dict, dict, list]:
+    """Metrics of the model as it is now on every held-out set; per-example numbers apart.
+
+    Greedy generation runs once over the prompts of all sets together: on a CPU a decoding step
+    costs about the same for 24 or 48 sequences (it is bound by reading the weights)."""
     tok = bb.tokenizer
-    metrics = score(bb.model, es.examples, tok.pad_token_id, ev["batch_size"], reference=es.reference,
-                    body_frozen=_body_frozen(plugin))
-    per_example = metrics.pop("per_example", {})
-    metrics.update(plugin.extra_metrics(bb.model, es.examples, tok.pad_token_id, ev["batch_size"]))
-    samples = []
-    qa = es.kind == "qa"
-    if es.gen_examples:
+    metrics, per_example, samples = {}, {}, []
+    for es in sets:
+        m = score(bb.model, es.examples, tok.pad_token_id, ev["batch_size"], reference=es.reference,
+                  body_frozen=_body_frozen(plugin))
+        per_example[es.name] = m.pop("per_example", {})
+        m.update(plugin.extra_metrics(bb.model, es.examples, tok.pad_token_id, ev["batch_size"]))
+        metrics[es.name] = m
+    by_len = {}  # one generation per max_new_tokens
+    for es in sets:
+        if es.gen_examples:
+            by_len.setdefault(int({**ev, **es.eval}["max_new_tokens"]), []).append(es)
+    for max_new, group in by_len.items():
+        prompts = [e for es in group for e in es.gen_examples]
         gstats = {}
-        texts = generate(bb.model, tok, es.gen_examples, ev["max_new_tokens"], ev["batch_size"], stats=gstats)
-        metrics["n_cut_off"] = gstats["n_cut_off"]
-        if qa:
-            am = answer_metrics(texts, [e.answer for e in es.gen_examples], finished=gstats.get("finished"))
-            per_example.update(am.pop("per_example", {}))
-            metrics.update(am)
-        metrics["sampling"] = []
-        for k, sset in enumerate(ev["sampling"] if qa else []):  # accuracy needs answers
+        texts = generate(bb.model, tok, prompts, max_new, max(ev["batch_size"], len(prompts)), stats=gstats)
+        i = 0
+        for es in group:
+            n = len(es.gen_examples)
+            t, fin = texts[i: i + n], gstats["finished"][i: i + n]
+            i += n
+            m = metrics[es.name]
+            m["n_cut_off"] = n - sum(fin)
+            if es.kind == "qa":
+                am = answer_metrics(t, [e.answer for e in es.gen_examples], finished=fin)
+                per_example[es.name].update(am.pop("per_example", {}))
+                m.update(am)
+            if es.name == "test":
+                qa = es.kind == "qa"
+                samples = [{"prompt": e.record.prompt if qa else tok.decode(e.input_ids[: e.prompt_len]),
+                            "gold": e.answer, "output": x} for e, x in zip(es.gen_examples[:5], t[:5])]
+    for es in sets:  # the decoding grid, where a set asks for one (accuracy needs answers)
+        sampling = {**ev, **es.eval}.get("sampling") or []
+        metrics[es.name]["sampling"] = []
+        for k, sset in enumerate(sampling if es.kind == "qa" and es.gen_examples else []):
             torch.manual_seed(seed * 1000 + k)
             st = {}
-            texts_s = generate(bb.model, tok, es.gen_examples, ev["max_new_tokens"], ev["batch_size"], do_sample=True,
-                               temperature=float(sset.get("temperature", 1.0)), top_k=sset.get("top_k"), stats=st)
+            texts_s = generate(bb.model, tok, es.gen_examples, {**ev, **es.eval}["max_new_tokens"], ev["batch_size"],
+                               do_sample=True, temperature=float(sset.get("temperature", 1.0)),
+                               top_k=sset.get("top_k"), stats=st)
             am = answer_metrics(texts_s, [e.answer for e in es.gen_examples], finished=st.get("finished"))
-            metrics["sampling"].append({"temperature": float(sset.get("temperature", 1.0)), "top_k": sset.get("top_k"),
-                                        "accuracy": am["accuracy"],
-                                        "correct": am.get("per_example", {}).get("correct")})
-        samples = [{"prompt": e.record.prompt if qa else tok.decode(e.input_ids[: e.prompt_len]),
-                    "gold": e.answer, "output": x} for e, x in zip(es.gen_examples[:5], texts[:5])]
+            metrics[es.name]["sampling"].append({"temperature": float(sset.get("temperature", 1.0)),
+                                                 "top_k": sset.get("top_k"), "accuracy": am["accuracy"],
+                                                 "correct": am["per_example"]["correct"]})
     return metrics, per_example, samples
 
 
@@ -418,7 +445,7 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
         "method": m, "train": [{k: v for k, v in p.items() if k not in ("progress", "log_every", "checkpoint_every")}
                                for p in points],
         "eval": ev, "data": splits.report["fingerprint"],
-        "eval_sets": {s.name: s.report.get("fingerprint") for s in sets[1:]},
+        "eval_sets": {s.name: [s.report.get("fingerprint"), s.eval] for s in sets[1:]},
         "base": base_fp}, default=str))
     if done.is_file():
         try:
@@ -475,14 +502,11 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
         log(f"[attnlab] {m['name']} seed {seed}: {n_trainable:,} trainable parameters"
             + (f"; chosen on validation: {_point_label(point, swept)}" if swept else ""))
         t = time.perf_counter()
-        results, per_example, samples = {}, {}, []
-        for es in sets:
-            metrics, pe, smp = _evaluate(bb, plugin, es, ev, seed)
-            results[es.name], per_example[es.name] = metrics, pe
-            samples = samples or smp
+        results, per_example, samples = _evaluate(bb, plugin, sets, ev, seed)
+        for name, metrics in results.items():
             bad = [k for k in ("cross_entropy", "perplexity") if not math.isfinite(metrics.get(k, 0.0))]
             if bad:
-                raise NonFiniteResult(f"{m['name']} seed {seed}: {', '.join(bad)} on {es.name} is not finite "
+                raise NonFiniteResult(f"{m['name']} seed {seed}: {', '.join(bad)} on {name} is not finite "
                                       f"({metrics.get('cross_entropy')}); the plug-in is not saved. Lower the "
                                       f"learning rate or check the data")
         eval_s = time.perf_counter() - t

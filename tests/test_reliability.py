@@ -111,7 +111,8 @@ def test_a_non_finite_result_is_an_error_and_saves_no_plugin(tmp_path, monkeypat
 
     def nan_metrics(*a, **k):
         metrics, per_example, samples = real(*a, **k)
-        return {**metrics, "cross_entropy": math.nan, "perplexity": math.nan}, per_example, samples
+        metrics["test"].update(cross_entropy=math.nan, perplexity=math.nan)
+        return metrics, per_example, samples
 
     monkeypatch.setattr(ex, "_evaluate", nan_metrics)
     with pytest.raises(AttnlabError, match="not finite"):
