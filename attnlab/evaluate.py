@@ -56,7 +56,11 @@ def extract_answer(text: str, finished: bool = True) -> str | None:
         return boxed
     found = [(m.start(), m.group(1).strip()) for rx in _MARKERS for m in rx.finditer(text)]
     if found:
-        return max(found)[1]
+        ans = max(found)[1]
+        if parse_number(ans) is None:  # "The answer is 9 - 5 = 4 apples": the number it arrives at
+            nums = _NUMBER.findall(ans)
+            ans = nums[-1] if nums else ans
+        return ans
     if not finished:
         return None
     nums = _NUMBER.findall(text)

@@ -41,7 +41,7 @@ from .data.sources import SourceUnavailable
 from .errors import AttnlabError, ConfigError, UnsafePath
 from .evaluate import answer_metrics, base_reference, generate, score
 from .modules import METHODS, make_config
-from .train import TrainConfig, train
+from .train import NonFiniteLoss, TrainConfig, train
 
 DEFAULTS = {
     "name": None,
@@ -469,6 +469,12 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
     for point in points:
         tcfg = TrainConfig.from_dict(point)
         p_dir = cell_dir if len(points) == 1 else inside(cell_dir, "sweep", _point_label(point, swept))
+        diverged = p_dir / "diverged.json"
+        mark = {"run": run_fp, "point": json.loads(json.dumps(point, default=str))}
+        if len(points) > 1 and diverged.is_file() and json.loads(diverged.read_text()).get("mark") == mark:
+            sweep.append({**{k: point[k] for k in swept}, "val_loss": None, "diverged": True})
+            log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: diverged earlier, skipped")
+            continue
         seed_everything(seed)
         plugin = plugin_cls(make_config(m["method"], **_options(m))).attach(bb.model)
         try:
@@ -477,9 +483,22 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             if plugin.head_only and n_trainable and cfg["feature_cache"]:
                 feats = _features(bb, splits, cfg, features, log)
             val_fn = (lambda: _val_loss(bb, splits, ev, plugin, features)) if splits.val and n_trainable else None
-            tr = train(bb.model, plugin, splits.train, tcfg, out_dir=p_dir, pad_id=bb.tokenizer.pad_token_id,
-                       features=feats, val_fn=val_fn, run_fingerprint=run_fp, log=log)
+            try:
+                tr = train(bb.model, plugin, splits.train, tcfg, out_dir=p_dir, pad_id=bb.tokenizer.pad_token_id,
+                           features=feats, val_fn=val_fn, run_fingerprint=run_fp, log=log)
+            except NonFiniteLoss as e:
+                if len(points) == 1:
+                    raise
+                # one point of a sweep diverging is a result (that value is too large), not a failed run
+                write_json_atomic(diverged, {"mark": mark, "error": str(e)})
+                sweep.append({**{k: point[k] for k in swept}, "val_loss": None, "diverged": True})
+                log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: diverged ({e}); "
+                    f"the sweep goes on without it")
+                plugin.detach()
+                continue
             val = _val_loss(bb, splits, ev, plugin, features)
+            if val is not None and not math.isfinite(val):
+                val = math.inf
             row = {**{k: point[k] for k in swept}, "val_loss": val, "steps": tr.steps, "tokens": tr.tokens,
                    "best_step": tr.best_step, "stopped_early": tr.stopped_early}
             sweep.append(row)
@@ -493,6 +512,9 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             raise
         if len(points) > 1:
             plugin.detach()
+    if best is None:
+        raise NonFiniteLoss(f"{m['name']} seed {seed}: every value of the sweep diverged "
+                            f"({', '.join(_point_label(p, swept) for p in points)}); try smaller learning rates")
     val, point, tr, state, feats, n_trainable = best
     if len(points) > 1:  # the chosen point, re-attached
         seed_everything(seed)

@@ -192,7 +192,7 @@ def _set_title(results: dict, name: str) -> str:
     if name == "test":
         return "test (in-distribution)"
     r = results["eval_sets"][name]
-    opts = r.get("options", {})
+    opts = r.get("options", {}) if r.get("dataset_name") == "arithmetic" else {}
     extra = ", ".join(f"{k} {v}" for k, v in opts.items() if k in ("families", "level") and v is not None)
     fb = f", fallback for `{r['fallback_from']['dataset_name']}`" if r.get("fallback_from") else ""
     return f"{name} (`{r['dataset_name']}`{', ' + extra if extra else ''}{fb})"
@@ -242,17 +242,28 @@ def sweep_lines(results: dict) -> list[str]:
         sizes = {}
         for name, seed, x, _ in rows:
             sizes.setdefault(name, set()).add(json.dumps({k: x.get(k) for k in keys}))
+        keys = [k for k in keys if any(r[3] and k in r[3] for r in swept)]
         lines += ["", "## Validation chooses", "",
                   "Each value was trained; the lowest validation loss (CE on the validation split, disjoint from "
                   "test) was kept. Test was read once, for the chosen value only.", "",
-                  "| method | seed | " + " | ".join(keys) + " | val loss | chosen |", "|---|---:|" + "---:|" * len(keys) + "---:|:---:|"]
+                  "| method | seed | " + " | ".join(keys) + " | steps trained | val loss | chosen |",
+                  "|---|---:|" + "---:|" * len(keys) + "---:|---:|:---:|"]
+        edge = set()
         for name, seed, x, chosen in rows:
             if chosen is None:
                 continue
             pick = all(x.get(k) == chosen.get(k) for k in chosen)
+            for k in chosen:
+                values = sorted(r[2][k] for r in rows if r[0] == name and r[1] == seed and not r[2].get("diverged"))
+                if pick and len(values) > 1 and x[k] in (values[0], values[-1]):
+                    edge.add(f"{name} ({k} = {x[k]:g})" if isinstance(x[k], float) else f"{name} ({k} = {x[k]})")
             lines.append(f"| {name} | {seed} | " + " | ".join(f"{x.get(k):g}" if isinstance(x.get(k), float) else str(x.get(k))
                                                             for k in keys)
-                         + f" | {x['val_loss']:.4f} | {'✓' if pick else ''} |")
+                         + f" | {x.get('steps', '–')} | "
+                         + ("diverged" if x.get("diverged") else f"{x['val_loss']:.4f}") + f" | {'✓' if pick else ''} |")
+        if edge:
+            lines += ["", "At the edge of its sweep: " + ", ".join(sorted(edge)) + ". The best value may lie "
+                      "beyond the range tried; widen the sweep before reading much into this method's numbers."]
         n = {name: len(v) for name, v in sizes.items() if name != "frozen"}
         if len(set(n.values())) > 1:
             lines += ["", f"**Unequal tuning**: the methods' sweeps differ in size ({n}); a comparison between them "

@@ -172,3 +172,8 @@ def test_scoring_a_head_only_plugin_from_the_cached_body_is_exact(tiny):
     assert fast["kl_base_model"] > 0
     for k in ("cross_entropy", "kl_base_model", "top1_agreement", "next_token_accuracy"):
         assert fast[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), k
+
+
+def test_a_marker_followed_by_a_computation_gives_the_number_it_arrives_at():
+    assert extract_answer("So, the answer is 9 - 5 = 4 apples left.", finished=False) == "4"
+    assert extract_answer("#### 1,234") == "1,234" and extract_answer("The answer is: \\frac{1}{2}") == "\\frac{1}{2}"

@@ -148,3 +148,16 @@ def test_shipped_experiment_configs_use_eval_sets():
     root = Path(__file__).resolve().parents[1] / "configs"
     for name in ("quickstart", "backward_head", "factorized_attention"):
         assert load_config(root / f"{name}.yaml")["eval_sets"], name
+
+
+def test_a_diverging_sweep_value_is_recorded_and_the_sweep_goes_on(tmp_path):
+    cfg = {**TINY, "seeds": [0], "eval_sets": {}, "eval": {**TINY["eval"], "generate": False},
+           "methods": [{"name": "lora", "method": "lora", "r": 2, "train": {"lr": [1e-3, 1e30]}}]}
+    res = run_experiment(cfg, out_root=tmp_path, **quiet)
+    (cell,) = res["cells"]
+    assert [x.get("diverged", False) for x in cell["sweep"]] == [False, True]
+    assert cell["train"]["chosen"] == {"lr": 1e-3}
+    assert "| lora | 0 | 1e+30 | – | diverged |  |" in (tmp_path / "transfer" / "report.md").read_text()
+    logs = []
+    run_experiment({**cfg, "methods": cfg["methods"]}, out_root=tmp_path, fresh=True, log=logs.append)
+    assert any("diverged (" in x for x in logs)

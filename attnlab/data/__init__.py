@@ -167,7 +167,8 @@ def build_splits(cfg: dict, tokenizer) -> Splits:
                       "eval": max(0, n["test"] - len(ex["test"]))},
         "split": {"by": "sha256 of the normalised problem text", "val_fraction": fractions[0],
                   "test_fraction": fractions[1], "duplicates_removed": log.reasons.get("duplicate", 0)},
-        "options": {k: cfg[k] for k in ("level", "families", "path", "seed") if k in cfg},
+        "options": {k: cfg[k] for k in (("level", "families") if cfg["dataset_name"] == "arithmetic" else ())
+                    + ("path", "seed") if k in cfg},
     }
     splits = Splits(kind=kind, train=ex["train"], eval=ex["test"], val=ex["val"], report=report)
     report["fingerprint"] = data_fingerprint(splits)

@@ -12,7 +12,7 @@ that memorising it is hard and measuring transfer is possible:
   10). `families="train"` never generates a transfer family, so a report can score a method on
   scenarios it was never trained on: same skills, new wording.
 - **Levels** (`level`, 1..5): the number of arithmetic operations in the solution. A level-1
-  problem is one small addition or subtraction; higher levels chain additions, subtractions,
+  problem is one small addition or subtraction with no distractor; higher levels chain additions, subtractions,
   groups (k groups of m: a product then a sum), scaling and equal sharing.
 
 Each solution states one operation per line, `a op b = c`, and ends with `#### N` (the GSM8K
@@ -64,21 +64,21 @@ _FAMILY_LIST = [
     # --- train families ---
     F("fruit_stand", ["apples", "pears", "oranges", "plums"], ["picks", "buys"], ["sells", "gives away"],
       "crate", "fruit stand"),
-    F("bakery", ["muffins", "cookies", "bagels", "rolls"], ["bakes", "makes"], ["sells", "packs up for a party"],
+    F("bakery", ["muffins", "cookies", "bagels", "rolls"], ["bakes", "makes"], ["sells", "packs up"],
       "tray", "bakery", "after a busy weekend"),
     F("library", ["books", "magazines", "comics"], ["receives", "buys"], ["lends out", "donates"],
       "shelf", "library"),
     F("marbles", ["marbles", "glass beads"], ["wins", "finds"], ["loses", "trades away"], "pouch", "toy box"),
     F("savings", ["dollars"], ["earns", "saves"], ["spends", "pays out"], "envelope", "savings jar",
       "after a year of interest"),
-    F("garden", ["tulips", "roses", "daisies"], ["plants", "grows"], ["cuts", "gives to neighbors"],
+    F("garden", ["tulips", "roses", "daisies"], ["plants", "grows"], ["cuts", "gives away"],
       "bed", "garden", "by the end of spring"),
     F("classroom", ["pencils", "erasers", "markers"], ["orders", "collects"], ["hands out", "loses"],
       "pack", "classroom"),
-    F("farm_eggs", ["eggs"], ["collects", "gathers"], ["sells", "uses for baking"], "carton", "farm"),
-    F("parking", ["cars", "vans"], ["lets in", "counts arriving"], ["waves out", "sees leave"], "row",
+    F("farm_eggs", ["eggs"], ["collects", "gathers"], ["sells", "bakes with"], "carton", "farm"),
+    F("parking", ["cars", "vans"], ["lets in", "counts"], ["waves out", "sends off"], "row",
       "parking lot", "by the evening rush"),
-    F("stickers", ["stickers", "stamps"], ["gets", "buys"], ["gives to friends", "uses up"], "sheet", "album"),
+    F("stickers", ["stickers", "stamps"], ["gets", "buys"], ["gives away", "uses up"], "sheet", "album"),
     F("bus", ["passengers", "riders"], ["picks up", "takes on"], ["drops off", "lets off"], "group", "bus",
       "at the busiest stop"),
     F("fishing", ["fish", "trout"], ["catches", "reels in"], ["releases", "gives away"], "bucket", "cooler"),
@@ -86,11 +86,11 @@ _FAMILY_LIST = [
       "factory", "after a new machine arrives"),
     F("water_tank", ["liters of water"], ["pumps in", "adds"], ["drains", "uses"], "bucket", "tank",
       "after the rainy season"),
-    F("bookstore", ["dollars"], ["takes in", "earns"], ["pays for rent", "spends on stock"], "register",
+    F("bookstore", ["dollars"], ["takes in", "earns"], ["pays out", "spends"], "register",
       "bookstore", "during the holiday sale"),
     F("orchard", ["trees", "saplings"], ["plants", "adds"], ["cuts down", "moves away"], "row", "orchard",
       "after ten years"),
-    F("candy", ["candies", "lollipops", "gummies"], ["buys", "is given"], ["eats", "shares"], "bag", "candy jar"),
+    F("candy", ["candies", "lollipops", "gummies"], ["buys", "receives"], ["eats", "shares"], "bag", "candy jar"),
     F("warehouse", ["boxes", "crates"], ["receives", "unloads"], ["ships out", "sends away"], "pallet",
       "warehouse", "after the holiday season"),
     F("seeds", ["seeds"], ["buys", "saves"], ["plants", "gives away"], "packet", "seed tin"),
@@ -103,7 +103,7 @@ _FAMILY_LIST = [
     F("concert", ["tickets"], ["sells", "prints"], ["refunds", "gives back"], "booklet", "ticket office",
       "after the band gets famous"),
     F("coin_bank", ["coins", "quarters"], ["drops in", "adds"], ["takes out", "spends"], "roll", "piggy bank"),
-    F("museum", ["visitors", "guests"], ["welcomes", "lets in"], ["sees leave", "guides out"], "tour group",
+    F("museum", ["visitors", "guests"], ["welcomes", "lets in"], ["guides out", "says goodbye to"], "tour group",
       "museum", "on the free-entry day"),
     F("paint", ["cans of paint"], ["orders", "buys"], ["uses", "returns"], "case", "storeroom"),
     F("cargo_train", ["containers"], ["loads", "takes on"], ["unloads", "drops off"], "car", "train",
@@ -140,7 +140,7 @@ def _problem(fam: Family, level: int, r: random.Random) -> tuple[str, list[str],
     name = r.choice(NAMES)
     item = r.choice(fam.items)
     small = level <= 2
-    hi = 20 if small else 60
+    hi = 12 if level == 1 else 20 if small else 60
     sentences, steps = [], []
     left = level
     # the start: a given amount, or (when there is room) k containers of m
@@ -185,7 +185,7 @@ def _problem(fam: Family, level: int, r: random.Random) -> tuple[str, list[str],
             steps.append(f"{_MULT[k].capitalize()} as many is {x} * {k} = {c} {item}.")
             x, left = c, left - 1
         elif kind == "add":
-            k = r.randint(1 if small else 2, 10 if small else 40)
+            k = r.randint(1 if small else 2, 6 if level == 1 else 10 if small else 40)
             c = x + k
             sentences.append(_sentence(opener, r.choice([f"{name} {r.choice(fam.gain)} {k} more {item}.",
                                                          f"{name} {r.choice(fam.gain)} another {k} {item}."])))
@@ -194,11 +194,12 @@ def _problem(fam: Family, level: int, r: random.Random) -> tuple[str, list[str],
         elif kind == "sub":
             if x < 2:
                 continue
-            k = r.randint(1, min(x - 1, 10 if small else 40))
+            k = r.randint(1, min(x - 1, 6 if level == 1 else 10 if small else 40))
             c = x - k
             sentences.append(_sentence(opener, r.choice([f"{name} {r.choice(fam.lose)} {k} {item}.",
                                                          f"{name} {r.choice(fam.lose)} {k} of the {item}."])))
-            steps.append(r.choice([f"{x} - {k} = {c} {item} are left.", f"That leaves {x} - {k} = {c} {item}."]))
+            steps.append(r.choice([f"{x} - {k} = {c} {item} are left.", f"That leaves {x} - {k} = {c} {item}."])
+                         if c != 1 else f"That leaves {x} - {k} = {c}.")
             x, left = c, left - 1
         else:  # k containers of m: a product, then a sum or a difference
             k, m = r.randint(2, 6), r.randint(2, 12)
@@ -211,7 +212,7 @@ def _problem(fam: Family, level: int, r: random.Random) -> tuple[str, list[str],
             steps.append(f"{k} {_plural(fam.container)} of {m} is {k} * {m} = {g} {item}.")
             steps.append(f"{x} {'+' if kind == 'add_groups' else '-'} {g} = {c} {item}.")
             x, left = c, left - 2
-    if r.random() < 0.35:  # a number that does not matter
+    if level > 1 and r.random() < 0.35:  # a number that does not matter (level 1 stays a single clean step)
         d = r.choice(DISTRACTORS).format(other=r.choice([n for n in NAMES if n != name]), n=r.randint(2, 90))
         sentences.insert(r.randint(1, len(sentences)), d)
     return " ".join(sentences + [question]), steps, x
