@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a model (with or without a plug-in) on a dataset",
                        description="Cross-entropy, perplexity, next-token accuracy (and KL to the base when a "
-                       "plug-in is given) on N examples; with --generate K, answer accuracy, P/R/F1, MSE/RMSE.")
+                       "plug-in is given) on N examples of the dataset's test split (the same hash split "
+                       "`attnlab run` holds out, so never a training problem); with --generate K, answer accuracy, "
+                       "precision/recall/F1, median error and RMSE.")
     model_args(e)
     data_args(e, 64)
     e.add_argument("--batch-size", type=_positive, default=8)
