@@ -161,3 +161,17 @@ def test_a_diverging_sweep_value_is_recorded_and_the_sweep_goes_on(tmp_path):
     logs = []
     run_experiment({**cfg, "methods": cfg["methods"]}, out_root=tmp_path, fresh=True, log=logs.append)
     assert any("diverged (" in x for x in logs)
+
+
+def test_eval_sets_work_with_several_datasets_side_by_side(tmp_path):
+    cfg = {**TINY, "name": "multi", "seeds": [0], "eval": {**TINY["eval"], "generate": False},
+           "datasets": {"math": {"dataset_name": "arithmetic"},
+                        "code": {"dataset_name": "python_stdlib", "max_length": 64, "n_val": 2}},
+           "eval_sets": {"docs": {"dataset_name": "python_docs", "n_eval": 3, "max_length": 64}},
+           "methods": [{"name": "frozen", "method": "frozen"}, {"name": "lora", "method": "lora", "r": 2}]}
+    res = run_experiment(cfg, out_root=tmp_path, **quiet)
+    for label in ("math", "code"):
+        cells = res["datasets"][label]["cells"]
+        assert all(c["eval_sets"]["docs"]["perplexity"] > 0 for c in cells)
+    report = (tmp_path / "multi" / "report.md").read_text()
+    assert "| dataset | method | PPL | CE | next-tok acc | docs PPL | train tok/s |" in report
