@@ -95,6 +95,12 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def apply_rules(obj, where: str, rules: dict) -> None:
+    """Coerce and check fields in place: rules = {field: (coercer, keyword arguments)}."""
+    for name, (fn, kw) in rules.items():
+        setattr(obj, name, fn(f"{where}.{name}", getattr(obj, name), **kw))
+
+
 def reject_unknown(where: str, given: dict, allowed) -> None:
     unknown = sorted(set(given) - set(allowed))
     if unknown:
@@ -189,15 +195,12 @@ class DataConfig:
 
     def __post_init__(self):
         w = "data"
-        self.dataset_name = as_str(f"{w}.dataset_name", self.dataset_name)
-        self.n_train = as_int(f"{w}.n_train", self.n_train, min=0)
-        self.n_val = as_int(f"{w}.n_val", self.n_val, min=0)
-        self.n_eval = as_int(f"{w}.n_eval", self.n_eval, min=0)
-        self.max_length = as_int(f"{w}.max_length", self.max_length, min=8)
-        self.seed = as_int(f"{w}.seed", self.seed)
-        self.shuffle = as_bool(f"{w}.shuffle", self.shuffle)
-        self.val_fraction = as_float(f"{w}.val_fraction", self.val_fraction, min=0, max=0.5)
-        self.test_fraction = as_float(f"{w}.test_fraction", self.test_fraction, min=0, max=0.5)
+        apply_rules(self, w, {
+            "dataset_name": (as_str, {}), "n_train": (as_int, {"min": 0}), "n_val": (as_int, {"min": 0}),
+            "n_eval": (as_int, {"min": 0}), "max_length": (as_int, {"min": 8}), "seed": (as_int, {}),
+            "shuffle": (as_bool, {}), "val_fraction": (as_float, {"min": 0, "max": 0.5}),
+            "test_fraction": (as_float, {"min": 0, "max": 0.5}), "max_documents": (as_int, {"min": 1}),
+            "doc_chars": (as_int, {"min": 1})})
         if self.n_val and not self.val_fraction or self.n_eval and not self.test_fraction:
             raise ConfigError(f"{w}: n_val / n_eval > 0 need val_fraction / test_fraction > 0")
         if self.kind is not None and self.kind not in ("qa", "lm"):
@@ -219,8 +222,6 @@ class DataConfig:
             data_config(self.fallback, where=f"{w}.fallback", partial=True)
         if self.streaming is not None:
             as_bool(f"{w}.streaming", self.streaming)
-        self.max_documents = as_int(f"{w}.max_documents", self.max_documents, min=1)
-        self.doc_chars = as_int(f"{w}.doc_chars", self.doc_chars, min=1)
 
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
@@ -251,12 +252,10 @@ class EvalConfig:
 
     def __post_init__(self):
         w = "eval"
-        self.batch_size = as_int(f"{w}.batch_size", self.batch_size, min=1)
-        self.generate = as_bool(f"{w}.generate", self.generate)
-        self.n_generate = as_int(f"{w}.n_generate", self.n_generate, min=0)
-        self.max_new_tokens = as_int(f"{w}.max_new_tokens", self.max_new_tokens, min=1)
-        self.prompt_tokens = as_int(f"{w}.prompt_tokens", self.prompt_tokens, min=1)
-        self.bootstrap = as_int(f"{w}.bootstrap", self.bootstrap, min=100)
+        apply_rules(self, w, {
+            "batch_size": (as_int, {"min": 1}), "generate": (as_bool, {}), "n_generate": (as_int, {"min": 0}),
+            "max_new_tokens": (as_int, {"min": 1}), "prompt_tokens": (as_int, {"min": 1}),
+            "bootstrap": (as_int, {"min": 100})})
         if self.sampling is None:
             self.sampling = []
         if not isinstance(self.sampling, list):

@@ -198,37 +198,40 @@ def _set_title(results: dict, name: str) -> str:
     return f"{name} (`{r['dataset_name']}`{', ' + extra if extra else ''}{fb})"
 
 
+def _change_table(summ: dict, sets: list, ref: str, label: str, value, change) -> list[str]:
+    """One row per method: for each set, its value and its change against `ref`."""
+    lines = ["| method | " + " | ".join(f"{s} {label} | Δ vs {ref} [95% CI]" for s in sets) + " |",
+             "|---|" + "---:|---:|" * len(sets)]
+    for name in summ["test"]:
+        row = [name]
+        for s in sets:
+            r = summ[s].get(name)
+            row += [value(r) if r else "–", "–" if name == ref else change(name, s)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def transfer_lines(results: dict, ref: str = "frozen") -> list[str]:
     """The compact table up front: every method on every set, changes against `ref` with CIs."""
     cells = results["cells"]
     summ = {s: summarize(cells, s) for s in _set_names(results)}
     n_boot = results["config"].get("eval", {}).get("bootstrap", 2000)
     sets = [s for s in _set_names(results) if summ[s]]
+    multi = len(results["config"]["seeds"]) > 1
     lines = ["## In-distribution vs transfer", "",
              f"Perplexity on each held-out set and its change against **{ref}**, with a 95% confidence interval "
-             f"(paired bootstrap over the set's examples{', averaged over seeds; the seeds interval is a t-interval over per-seed changes' if len(results['config']['seeds']) > 1 else ''}). "
-             f"*within noise*: the interval covers 0.", "",
-             "| method | " + " | ".join(f"{s} PPL | Δ vs {ref} [95% CI]" for s in sets) + " |",
-             "|---|" + "---:|---:|" * len(sets)]
-    for name in summ["test"]:
-        row = [name]
-        for s in sets:
-            row.append(_fmt(summ[s].get(name, {}).get("perplexity", (None, None)), "{:.3f}"))
-            row.append("–" if name == ref else _fmt_change(ppl_change(cells, name, ref, s, n_boot), pct=True))
-        lines.append("| " + " | ".join(row) + " |")
+             f"(paired bootstrap over the set's examples"
+             f"{', averaged over seeds; the seeds interval is a t-interval over per-seed changes' if multi else ''}). "
+             f"*within noise*: the interval covers 0.", ""]
+    lines += _change_table(summ, sets, ref, "PPL", lambda r: _fmt(r["perplexity"], "{:.3f}"),
+                           lambda name, s: _fmt_change(ppl_change(cells, name, ref, s, n_boot), pct=True))
     acc_sets = [s for s in sets if any(r["accuracy"][0] is not None for r in summ[s].values())]
     if acc_sets:
         lines += ["", f"Answer accuracy (greedy; an answer counts only from a finished generation or an explicit "
-                  f"final-answer marker) and its change against **{ref}** in percentage points:", "",
-                  "| method | " + " | ".join(f"{s} acc | Δ vs {ref} [95% CI]" for s in acc_sets) + " |",
-                  "|---|" + "---:|---:|" * len(acc_sets)]
-        for name in summ["test"]:
-            row = [name]
-            for s in acc_sets:
-                r = summ[s].get(name)
-                row.append(_fmt(r["accuracy"], "{:.3f}") + (f" (n={r['n_generated'][0]:.0f})" if r and r["n_generated"][0] else "") if r else "–")
-                row.append("–" if name == ref else _fmt_change(acc_change(cells, name, ref, s, n_boot), pct=False))
-            lines.append("| " + " | ".join(row) + " |")
+                  f"final-answer marker) and its change against **{ref}** in percentage points:", ""]
+        lines += _change_table(summ, acc_sets, ref, "acc", lambda r: _fmt(r["accuracy"], "{:.3f}") + (
+            f" (n={r['n_generated'][0]:.0f})" if r["n_generated"][0] else ""),
+            lambda name, s: _fmt_change(acc_change(cells, name, ref, s, n_boot), pct=False))
     return lines
 
 

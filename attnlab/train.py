@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import remove_stale_temps, verify_dir, write_dir
-from .config import as_bool, as_float, as_int, as_mapping, reject_unknown
+from .config import apply_rules, as_bool, as_float, as_int, as_mapping, reject_unknown
 from .data import IGNORE, Example, collate
 from .errors import AttnlabError, ConfigError, DamagedFile
 from .evaluate import target_hidden, target_logits
@@ -51,21 +51,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        w = "train"
-        self.steps = as_int(f"{w}.steps", self.steps, min=0)
-        self.batch_size = as_int(f"{w}.batch_size", self.batch_size, min=1)
-        self.grad_accum = as_int(f"{w}.grad_accum", self.grad_accum, min=1)
-        self.lr = as_float(f"{w}.lr", self.lr, min=0, strict_min=True)
-        self.weight_decay = as_float(f"{w}.weight_decay", self.weight_decay, min=0)
-        self.warmup_steps = as_int(f"{w}.warmup_steps", self.warmup_steps, min=0)
-        self.min_lr_ratio = as_float(f"{w}.min_lr_ratio", self.min_lr_ratio, min=0, max=1)
-        self.max_grad_norm = as_float(f"{w}.max_grad_norm", self.max_grad_norm, min=0)
-        self.seed = as_int(f"{w}.seed", self.seed)
-        self.log_every = as_int(f"{w}.log_every", self.log_every, min=1)
-        self.checkpoint_every = as_int(f"{w}.checkpoint_every", self.checkpoint_every, min=0)
-        self.eval_every = as_int(f"{w}.eval_every", self.eval_every, min=0)
-        self.patience = as_int(f"{w}.patience", self.patience, min=0)
-        self.progress = as_bool(f"{w}.progress", self.progress)
+        apply_rules(self, "train", {
+            "steps": (as_int, {"min": 0}), "batch_size": (as_int, {"min": 1}), "grad_accum": (as_int, {"min": 1}),
+            "lr": (as_float, {"min": 0, "strict_min": True}), "weight_decay": (as_float, {"min": 0}),
+            "warmup_steps": (as_int, {"min": 0}), "min_lr_ratio": (as_float, {"min": 0, "max": 1}),
+            "max_grad_norm": (as_float, {"min": 0}), "seed": (as_int, {}), "log_every": (as_int, {"min": 1}),
+            "checkpoint_every": (as_int, {"min": 0}), "eval_every": (as_int, {"min": 0}),
+            "patience": (as_int, {"min": 0}), "progress": (as_bool, {})})
 
     @classmethod
     def from_dict(cls, d, where: str = "train") -> "TrainConfig":
