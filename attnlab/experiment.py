@@ -37,6 +37,7 @@ from .backbone import fingerprint_hash, load_backbone
 from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, eval_config,
                      reject_unknown)
 from .data import build_splits
+from .data.arithmetic import check_options as check_arithmetic
 from .data.sources import SourceUnavailable
 from .errors import AttnlabError, ConfigError, UnsafePath
 from .evaluate import answer_metrics, base_reference, generate, score
@@ -79,6 +80,17 @@ def _read_yaml(p: Path):
                           f"check indentation and colons") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
+
+
+def _check_data(opts: dict, where: str) -> None:
+    """Every data block's schema, and the generator's own options where it is the source."""
+    full = data_config(opts, where)
+    for d in (full, {**full, **(full.get("fallback") or {})}):
+        if d.get("dataset_name") == "arithmetic":
+            try:
+                check_arithmetic(d.get("level"), d.get("families", "train"))
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("data.", f"{where}.", 1)) from None
 
 
 def train_points(d: dict, where: str) -> list[dict]:
@@ -127,7 +139,7 @@ def load_config(path_or_dict) -> dict:
     if len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise ConfigError(f"seeds: {cfg['seeds']} repeats a seed (one result would count twice); list each once")
     cfg["data"] = as_mapping("data", cfg["data"])
-    data_config(cfg["data"], "data")
+    _check_data(cfg["data"], "data")
     if cfg["datasets"] is not None:
         if not isinstance(cfg["datasets"], dict) or not cfg["datasets"] or not all(
                 isinstance(v, dict) for v in cfg["datasets"].values()):
@@ -135,14 +147,14 @@ def load_config(path_or_dict) -> dict:
                               f"{{math: {{dataset_name: arithmetic}}, code: {{dataset_name: python_stdlib}}}}")
         for label, opts in cfg["datasets"].items():
             as_name(f"datasets label", label)
-            data_config({**cfg["data"], **opts}, f"datasets.{label}")
+            _check_data({**cfg["data"], **opts}, f"datasets.{label}")
     cfg["eval_sets"] = as_mapping("eval_sets", cfg["eval_sets"])
     for label, opts in cfg["eval_sets"].items():
         as_name("eval_sets name", label)
         if label == "test":
             raise ConfigError("eval_sets: 'test' is the in-distribution test split's name; call the set otherwise")
         opts = as_mapping(f"eval_sets.{label}", opts, allow_none=False)
-        data_config({k: v for k, v in opts.items() if k != "eval"}, f"eval_sets.{label}")
+        _check_data({k: v for k, v in opts.items() if k != "eval"}, f"eval_sets.{label}")
         eval_config(opts.get("eval"), f"eval_sets.{label}.eval", base=cfg.get("eval") if isinstance(
             cfg.get("eval"), dict) else None)
     cfg["train"] = {**DEFAULTS["train"], **as_mapping("train", raw.get("train"))}

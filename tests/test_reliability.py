@@ -142,6 +142,9 @@ def test_lr_written_1e_3_is_a_number(tmp_path):
     ("name: 123\n", "name: 123 is not a valid name"),
     ("methods: []\n", "non-empty list"),
     ("methods:\n  - method: loar\n", "unknown method 'loar'; available: frozen, lora"),
+    ("eval_sets:\n  t: {dataset_name: arithmetic, families: tranfer}\n", "eval_sets.t.families: 'tranfer' is not"),
+    ("data: {level: 9}\n", "data.level: 9 is not a level in 1..5"),
+    ("train: {batch_size: [1, 2]}\n", "['batch_size'] cannot be a list"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, capsys, text, needle):
     p = write_yaml(tmp_path / "bad.yaml", "model: tiny-gpt2\n" + text if not text.startswith("-") else text)

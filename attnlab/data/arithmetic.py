@@ -240,6 +240,12 @@ def _levels(level) -> tuple[int, ...]:
     return tuple(levels)
 
 
+def check_options(level=None, families="train") -> None:
+    """ConfigError now for a bad `level` or `families`, before any model is loaded."""
+    _family_names(families)
+    _levels(level)
+
+
 def iter_problems(seed: int = 0, level=None, families="train") -> Iterator[Record]:
     """An endless, seeded stream of problems of the given families and levels (None: all five)."""
     names, levels = _family_names(families), _levels(level)
