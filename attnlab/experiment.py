@@ -477,6 +477,12 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
     run_fp = {"base": base_fp, "data": splits.report["fingerprint"], "plugin": json.loads(json.dumps(
         {"method": m["method"], "options": dataclasses.asdict(options)}, default=str))}
 
+    if len(points) > 1:  # nothing to tune without trainable parameters (the frozen base, a fixed pattern)
+        probe = plugin_cls(make_config(m["method"], **_options(m))).attach(bb.model)
+        n0 = probe.num_trainable()
+        probe.detach()
+        if n0 == 0:
+            points, swept = points[:1], []
     sweep, best = [], None
     for point in points:
         tcfg = TrainConfig.from_dict(point)

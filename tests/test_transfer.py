@@ -175,3 +175,10 @@ def test_eval_sets_work_with_several_datasets_side_by_side(tmp_path):
         assert all(c["eval_sets"]["docs"]["perplexity"] > 0 for c in cells)
     report = (tmp_path / "multi" / "report.md").read_text()
     assert "| dataset | method | PPL | CE | next-tok acc | docs PPL | train tok/s |" in report
+
+
+def test_a_method_without_trainable_parameters_is_not_swept(tmp_path):
+    cfg = {**TINY, "seeds": [0], "eval_sets": {}, "eval": {**TINY["eval"], "generate": False},
+           "train": {**TINY["train"], "lr": [1e-3, 1e-2]}, "methods": [{"name": "frozen", "method": "frozen"}]}
+    (cell,) = run_experiment(cfg, out_root=tmp_path, **quiet)["cells"]
+    assert len(cell["sweep"]) == 1 and cell["train"]["chosen"] is None
