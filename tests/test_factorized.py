@@ -116,3 +116,58 @@ def test_recompute_gives_the_same_loss_and_gradients(tiny):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_the_module_equals_a_literal_implementation_of_the_proposal_away_from_identity():
+    """The proposal's formula written out by hand (LayerNorm on q/k, w1 q ⊙ w2 q and w3 k ⊙ w4 k, GELU,
+    projection, sigmoid-gated residual, per-head temperature), against the patched GPT-2 attention's
+    output inside a real forward, with every added parameter perturbed away from its initial value."""
+    import math
+
+    import torch.nn.functional as F
+
+    from attnlab import load_backbone, patch, unpatch
+
+    bb = load_backbone("tiny-gpt2")
+    plugin = patch(bb.model, "factorized", layers=[0], lora_r=0, factor_dim=8)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in plugin.trainable_parameters().values():
+            p.add_(0.5 * torch.randn_like(p))
+    attn = bb.model.transformer.h[0].attn
+    P = attn.attnlab_factorized
+    seen = {}
+
+    def hook(module, args, kwargs, out):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["out"] = out[0]
+
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    ids = torch.randint(0, 250, (2, 11))
+    with torch.no_grad():
+        bb.model(input_ids=ids)
+    handle.remove()
+
+    def literal(x):
+        B, T, E = x.shape
+        H, d = attn.num_heads, attn.head_dim
+        q, k, v = attn.c_attn(x).split(E, dim=2)
+        q, k, v = (t.view(B, T, H, d).transpose(1, 2) for t in (q, k, v))
+
+        def transform(z, norm, wa, wb, proj, alpha):
+            zn = F.layer_norm(z, (d,), norm.weight, norm.bias, norm.eps)
+            inter = F.gelu((zn @ wa.weight.T + wa.bias) * (zn @ wb.weight.T + wb.bias))
+            return z + torch.sigmoid(alpha) * (inter @ proj.weight.T + proj.bias)
+
+        q2 = transform(q, P.q_norm, P.q_w1, P.q_w2, P.q_proj, P.alpha_q)
+        k2 = transform(k, P.k_norm, P.k_w3, P.k_w4, P.k_proj, P.alpha_k)
+        logits = (q2 @ k2.transpose(-1, -2)) * P.log_temperature.exp().view(1, H, 1, 1) / math.sqrt(d)
+        logits = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, T, E)
+        return attn.c_proj(out)
+
+    with torch.no_grad():
+        want = literal(seen["x"])
+    assert (P.q_proj.weight.abs().sum() > 0) and not torch.allclose(P.log_temperature, torch.zeros_like(P.log_temperature))
+    assert torch.allclose(seen["out"], want, atol=1e-5), (seen["out"] - want).abs().max()
+    unpatch(bb.model)
