@@ -182,3 +182,32 @@ def test_named_heads_switch_without_reloading(tiny_llama, tmp_path):
     assert torch.equal(logits_of(m, ids), base)
     with pytest.raises(PluginError, match="no plug-in named 'c'"):
         heads.use_head("c")
+
+
+@pytest.mark.parametrize("latent_dim", [None, 8])
+def test_the_paper_head_is_a_bilinear_lm_head(tiny, latent_dim):
+    """With raw-logit weights the head's scores are h · A + a, one E x V matrix A =
+    W_outᵀ · Vv · W_Qᵀ · Kᵀ / (V √d) and a row a from the LM-head bias: a reparametrised bilinear LM
+    head. Written out here from the head's weights and compared with its log-probabilities."""
+    import math
+
+    torch.manual_seed(5)
+    p = attach(tiny.model, "backward_head", preset="paper", latent_dim=latent_dim,
+               attn_dim=16 if latent_dim else None)
+    head = tiny.model.get_output_embeddings()
+    with torch.no_grad():
+        for v in p.trainable_parameters().values():
+            v.mul_(0).add_(torch.randn_like(v))  # far from the near-uniform start
+        emb, w_out, b_out = head._base["emb"], head._base["out_w"], head._base["out_b"]
+        V, E = emb.shape
+        ie = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + 1e-6) * head.norm_weight
+        lat = ie @ head.W_L.weight.T if latent_dim else ie
+        K, Vv = lat @ head.W_K.weight.T, lat @ head.W_V.weight.T
+        A = w_out.T @ Vv @ head.W_Q.weight.T @ K.T / (V * math.sqrt(head.dim))           # E x V
+        a = (b_out @ Vv @ head.W_Q.weight.T @ K.T / (V * math.sqrt(head.dim))) if b_out is not None else 0.0
+        h = torch.randn(7, E)
+        want = torch.log_softmax(h @ A + a, -1)
+        got = head(h)
+    p.detach()
+    assert (got.max(-1).values - got.min(-1).values).min() > 1.0, "a distribution far from uniform"
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
