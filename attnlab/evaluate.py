@@ -18,6 +18,7 @@ from torch import nn
 
 from .backbone import decoder
 from .data import IGNORE, Example, collate, collate_prompts
+from .errors import DataError
 
 # --- answers -------------------------------------------------------------------------------------
 #
@@ -25,13 +26,21 @@ from .data import IGNORE, Example, collate, collate_prompts
 # 'The answer is', 'Answer:') anywhere, or, in a generation that finished (ended with EOS before
 # max_new_tokens), its last number. A cut-off generation without a marker is unanswered: its last
 # digits are wherever the cut fell, not an answer. Numbers with more than 15 significant digits
-# are unparsed (runaway digit strings, beyond float precision).
+# are unparsed (runaway digit strings, beyond float precision): such an answer is no answer.
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_MARKERS = [re.compile(r"####\s*([^\n]+)"),
-            re.compile(r"[Tt]he (?:final )?answer is:?\s*\$?([^\n]+?)\s*(?:\.\s*)?$", re.M),
-            re.compile(r"^\s*(?:Final )?[Aa]nswer:\s*([^\n]+?)\s*$", re.M)]
+# a number: thousands groups ('1,234,567') or a plain digit run, a decimal part, a '/d' fraction
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_DIGIT_RUN = re.compile(r"\d[\d,.]*")
+_MARKERS = [re.compile(r"####[ \t]*([^\n]*)"),
+            re.compile(r"[Tt]he (?:final )?answer is:?[ \t]*\$?([^\n]*?)[ \t]*(?:\.[ \t]*)?$", re.M),
+            re.compile(r"\b(?:[Ff]inal )?[Aa]nswer:[ \t]*([^\n]*?)[ \t]*$", re.M)]
 MAX_DIGITS = 15
+
+
+def _too_long(s: str) -> bool:
+    """Whether `s` holds a digit run with more than MAX_DIGITS significant digits."""
+    return any(len(run.replace(",", "").replace(".", "").lstrip("0")) > MAX_DIGITS
+               for run in _DIGIT_RUN.findall(s))
 
 
 def _last_boxed(text: str) -> str | None:
@@ -46,25 +55,38 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def _marked(ans: str) -> str:
+    """The answer in what follows a marker: all of it when it parses as a number, else the number
+    after the last '=' ('9 - 5 = 4 apples' -> '4'), else its first number ('5 apples and 2 pears'
+    -> '5'), else the text itself (a text answer)."""
+    if parse_number(ans) is not None:
+        return ans
+    tail = ans.rsplit("=", 1)[-1]
+    nums = _NUMBER.findall(tail)
+    return nums[0] if nums else ans
+
+
 def extract_answer(text: str, finished: bool = True) -> str | None:
-    """The final answer of a solution: the last \\boxed{...}, else the last '#### X', 'The answer
-    is X' or 'Answer: X'; else, only if the generation `finished`, its last number; else None."""
+    """The final answer of a generated solution, or None when it gave none.
+
+    In order: the last \\boxed{...}; else the last (by position) '#### X', 'The answer is X' /
+    'the answer is: X' or 'Answer: X' with a non-empty X; else, only if the generation `finished`
+    (ended with EOS, not cut off at max_new_tokens), its last number. An answer holding a digit run
+    of more than 15 significant digits is None (a runaway digit string, not a number)."""
     if not text:
         return None
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    found = [(m.start(), m.group(1).strip()) for rx in _MARKERS for m in rx.finditer(text)]
-    if found:
-        ans = max(found)[1]
-        if parse_number(ans) is None:  # "The answer is 9 - 5 = 4 apples": the number it arrives at
-            nums = _NUMBER.findall(ans)
-            ans = nums[-1] if nums else ans
-        return ans
-    if not finished:
+    ans = _last_boxed(text)
+    if ans is None:
+        found = [(m.start(), m.group(1).strip()) for rx in _MARKERS for m in rx.finditer(text)]
+        found = [(pos, a) for pos, a in found if a]
+        if found:
+            ans = _marked(max(found)[1])
+        elif finished:
+            nums = _NUMBER.findall(text)
+            ans = nums[-1] if nums else None
+    if not ans or _too_long(ans):
         return None
-    nums = _NUMBER.findall(text)
-    return nums[-1] if nums else None
+    return ans
 
 
 def normalize_answer(ans: str | None) -> str:
@@ -139,6 +161,8 @@ def numeric_errors(preds: list, golds: list, max_abs: float = 1e6) -> dict:
     """Errors of the answers that parse as numbers: the median absolute error over all of them,
     and MSE / RMSE only over those with |prediction| and |gold| <= max_abs (a runaway number
     would otherwise be the whole RMSE), with both counts."""
+    if len(preds) != len(golds):
+        raise DataError(f"numeric_errors: {len(preds)} predictions for {len(golds)} gold answers; pass one per problem")
     errs, in_range = [], []
     for p, g in zip(preds, golds):
         a, b = parse_number(p), parse_number(g)
@@ -163,8 +187,15 @@ def answer_metrics(texts: list[str], golds: list[str | None], finished: list[boo
     accuracy = right / problems. precision = right / answers given (how often an answer, when
     the model commits to one, is right); recall = right / problems (= accuracy); F1 their harmonic
     mean: it differs from accuracy when the model often gives no answer. `per_example['correct']`
-    lists 0/1 per problem with a gold answer, in order (for paired intervals)."""
+    lists 0/1 per problem with a gold answer, in order (for paired intervals).
+
+    `finished[i]`: generation i ended with EOS (see `generate(..., stats=)`['finished']); a
+    cut-off one counts only through an explicit marker. None treats every generation as finished.
+    The numeric errors (`numeric_errors`) are over the same problems."""
     finished = list(finished) if finished is not None else [True] * len(texts)
+    if not len(texts) == len(golds) == len(finished):
+        raise DataError(f"answer_metrics: {len(texts)} texts, {len(golds)} gold answers and {len(finished)} "
+                        "finished flags; pass one of each per problem")
     keep = [i for i, g in enumerate(golds) if g is not None and str(g).strip()]
     preds = [extract_answer(texts[i], finished[i]) for i in keep]
     gold = [golds[i] for i in keep]
@@ -178,7 +209,7 @@ def answer_metrics(texts: list[str], golds: list[str | None], finished: list[boo
         "accuracy": rec,
         "precision": prec,
         "recall": rec,
-        "f1": (2 * prec * rec / (prec + rec) if prec and rec else (0.0 if prec is not None and rec is not None else None)),
+        "f1": None if rec is None else (2 * prec * rec / (prec + rec) if right else 0.0),
         "n_answered": given,
         "n_generated": len(texts),
         "n_no_gold": len(texts) - n,
@@ -264,9 +295,14 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
 
     `body_frozen`: the model differs from the base at most in its output head (the frozen base, a
     head-only plug-in), so its final hidden states are the reference's: only the head runs. Exact,
-    and it skips the whole transformer body."""
+    and it skips the whole transformer body.
+
+    `per_example` (from the same forward passes, for paired intervals over examples): "nll" the
+    summed NLL of each example's target tokens, "n_tokens" their count, and with a reference "kl"
+    the summed KL(base || model); sum(nll) / sum(n_tokens) is `cross_entropy`. Callers that
+    store the metrics pop it."""
     if not examples:
-        raise ValueError("score() needs at least one example")
+        raise DataError("score() needs at least one example")
     if body_frozen and (reference is None or not _has_plain_head(model)):
         body_frozen = False
     dev = _device(model)
@@ -299,14 +335,15 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             offset += tokens.numel()
     if n == 0:
-        raise ValueError("the examples have no target tokens to score")
+        raise DataError("the examples have no target tokens to score")
     ce = nll / n
     out = {"cross_entropy": ce, "perplexity": math.exp(min(ce, 700)), "next_token_accuracy": correct / n,
            "target_tokens": int(n)}
     out["per_example"] = {"nll": ex_nll, "n_tokens": ex_tok}
     if reference is not None:
         if offset != reference.hidden.shape[0]:
-            raise ValueError("the reference was computed on other examples (target counts differ)")
+            raise DataError("the reference was computed on other examples (target counts differ); "
+                            "compute base_reference on the examples being scored")
         out["kl_base_model"] = kl / n
         out["top1_agreement"] = agree / n
         out["per_example"]["kl"] = ex_kl

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.data import collate
-from attnlab.evaluate import (answer_metrics, answers_match, base_reference, extract_answer, kl_divergence,
+from attnlab.errors import DataError
+from attnlab.evaluate import (answer_metrics, answers_match, base_reference, extract_answer, generate, kl_divergence,
                               normalize_answer, numeric_errors, parse_number, score, target_logits, token_prf)
 
 from .conftest import tiny_splits
@@ -21,6 +22,11 @@ from .conftest import tiny_splits
     ("no digits here", None),
     ("", None),
     ("\\boxed{unclosed", None),
+    ("#### ", None),  # an empty marker is no answer
+    ("I list 1,2,3", "3"),  # commas only group thousands
+    ("The answer is 5 apples and 2 pears.", "5"),
+    ("so the answer: 7 apples", "7"),
+    ("The answer is Paris.", "Paris"),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
@@ -35,6 +41,8 @@ def test_normalize_and_parse():
     assert parse_number("50%") == 50.0
     assert parse_number("1/0") is None
     assert parse_number("x+1") is None
+    assert parse_number("inf") is None and parse_number("nan") is None and parse_number("-Infinity") is None
+    assert parse_number("1" * 15 + ".5") is None and parse_number("0.000123") == 0.000123
     assert answers_match("1,000", "1000") and answers_match("0.5", "1/2")
     assert not answers_match("12", "13") and not answers_match(None, "1")
 
@@ -107,7 +115,7 @@ def test_score_matches_a_manual_computation(tiny):
 
 
 def test_score_rejects_empty_input(tiny):
-    with pytest.raises(ValueError, match="at least one example"):
+    with pytest.raises(DataError, match="at least one example"):
         score(tiny.model, [], 0)
 
 
@@ -117,7 +125,9 @@ def test_a_127_digit_run_is_unparsed():
     run = "9" * 127
     assert parse_number(run) is None and parse_number("1" * 16) is None and parse_number("1" * 15) == 111111111111111
     m = answer_metrics([f"so {run}"], ["5"])
-    assert m["n_parsed"] == 0 and m["rmse"] is None and m["accuracy"] == 0.0
+    assert m["n_parsed"] == 0 and m["n_answered"] == 0 and m["rmse"] is None and m["accuracy"] == 0.0
+    # behind a marker too: a runaway digit string is no answer
+    assert extract_answer(f"#### {run}") is None and extract_answer(f"\\boxed{{{run}}}") is None
 
 
 def test_an_empty_gold_is_excluded_and_counted_not_scored_as_right():
@@ -126,7 +136,7 @@ def test_an_empty_gold_is_excluded_and_counted_not_scored_as_right():
     assert answer_metrics(["#### "], [""])["accuracy"] is None
 
 
-def test_a_cut_off_generation_without_a_marker_is_unparsed():
+def test_a_cut_off_generation_without_a_marker_is_unparsed_but_with_a_marker_it_is_parsed():
     assert extract_answer("3 + 4 = 7 then 7 * 2 = 1", finished=False) is None
     assert extract_answer("3 + 4 = 7\n#### 7\nand then 99", finished=False) == "7"
     assert extract_answer("So the answer is 12.", finished=False) == "12"
@@ -146,6 +156,46 @@ def test_precision_differs_from_accuracy_when_answers_are_missing():
     # answered: "1" (right), "9" (wrong); "no idea" finished without a number; "thinking" was cut off
     assert m["accuracy"] == 0.25 and m["recall"] == 0.25 and m["precision"] == 0.5
     assert m["f1"] == pytest.approx(2 * 0.5 * 0.25 / 0.75)
+    none = answer_metrics(["thinking", "more"], ["1", "2"], finished=[False, False])
+    assert none["precision"] is None and none["recall"] == 0.0 and none["f1"] == 0.0 and none["n_answered"] == 0
+
+
+def test_mismatched_lengths_are_a_user_error():
+    with pytest.raises(DataError):
+        answer_metrics(["#### 1", "#### 2"], ["1"])
+    with pytest.raises(DataError):
+        answer_metrics(["#### 1"], ["1"], finished=[True, False])
+    with pytest.raises(DataError):
+        numeric_errors(["1"], ["1", "2"])
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose generate() appends fixed continuations (for the finished flags)."""
+
+    def __init__(self, new):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.new = torch.tensor(new)
+
+    def generate(self, input_ids, attention_mask, **kw):
+        assert kw["max_new_tokens"] == self.new.shape[1]
+        return torch.cat([input_ids, self.new[: len(input_ids)]], 1)
+
+
+def test_generate_lists_per_example_whether_it_finished():
+    from attnlab import load_backbone
+    bb = load_backbone("tiny-gpt2")
+    s = tiny_splits(bb, n_train=1, n_eval=3)
+    eos, pad = bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id
+    # example 1 ends with EOS (then padding), 2 is cut off at 3 new tokens, 3 ends with EOS at the last step
+    st = {}
+    texts = generate(_Scripted([[11, eos, pad], [11, 12, 13], [11, 12, eos]]), bb.tokenizer, s.eval, 3, 8, stats=st)
+    assert st["finished"] == [True, False, True] and st["n_cut_off"] == 1 and len(texts) == 3
+    # a real model, batches of 2: one flag per example, in order, consistent with the count
+    st = {}
+    texts = generate(bb.model, bb.tokenizer, s.eval, max_new_tokens=4, batch_size=2, stats=st)
+    assert len(st["finished"]) == len(texts) == 3 and st["n_cut_off"] == 3 - sum(st["finished"])
+    assert len(generate(bb.model, bb.tokenizer, s.eval[:1], max_new_tokens=2)) == 1  # stats stays optional
 
 
 def test_score_per_example_nll_sums_to_the_total(tiny):
