@@ -75,9 +75,9 @@ def test_residual_starts_at_the_base_distribution(tiny):
     p.detach()
 
 
-def test_tables_once_per_step_give_the_same_gradients():
+def test_mlp_tables_once_per_step_give_the_same_gradients():
     bb = load_backbone("tiny-gpt2")
-    p = attach(bb.model, "backward_head", preset="paper", latent_dim=16, n_heads=2)
+    p = attach(bb.model, "backward_head", preset="paper", latent_dim=16, n_heads=2, projection="mlp")
     head = bb.model.get_output_embeddings()
     params = p.trainable_parameters()
     h = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
@@ -211,3 +211,84 @@ def test_the_paper_head_is_a_bilinear_lm_head(tiny, latent_dim):
     p.detach()
     assert (got.max(-1).values - got.min(-1).values).min() > 1.0, "a distribution far from uniform"
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
+def _head(V=300, E=24, d=None, latent=None, bias=True, tied=False, dtype=torch.float32, **opts):
+    """A head on a made-up base: untied (or tied) embeddings, an optional LM-head bias, any V."""
+    from torch import nn
+
+    from attnlab.modules.backward_head import BackwardAttentionHead, BackwardHeadConfig
+
+    g = torch.Generator().manual_seed(11)
+    emb = torch.randn(V, E, generator=g, dtype=dtype) * 0.7 + 0.1
+    out = nn.Linear(E, V, bias=bias).to(dtype)
+    with torch.no_grad():
+        out.weight.copy_(emb if tied else torch.randn(V, E, generator=g, dtype=dtype))
+        if bias:
+            out.bias.copy_(torch.randn(V, generator=g, dtype=dtype))
+    out.requires_grad_(False)
+    head = BackwardAttentionHead(BackwardHeadConfig(attn_dim=d, latent_dim=latent, **opts), emb, out)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=dtype))
+    return head
+
+
+REASSOCIATED = [
+    dict(),                                        # d = E, untied, with an LM-head bias
+    dict(d=16),                                    # attn_dim != E
+    dict(d=12, latent=8, n_heads=3),               # latent projection, several heads
+    dict(bias=False, tied=True, weights="logprobs"),
+    dict(d=8, weights="probs", n_heads=2),
+    dict(d=16, residual=True, gate_init=0.8),
+    dict(d=16, latent=8, residual=True, gate_init=0.8, weights="logprobs", n_heads=2),
+]
+
+
+@pytest.mark.parametrize("opts", REASSOCIATED, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "paper")
+@pytest.mark.parametrize("save_bytes", [0, 1 << 30], ids=["recompute", "saved"])
+def test_the_reassociated_loss_and_gradients_equal_autograd_through_the_literal_formula(opts, save_bytes, monkeypatch):
+    """Value and every parameter's gradient of the fast loss (never building K or Vv, vocabulary
+    larger than one chunk, scores saved or recomputed) against autograd through the reference."""
+    import attnlab.chunked_ce as ce
+
+    monkeypatch.setattr(ce, "SAVE_BYTES", save_bytes)
+    monkeypatch.setattr(ce.mixture_cross_entropy, "__defaults__", (8192, 0, save_bytes))
+    head = _head(chunk_size=64, **opts)
+    monkeypatch.setattr(head, "compute_tables", lambda: pytest.fail("the linear head built a V x d table"))
+    h = torch.randn(10, 24, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(3))
+    params = dict(head.named_parameters())
+    ref = -head.reference_log_probs(h)[torch.arange(10), y].sum()
+    want = torch.autograd.grad(ref, list(params.values()))
+    fast = head.target_loss(h, y)
+    got = torch.autograd.grad(fast, list(params.values()))
+    assert abs(fast.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    for n, a, b in zip(params, got, want):
+        assert (a - b).abs().max() <= 1e-4 * (1 + b.abs().max()), n
+    with torch.no_grad():
+        assert (head(h) - head.reference_log_probs(h)).abs().max() <= 1e-4
+
+
+def test_dropout_on_the_query_is_the_same_mask_in_both_paths():
+    head = _head(d=16, dropout=0.3).train()
+    h = torch.randn(10, 24, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 300, (10,))
+    torch.manual_seed(7)
+    ref = -head.reference_log_probs(h)[torch.arange(10), y].sum()
+    torch.manual_seed(7)
+    fast = head.target_loss(h, y)
+    torch.manual_seed(8)
+    other = head.target_loss(h, y)
+    assert abs(fast.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    assert abs(other.item() - ref.item()) > 1e-3, "dropout was not applied"
+
+
+def test_the_linear_head_has_no_per_step_tables():
+    head = _head(d=16)
+    params = list(head.parameters())
+    head.on_step_start()
+    assert head._step is None, "the linear head needs no tables per optimizer step"
+    head.target_loss(torch.randn(4, 24), torch.randint(0, 300, (4,))).backward()
+    head.on_step_end()
+    assert all(p.grad is not None for p in params)

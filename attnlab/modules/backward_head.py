@@ -2,22 +2,32 @@
 
 The method as specified (preset `paper`), for a final hidden state h at one position:
     IE    = RMSNorm(input embedding matrix)                       V x E
-    L     = IE W_L  (optional latent projection E -> d; else L = IE)
-    K     = L W_K,  Vv = L W_V                                     V x d
-    Dot   = sum_v logit_v * Vv_v / V,  logit = h W_out^T (the frozen base's logits)
-    Q     = Dot W_Q;  scores = Q K^T / sqrt(d);  p = softmax(scores)
+    L     = IE W_L^T  (optional latent projection E -> d; else L = IE)
+    K     = L W_K^T,  Vv = L W_V^T                                 V x d
+    Dot   = sum_v logit_v * Vv_v / V,  logit = h W_out^T + b (the frozen base's logits)
+    Q     = Dot W_Q^T;  scores = Q K^T / sqrt(d);  p = softmax(scores)
 
-Exact shortcuts (no approximation):
-  * K, Vv depend only on the embedding and the head's weights: computed once per optimizer step in
-    training (see on_step_start / on_step_end) and once per weight update in inference.
-  * With raw-logit weights the query is linear in h: Dot = h (W_out^T Vv) / V, so the E x d matrix
-    M = W_out^T Vv / V is precomputed too, and no token ever builds its V base logits or a V x V matrix.
-  * The training loss walks the vocabulary in chunks (chunked_ce), never storing N x V scores.
+Exact reassociation (no approximation; K and Vv are never built). Write the norm as
+RMSNorm(IE) = diag(r) IE diag(g), with r the per-row RMS scale of the frozen embedding and g the
+trainable gain, and R = diag(r) IE (a constant V x E table: the base's, not the head's). With linear
+projections A_K = W_K (W_L) and A_V = W_V (W_L):
+    K  = R diag(g) A_K^T                         so  scores = ((Q A_K) * g) R^T / sqrt(d)
+    Vv = R diag(g) A_V^T                         so  Dot    = ((h C + c) * g) A_V^T / V
+with C = W_out^T R (E x E) and c = b^T R (E): constants of the base, computed once. Every trainable
+product is then E-wide or d-wide per token, and the only V-wide product is u R^T with
+u = (Q A_K) * g / sqrt(d): one LM-head-sized matmul against a frozen table, whose backward needs
+no table gradient. A step costs about one LM-head cross-entropy, not a rebuild of two V x d tables.
+Weights from probabilities or log-probabilities change only the per-token constant z that
+replaces h C + c: softmax(logits) R, or h C + c - logsumexp(logits) * sum_v R_v.
 
-Variants a careful researcher compares: weights from softmax probabilities or log-probabilities
-instead of raw logits; several heads (a mixture of their softmaxes); a non-linear (GELU MLP)
-projection; dropout; and a residual form, log p = log_softmax(base logits + g * scores), whose gate g
-starts at 0 so the head starts out reproducing the base distribution exactly.
+The residual form, log p = log_softmax(base logits + g_res * scores), is the same product with the
+frozen table [W_out, b, R] and the features [h, 1, g_res * u]; its gate starts at 0, so the head
+starts out reproducing the base distribution exactly.
+
+Other variants a careful researcher compares: several heads (a mixture of their softmaxes), dropout
+on the query, and a non-linear (GELU MLP) projection. The MLP cannot be reassociated: it builds the
+K (and Vv) tables once per optimizer step (see on_step_start / on_step_end).
+The training loss comes from chunked_ce, which never stores more than the N x V scores.
 """
 
 from __future__ import annotations
@@ -110,10 +120,64 @@ class BackwardAttentionHead(nn.Module):
                     nn.init.zeros_(m.bias)
         # Small random weights: the scores start near zero, i.e. near the uniform distribution (loss ~ ln V).
         self.to(device=embedding.device, dtype=embedding.dtype)
-        self._cache = None      # (version key, tables) for inference
+        self._const = None      # (base version key, constants of the base): see constants()
+        self._cache = None      # (version key, tables) for inference (MLP variant)
         self._step = None       # (leaf tables, graph tables) during an optimizer step
 
-    # -- tables: everything that depends only on the vocabulary and the head's weights ---------------
+    # -- constants of the base: the normalised-embedding table and its products with the LM head -----
+    def constants(self) -> dict:
+        """R = diag(r) IE (V x E), C = W_out^T R (E x E), c = b^T R, s = sum_v R_v, and the frozen
+        table the scores are taken against: R, or [W_out, b, R] for the residual form. Computed once
+        per base (no gradient: nothing here is trained), recomputed only if a base tensor changes."""
+        emb, out_w, out_b = self._base["emb"], self._base["out_w"], self._base["out_b"]
+        key = tuple((id(t), t._version) for t in (emb, out_w, out_b) if t is not None)
+        if self._const is not None and self._const[0] == key:
+            return self._const[1]
+        with torch.no_grad():
+            r = torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + 1e-6)                 # V x 1
+            if self.cfg.residual:
+                b = out_b if out_b is not None else out_w.new_zeros(self.vocab)
+                table = torch.cat([out_w, b[:, None], emb * r], -1)                     # V x (2E + 1)
+                R = table[:, self.hidden + 1:]
+            else:
+                table = R = (emb * r).contiguous()                                      # V x E
+            c = {"R": R, "table": table[None], "C": out_w.t() @ R,
+                 "c": out_b @ R if out_b is not None else R.new_zeros(self.hidden)}
+            if self.cfg.weights == "logprobs":
+                c["s"] = R.sum(0)
+        self._const = (key, c)
+        return c
+
+    def _token_constant(self, h: torch.Tensor, c: dict) -> torch.Tensor:
+        """z (N x E) with Dot = (z * g) A_V^T / V: a function of h and the frozen base only."""
+        w = self.cfg.weights
+        if w == "logits":
+            return h @ c["C"] + c["c"]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and h.requires_grad):
+            logits = self._base_logits(h)                                               # N x V, once
+            if w == "probs":
+                return torch.softmax(logits, -1) @ c["R"]
+            return h @ c["C"] + c["c"] - torch.logsumexp(logits, -1, keepdim=True) * c["s"]
+
+    def _reassociated(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.constants()
+        H, N, dh = self.cfg.n_heads, h.shape[0], self.dim // self.cfg.n_heads
+        g = self.norm_weight
+        zg = self._token_constant(h, c) * g                                             # N x E
+        if self.cfg.latent_dim:
+            zg = zg @ self.W_L.weight.t()                                               # N x l
+        dot = zg @ self.W_V.weight.t() / self.vocab                                     # N x d
+        q = self.W_Q(self.drop(dot)).view(N, H, dh).transpose(0, 1)                    # H x N x dh
+        u = torch.bmm(q, self.W_K.weight.view(H, dh, -1))                               # H x N x (l or E)
+        if self.cfg.latent_dim:
+            u = u @ self.W_L.weight                                                     # H x N x E
+        u = u * (g / math.sqrt(dh))
+        if self.gate is not None:
+            hb = torch.cat([h, torch.ones_like(h[:, :1])], -1)
+            u = torch.cat([hb.expand(H, -1, -1), self.gate * u], -1)                   # H x N x (2E + 1)
+        return u, c["table"]
+
+    # -- the MLP variant: tables rebuilt from the head's weights (no reassociation exists) ------------
     def _normed(self, layer: nn.Module, ie: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """layer(RMSNorm(ie)) without materialising the V x E normalised embedding (nor saving it for
         backward): Linear(ie * r * g) = r * (ie @ (W * g)^T) + b, exactly."""
@@ -164,7 +228,10 @@ class BackwardAttentionHead(nn.Module):
         return self._cache[1]
 
     def on_step_start(self) -> None:
-        """Compute the tables once for the whole optimizer step; micro-batches use detached leaves."""
+        """MLP variant: compute the tables once for the whole optimizer step; micro-batches use
+        detached leaves. (The linear head has no per-step tables: nothing to do.)"""
+        if self.cfg.projection != "mlp":
+            return
         graph = self.compute_tables()
         leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in graph.items()}
         self._step = (leaves, graph)
@@ -180,14 +247,7 @@ class BackwardAttentionHead(nn.Module):
         if pairs:
             torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
 
-    # -- per token ------------------------------------------------------------------------------------
-    def _base_logits(self, h):
-        return F.linear(h, self._base['out_w'], self._base['out_b'])
-
-    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X, W) with log p = log of the mixture over heads of softmax(X[i] @ W[i].T); h: (N, E)."""
-        if h.dim() != 2 or h.shape[-1] != self.hidden:
-            raise PluginError(f"expected final hidden states (N, {self.hidden}), got {tuple(h.shape)}")
+    def _tabled(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.tables()
         w = self.cfg.weights
         if w == "probs":
@@ -205,6 +265,19 @@ class BackwardAttentionHead(nn.Module):
             X = torch.cat([hb.expand(H, -1, -1), self.gate * X], -1)
         return X.contiguous(), t["W"]
 
+    # -- per token ------------------------------------------------------------------------------------
+    def _base_logits(self, h):
+        return F.linear(h, self._base['out_w'], self._base['out_b'])
+
+    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, W) with log p = log of the mixture over heads of softmax(X[i] @ W[i].T); h: (N, E).
+        W is (1, V, D) when every head shares one frozen table."""
+        if h.dim() != 2 or h.shape[-1] != self.hidden:
+            raise PluginError(f"expected final hidden states (N, {self.hidden}), got {tuple(h.shape)}")
+        if self.cfg.projection == "mlp":
+            return self._tabled(h)
+        return self._reassociated(h)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.shape[-1] != self.hidden:
             raise PluginError(f"expected final hidden states (..., {self.hidden}), got {tuple(h.shape)}")
@@ -213,9 +286,11 @@ class BackwardAttentionHead(nn.Module):
         return mixture_log_probs(X, W).view(*lead, self.vocab)
 
     def target_loss(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of `tokens` under the head, chunked over the vocabulary."""
+        """Summed cross-entropy of `tokens` under the head; the V-wide scores are kept for the
+        backward only when they fit (chunked_ce.SAVE_BYTES), else recomputed chunk by chunk."""
         X, W = self.features(h)
-        frozen = self.hidden + 1 if self.gate is not None else 0  # the [W_out, b] columns of the residual form
+        # in the MLP tables of the residual form the [W_out, b] columns are frozen
+        frozen = self.hidden + 1 if self.gate is not None and W.requires_grad else 0
         return mixture_cross_entropy(X, W, tokens, self.cfg.chunk_size, w_grad_from=frozen).sum()
 
     # -- the literal formula, for tests -------------------------------------------------------------
