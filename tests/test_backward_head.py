@@ -292,3 +292,26 @@ def test_the_linear_head_has_no_per_step_tables():
     head.target_loss(torch.randn(4, 24), torch.randint(0, 300, (4,))).backward()
     head.on_step_end()
     assert all(p.grad is not None for p in params)
+
+
+def test_lora_on_the_lm_head_is_the_equal_parameter_baseline_and_trains_from_the_cache(tiny_llama, tmp_path):
+    """LoRA through PEFT on `lm_head` alone: head-only (trains from cached features, same curve as
+    live), and on a tied base it changes the output head only, never the input embedding."""
+    m, pad = tiny_llama.model, tiny_llama.tokenizer.pad_token_id
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight, "tiny-llama ties its head"
+    s = tiny_splits(tiny_llama, n_train=8)
+    cache = build_feature_cache(m, "tiny-llama", s.train, pad, root=tmp_path, log=lambda *_: None)
+    emb_before = m.get_input_embeddings().weight.clone()
+    curves = []
+    for feats in (None, cache):
+        torch.manual_seed(0)
+        p = attach(m, "lora", r=2, target_modules=["lm_head"])
+        assert p.head_only and p.num_trainable() == 2 * (m.config.hidden_size + m.config.vocab_size)
+        r = train(m, p, s.train, TrainConfig(steps=4, batch_size=4, lr=1e-2, progress=False), pad_id=pad,
+                  features=feats)
+        curves.append([h["loss"] for h in r.history])
+        p.detach()
+    for live, cached in zip(*curves):
+        assert abs(live - cached) < 2e-3 * max(1.0, abs(live))
+    assert curves[0][-1] < curves[0][0]
+    assert torch.equal(m.get_input_embeddings().weight, emb_before)

@@ -35,6 +35,10 @@ class LoRA(Plugin):
     method = "lora"
     Config = LoRAConfig
 
+    @property
+    def head_only(self) -> bool:
+        return getattr(self, "_head_only", False)
+
     def _install(self, model):
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -57,6 +61,11 @@ class LoRA(Plugin):
             raise PluginError(f"LoRA target_modules {targets} matched no module of this {mtype} model")
         for n, p in model.named_parameters():
             p.requires_grad_(n in self._names)
+        # LoRA on the LM head alone (target_modules: [lm_head]) changes only the output head: it can
+        # train from the feature cache like head_ft. On a tied base only the head gets the update.
+        head = model.get_output_embeddings()
+        wrapped = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
+        self._head_only = bool(wrapped) and all(m is head for m in wrapped)
 
     def _remove(self, model):
         from peft.tuners.tuners_utils import BaseTunerLayer
