@@ -56,6 +56,7 @@ DEFAULTS = {
     "feature_cache": True,   # head-only methods train from the base's cached hidden states
     "paired_baseline": None, # a method name: the report adds changes against it, paired by seed
     "datasets": None,        # label -> data options (over `data`): the whole run once per dataset
+    "sweep_seeds": "all",    # "first": sweep on the first seed only; later seeds reuse the value it chose
 }
 TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
 SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
@@ -132,6 +133,9 @@ def load_config(path_or_dict) -> dict:
     if cfg.get("description") is not None and not isinstance(cfg["description"], str):
         raise ConfigError(f"description: {cfg['description']!r} is not text")
     cfg["feature_cache"] = as_bool("feature_cache", cfg["feature_cache"])
+    if cfg["sweep_seeds"] not in ("all", "first"):
+        raise ConfigError(f"sweep_seeds: {cfg['sweep_seeds']!r} is not 'all' (every seed sweeps) or 'first' "
+                          f"(the first seed sweeps, later seeds reuse its choice)")
     seeds = cfg["seeds"]
     if not isinstance(seeds, list) or not seeds:
         raise ConfigError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
@@ -185,7 +189,7 @@ def load_config(path_or_dict) -> dict:
 
 
 def _options(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k not in ("name", "method", "train", "eval")}
+    return {k: v for k, v in m.items() if k not in ("name", "method", "train", "eval", "_chosen_on_seed")}
 
 
 def seed_everything(seed: int) -> None:
@@ -345,8 +349,13 @@ def _run_one(bb, cfg, out, only_methods, log, t_start) -> dict:
     features = {}  # built on first use by a head-only method, shared by all of them
     for m in methods:
         seeds = cfg["seeds"] if m["method"] != "frozen" else cfg["seeds"][:1]
-        for seed in seeds:
-            cells.append(_run_cell(bb, splits, [test] + transfer, cfg, m, seed, out, log, features, base_fp))
+        for i, seed in enumerate(seeds):
+            cell = _run_cell(bb, splits, [test] + transfer, cfg, m, seed, out, log, features, base_fp)
+            cells.append(cell)
+            chosen = cell["train"].get("chosen")
+            if i == 0 and chosen and cfg["sweep_seeds"] == "first":
+                # validation chose on the first seed; the others train that value only (cheaper, still blind to test)
+                m = {**m, "train": {**(m.get("train") or {}), **chosen}, "_chosen_on_seed": seed}
     results = {
         "name": cfg["name"], "config": cfg, "data": dr, "model": bb.info,
         "fingerprint": bb.fingerprint, "cells": cells,
@@ -561,7 +570,8 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                       "resumed_from_step": tr.resumed_from,
                       "final_loss": tr.history[-1]["loss"] if tr.history else None,
                       "best_step": tr.best_step, "stopped_early": tr.stopped_early,
-                      "chosen": {k: point[k] for k in swept} if swept else None},
+                      "chosen": {k: point[k] for k in swept} if swept else None,
+                      "chosen_on_seed": m.get("_chosen_on_seed")},
             "sweep": sweep, "val_loss": val,
             "loss_curve": [[h["step"], h["loss"]] for h in tr.history],
             "val_curve": [list(x) for x in tr.val_history],

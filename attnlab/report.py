@@ -264,6 +264,11 @@ def sweep_lines(results: dict) -> list[str]:
                                                             for k in keys)
                          + f" | {x.get('steps', '–')} | "
                          + ("diverged" if x.get("diverged") else f"{x['val_loss']:.4f}") + f" | {'✓' if pick else ''} |")
+        reused = sorted({(c["method"], c["train"]["chosen_on_seed"]) for c in results["cells"]
+                         if c["train"].get("chosen_on_seed") is not None})
+        if reused:
+            lines += ["", "Later seeds were not swept (`sweep_seeds: first`): they train the value validation chose "
+                      "on the first seed (" + ", ".join(f"{n}: seed {s}" for n, s in reused) + ")."]
         if edge:
             lines += ["", "At the edge of its sweep: " + ", ".join(sorted(edge)) + ". The best value may lie "
                       "beyond the range tried; widen the sweep before reading much into this method's numbers."]

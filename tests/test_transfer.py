@@ -182,3 +182,17 @@ def test_a_method_without_trainable_parameters_is_not_swept(tmp_path):
            "train": {**TINY["train"], "lr": [1e-3, 1e-2]}, "methods": [{"name": "frozen", "method": "frozen"}]}
     (cell,) = run_experiment(cfg, out_root=tmp_path, **quiet)["cells"]
     assert len(cell["sweep"]) == 1 and cell["train"]["chosen"] is None
+
+
+def test_with_sweep_seeds_first_later_seeds_train_the_value_the_first_seed_chose(tmp_path):
+    cfg = {**TINY, "seeds": [0, 1], "sweep_seeds": "first", "eval_sets": {},
+           "eval": {**TINY["eval"], "generate": False},
+           "methods": [{"name": "lora", "method": "lora", "r": 2, "train": {"lr": [1e-3, 3e-2]}}]}
+    res = run_experiment(cfg, out_root=tmp_path, **quiet)
+    first, second = res["cells"]
+    assert len(first["sweep"]) == 2 and first["train"]["chosen_on_seed"] is None
+    assert len(second["sweep"]) == 1 and second["train"]["chosen_on_seed"] == 0
+    assert second["spec"]["train"][0]["lr"] == first["train"]["chosen"]["lr"]
+    assert "Later seeds were not swept" in (tmp_path / "transfer" / "report.md").read_text()
+    with pytest.raises(Exception, match="sweep_seeds"):
+        load_config({**cfg, "sweep_seeds": "some"})
