@@ -188,6 +188,40 @@ def _set_names(results: dict) -> list[str]:
     return ["test"] + list(results.get("eval_sets", {}))
 
 
+def decoding_lines(results: dict, n_boot: int = 2000) -> list[str]:
+    """Per set with a decoding grid: answer accuracy per method and decoding (greedy, sampled), pooled
+    over seeds with its Wilson 95% interval, and the paired change against the frozen base's greedy
+    answers to the same problems (bootstrap over problems, seeds averaged)."""
+    from .stats import paired_bootstrap_diff_seeds, wilson_interval
+
+    lines = []
+    for s in _set_names(results):
+        rows: dict[tuple[str, str], list] = {}
+        for c in results["cells"]:
+            ev = c["eval"] if s == "test" else c.get("eval_sets", {}).get(s, {})
+            greedy = c.get("per_example", {}).get(s, {}).get("correct")
+            if greedy is not None:
+                rows.setdefault((c["method"], "greedy"), []).append(greedy)
+            for x in ev.get("sampling") or []:
+                rows.setdefault((c["method"], f"T={x['temperature']:g}, top-k={x['top_k'] or 'off'}"), []).append(
+                    x["correct"])
+        if all(d == "greedy" for _, d in rows):
+            continue
+        ref = rows.get(("frozen", "greedy"))
+        lines += ["", f"### Decoding on `{s}`", "",
+                  "Answer accuracy pooled over seeds [Wilson 95%]; change against the frozen base's greedy answers "
+                  "to the same problems [paired bootstrap 95%].", "",
+                  "| method | decoding | accuracy | [95% CI] | Δ vs frozen greedy (pp) |", "|---|---|---:|---|---|"]
+        for (name, dec), arrs in rows.items():
+            k, n = int(sum(sum(a) for a in arrs)), sum(len(a) for a in arrs)
+            lo, hi = wilson_interval(k, n) if n else (float("nan"), float("nan"))
+            d = "–"
+            if ref and (name, dec) != ("frozen", "greedy") and all(len(a) == len(ref[0]) for a in arrs):
+                d = _fmt_change(paired_bootstrap_diff_seeds([(a, ref[0]) for a in arrs], n_boot=n_boot), False)
+            lines.append(f"| {name} | {dec} | {k}/{n} = {k / max(n, 1):.3f} | [{lo:.3f}, {hi:.3f}] | {d} |")
+    return lines
+
+
 def _set_title(results: dict, name: str) -> str:
     if name == "test":
         return "test (in-distribution)"
@@ -319,6 +353,7 @@ def markdown(results: dict) -> str:
     if ref:
         lines += transfer_lines(results, ref)
     lines += sweep_lines(results)
+    lines += decoding_lines(results)
     for s in sets:
         summ = summarize(cells, s)
         present = [m for m in METRICS if any(r[m[0]][0] is not None for r in summ.values())]

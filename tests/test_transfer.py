@@ -196,3 +196,24 @@ def test_with_sweep_seeds_first_later_seeds_train_the_value_the_first_seed_chose
     assert "Later seeds were not swept" in (tmp_path / "transfer" / "report.md").read_text()
     with pytest.raises(Exception, match="sweep_seeds"):
         load_config({**cfg, "sweep_seeds": "some"})
+
+
+def test_the_decoding_grid_table_pools_seeds_with_wilson_and_paired_intervals():
+    from attnlab.report import decoding_lines
+
+    ref = [1, 0, 1, 0, 0, 0, 1, 0]
+
+    def cell(method, seed, greedy, sampled):
+        return {"method": method, "seed": seed, "eval": {}, "per_example": {"level1": {"correct": greedy}},
+                "eval_sets": {"level1": {"sampling": [{"temperature": t, "top_k": k, "correct": c}
+                                                      for (t, k), c in sampled.items()]}}}
+    cells = [cell("frozen", 0, ref, {(0.7, 20): [1, 1, 1, 0, 0, 0, 1, 0]}),
+             cell("head", 0, [1] * 8, {(1.0, None): [0] * 8}), cell("head", 1, [1] * 7 + [0], {(1.0, None): [0] * 8})]
+    lines = decoding_lines({"cells": cells, "eval_sets": {"level1": {}}}, n_boot=200)
+    text = "\n".join(lines)
+    assert "### Decoding on `level1`" in text
+    assert "| frozen | greedy | 3/8 = 0.375 |" in text and "| frozen | T=0.7, top-k=20 | 4/8 = 0.500 |" in text
+    head_greedy = next(x for x in lines if x.startswith("| head | greedy |"))
+    assert "15/16 = 0.938" in head_greedy and "+56.2 pp [+25.0, +87.5]" in head_greedy
+    assert "*within noise*" in head_greedy  # over problems it is better; over two seeds' spread not yet
+    assert "**worse**" in next(x for x in lines if x.startswith("| head | T=1, top-k=off |"))
