@@ -213,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a model of the same shape with random weights (timings do not depend on weights)")
     pr.add_argument("--out", default="runs/profile", help="output folder (default: runs/profile)")
     pr.set_defaults(func=cmd_profile)
+
+    le = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a model (with or without a plug-in)",
+                        description="lm_eval.simple_evaluate on the model (+ plug-in) as lm-eval's `attnlab` model; "
+                        "writes OUT/results.json. attnlab's offline tasks: attnlab_gsm8k (generative, from "
+                        "../shared/data/gsm8k/train.jsonl) and attnlab_wikitext (perplexity, from "
+                        "../shared/data/wikitext-2/valid.txt); lm-eval's own tasks by name. Needs the extra: "
+                        "pip install -e \".[eval]\".")
+    model_args(le)
+    le.add_argument("--tasks", required=True, help="comma-separated task names, e.g. attnlab_gsm8k,attnlab_wikitext")
+    le.add_argument("--limit", type=float, help="examples per task (< 1: a fraction); for quick checks")
+    le.add_argument("--batch-size", type=_positive, default=1,
+                    help="default 1 (sparse attention: keep 1 for generative tasks, they left-pad)")
+    le.add_argument("--num-fewshot", type=int, help="override the tasks' few-shot count")
+    le.add_argument("--max-gen-toks", type=_positive, help="cap generated tokens (generative tasks)")
+    le.add_argument("--include-path", action="append", default=[], help="another folder of lm-eval task yamls")
+    le.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
+                    help="read TASK's data from PATH instead (e.g. attnlab_gsm8k=/data/gsm8k/test.jsonl)")
+    le.add_argument("--device", help="cuda / cpu (default: cuda when there is one)")
+    le.add_argument("--log-samples", action="store_true", help="also write every prompt and output to samples.json")
+    le.add_argument("--seed", type=int, default=0)
+    le.add_argument("--out", default="runs/lm_eval", help="output folder (default: runs/lm_eval)")
+    le.set_defaults(func=cmd_lm_eval)
     return p
 
 
@@ -233,6 +255,28 @@ def cmd_profile(a) -> int:
             "batch": a.batch, "device": where, "torch": torch.__version__, "python": platform.python_version()}
     path = write(rows, a.out, title, meta)
     print(path.read_text())
+    return 0
+
+
+def cmd_lm_eval(a) -> int:
+    from .errors import ConfigError
+    from .lm_eval_adapter import evaluate
+
+    files = {}
+    for kv in a.data_file:
+        task, sep, path = kv.partition("=")
+        if not sep or not task.strip() or not path.strip():
+            raise ConfigError(f"--data-file: {kv!r} is not TASK=PATH; write e.g. --data-file attnlab_gsm8k=test.jsonl")
+        files[task.strip()] = path.strip()
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    res = evaluate(a.model, a.plugin, tasks, a.out, limit=a.limit, batch_size=a.batch_size,
+                   num_fewshot=a.num_fewshot, include_path=a.include_path, data_files=files, device=a.device,
+                   max_gen_toks=a.max_gen_toks, log_samples=a.log_samples, seed=a.seed,
+                   trust_remote_code=a.trust_remote_code)
+    from lm_eval.utils import make_table
+
+    print(make_table(res))
+    print(f"results: {a.out}/results.json")
     return 0
 
 
