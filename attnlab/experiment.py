@@ -463,7 +463,8 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
     swept = [k for k in SWEEP_KEYS if len({json.dumps(p[k]) for p in points}) > 1]
     # everything the cell's numbers depend on: a finished cell is reused only if it all matches
     spec = json.loads(json.dumps({
-        "method": m, "train": [{k: v for k, v in p.items() if k not in ("progress", "log_every", "checkpoint_every")}
+        "method": m, "train": [{k: v for k, v in p.items()
+                                if k not in ("progress", "log_every", "checkpoint_every", "log_with")}
                                for p in points],
         "eval": ev, "data": splits.report["fingerprint"],
         "eval_sets": {s.name: [s.report.get("fingerprint"), s.eval] for s in sets[1:]},

@@ -49,6 +49,7 @@ class TrainConfig:
     eval_every: int = 0              # validation loss every N steps (needs a val_fn); 0: off
     patience: int = 0                # stop after this many validations without improvement; 0: never
     progress: bool = True
+    log_with: str | None = None      # "tensorboard": records also go to <out_dir>/tensorboard; None: metrics.jsonl only
 
     def __post_init__(self):
         apply_rules(self, "train", {
@@ -57,7 +58,7 @@ class TrainConfig:
             "warmup_steps": (as_int, {"min": 0}), "min_lr_ratio": (as_float, {"min": 0, "max": 1}),
             "max_grad_norm": (as_float, {"min": 0}), "seed": (as_int, {}), "log_every": (as_int, {"min": 1}),
             "checkpoint_every": (as_int, {"min": 0}), "eval_every": (as_int, {"min": 0}),
-            "patience": (as_int, {"min": 0}), "progress": (as_bool, {})})
+            "patience": (as_int, {"min": 0}), "progress": (as_bool, {}), "log_with": (_as_tracker, {})})
 
     @classmethod
     def from_dict(cls, d, where: str = "train") -> "TrainConfig":
@@ -68,6 +69,19 @@ class TrainConfig:
             return cls(**d)
         except ConfigError as e:
             raise ConfigError(str(e).replace("train.", f"{where}.", 1)) from None
+
+
+def _as_tracker(where: str, v) -> str | None:
+    """None / "none" (no tracker) or "tensorboard" (installed: tensorboard or tensorboardX)."""
+    if v is None or (isinstance(v, str) and v.lower() == "none"):
+        return None
+    if v != "tensorboard":
+        raise ConfigError(f"{where}: {v!r} is not supported; use tensorboard or none")
+    from accelerate.utils import is_tensorboard_available
+
+    if not is_tensorboard_available():
+        raise ConfigError(f"{where}: tensorboard is not installed; pip install tensorboard (or set {where}: none)")
+    return v
 
 
 class ResumeMismatch(AttnlabError, ValueError):
@@ -180,7 +194,13 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
             raise ValueError(f"the feature cache holds {len(features)} examples, not {len(examples)}")
     out = Path(out_dir) if out_dir else None
     torch.manual_seed(cfg.seed)
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if cfg.log_with and (out is None or accelerator is not None):
+        raise ConfigError(f"train.log_with: {cfg.log_with} needs an out_dir to write into and the trainer's own "
+                          f"Accelerator; pass out_dir (and no accelerator), or set log_with: none")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with,
+                                             project_dir=out if cfg.log_with else None)
+    if cfg.log_with:
+        accelerator.init_trackers("tensorboard", config={k: v for k, v in asdict(cfg).items() if v is not None})
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -263,6 +283,8 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
         if out is not None and accelerator.is_main_process:
             if logged:
                 _append_jsonl(out / "metrics.jsonl", rec)
+                if cfg.log_with:
+                    accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step + 1)
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last or st.stopped_early:
                 save_checkpoint(out / CKPT, plugin, opt, st, cfg, run_fingerprint)
         if st.stopped_early:
@@ -270,6 +292,8 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
                 f"{cfg.patience} evaluations (best {st.best_val:.4f} at step {st.best_step})")
             break
     bar.close()
+    if cfg.log_with:
+        accelerator.end_training()
     if st.best_state is not None:
         plugin.load_state_dict(st.best_state)
     return TrainResult(steps=st.step, tokens=tokens, seconds=time.perf_counter() - t0, history=history,
@@ -345,7 +369,7 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-_IGNORED = ("progress", "checkpoint_every", "log_every")
+_IGNORED = ("progress", "checkpoint_every", "log_every", "log_with")
 
 
 def _read_checkpoint(ckpt: Path) -> dict:
