@@ -16,7 +16,8 @@ import os  # noqa: E402
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")
 
 from .backbone import Backbone, load_backbone  # noqa: E402
-from .modules import METHODS, PluginSet, attach, load_plugin, patch, unpatch  # noqa: E402
+from .modules import (METHODS, PluginSet, attach, attached, disabled, load_plugin, patch,  # noqa: E402
+                      register_method, unpatch)
 
 __all__ = ["Backbone", "load_backbone", "attach", "load_plugin", "patch", "unpatch", "PluginSet", "METHODS",
-           "__version__"]
+           "register_method", "attached", "disabled", "__version__"]

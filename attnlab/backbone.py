@@ -124,9 +124,9 @@ def _body_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    plugin = getattr(model, "_attnlab_plugin", None)
+    kept = [p._original for p in getattr(model, "_attnlab_plugins", ()) if getattr(p, "_original", None) is not None]
     head_now = model.get_output_embeddings()
-    head = getattr(plugin, "_original", None) or head_now
+    head = kept[0] if kept else head_now
     emb = {id(t) for t in model.get_input_embeddings().parameters()}
     skip = {id(t) for t in list(head_now.parameters()) + list(head_now.buffers())} - emb if head_now is not None else set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -136,6 +136,9 @@ def _body_hash(model: nn.Module) -> str:
         h.update(f"|{name}|{tuple(t.shape)}|{t.dtype}|".encode() + _sample(t))
     if head is not None:
         for name, t in head.named_parameters():
+            if "lora_" in name:  # LoRA on the head itself: its wrapped layer is the base head
+                continue
+            name = name.replace("base_layer.", "")
             h.update(f"|head.{name}|{tuple(t.shape)}|{t.dtype}|".encode() + _sample(t))
     return h.hexdigest()[:16]
 

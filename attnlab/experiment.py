@@ -61,6 +61,8 @@ DEFAULTS = {
 TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
 SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
 MARKER = ".attnlab-run"                        # a run folder attnlab created (only those are deleted)
+CARD_METRICS = ("cross_entropy", "perplexity", "next_token_accuracy", "kl_base_model", "top1_agreement", "accuracy",
+                "f1")                          # the numbers a saved plug-in's model card shows, per set
 
 
 class NonFiniteResult(AttnlabError, ValueError):
@@ -269,7 +271,7 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
             d_out = inside(out, label)
             log(f"[attnlab] dataset {label}: {one['data'].get('dataset_name', 'arithmetic')}")
         d_out.mkdir(parents=True, exist_ok=True)
-        per[label] = _run_one(bb, one, d_out, only_methods, log, time.perf_counter())
+        per[label] = _run_one(bb, one, d_out, only_methods, log, time.perf_counter(), _command(config, only_methods))
         if label is not None:
             write_report(d_out, per[label])
     if labels == [None]:
@@ -332,7 +334,14 @@ def _load_eval_sets(bb, cfg, log) -> tuple[list[EvalSet], dict]:
     return sets, skipped
 
 
-def _run_one(bb, cfg, out, only_methods, log, t_start) -> dict:
+def _command(config, only_methods) -> str | None:
+    """The command line that runs this config (for the saved plug-ins' model cards)."""
+    if isinstance(config, dict):
+        return None
+    return f"attnlab run {config}" + (f" --methods {','.join(only_methods)}" if only_methods else "")
+
+
+def _run_one(bb, cfg, out, only_methods, log, t_start, command=None) -> dict:
     """Every method x seed of `cfg` on its one dataset; results.json in `out`."""
     tok = bb.tokenizer
     splits = build_splits(cfg["data"], tok)
@@ -350,7 +359,7 @@ def _run_one(bb, cfg, out, only_methods, log, t_start) -> dict:
     for m in methods:
         seeds = cfg["seeds"] if m["method"] != "frozen" else cfg["seeds"][:1]
         for i, seed in enumerate(seeds):
-            cell = _run_cell(bb, splits, [test] + transfer, cfg, m, seed, out, log, features, base_fp)
+            cell = _run_cell(bb, splits, [test] + transfer, cfg, m, seed, out, log, features, base_fp, command)
             cells.append(cell)
             chosen = cell["train"].get("chosen")
             if i == 0 and chosen and cfg["sweep_seeds"] == "first":
@@ -454,7 +463,7 @@ def _evaluate(bb, plugin, sets: list[EvalSet], ev: dict, seed: int) -> tuple[dic
     return metrics, per_example, samples
 
 
-def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features, base_fp) -> dict:
+def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features, base_fp, command=None) -> dict:
     cell_dir = inside(out, m["name"], f"seed{seed}")
     done = cell_dir / "result.json"
     ev = eval_config(m.get("eval"), base=cfg["eval"])
@@ -561,7 +570,17 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                                       f"learning rate or check the data")
         eval_s = time.perf_counter() - t
         if n_trainable:
-            plugin.save_pretrained(inside(cell_dir, "plugin"), base_name=bb.spec)
+            dr = splits.report
+            card = {"data": {"options": cfg["data"], "fingerprint": dr["fingerprint"], "n_train": dr["n_train"],
+                             "n_val": dr["n_val"], "n_test": dr["n_eval"], "train_target_tokens": dr["train_target_tokens"]},
+                    "training": {**{k: point[k] for k in ("steps", "batch_size", "grad_accum", "lr", "weight_decay",
+                                                          "warmup_steps", "seed")},
+                                 "steps_done": tr.steps, "tokens": tr.tokens, "validation_loss": val,
+                                 "chosen_on_validation": {k: point[k] for k in swept} or None},
+                    "metrics": {name: {k: r[k] for k in CARD_METRICS if isinstance(r.get(k), (int, float))}
+                                for name, r in results.items()},
+                    "command": command}
+            plugin.save_pretrained(inside(cell_dir, "plugin"), base_name=bb.spec, card=card)
     finally:
         plugin.detach()
     cell = {"method": m["name"], "type": m["method"], "seed": seed, "spec": spec, "trainable_params": n_trainable,

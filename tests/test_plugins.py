@@ -90,8 +90,8 @@ def test_misuse_gives_clear_errors(tiny_llama, tmp_path):
     p = attach(m, "lora")
     with pytest.raises(PluginError, match="already attached"):
         p.attach(m)
-    with pytest.raises(PluginError, match="already carries a 'lora'"):
-        attach(m, "head_ft")
+    with pytest.raises(PluginError, match="already carries a 'lora'"):  # another kind composes (tests/test_compose.py)
+        attach(m, "lora")
     p.detach()
     with pytest.raises(PluginError, match="not attached"):
         p.detach()

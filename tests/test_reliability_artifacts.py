@@ -158,7 +158,7 @@ def test_a_plugin_config_without_base_or_unreadable_is_a_clear_error(tiny_llama,
     from attnlab.atomic import write_manifest
     attach(tiny_llama.model, "lora", r=2).save_pretrained(tmp_path / "p")
     tiny_llama.model._attnlab_plugin.detach()
-    (tmp_path / "p" / "config.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    (tmp_path / "p" / "attnlab_plugin.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
     write_manifest(tmp_path / "p")
     with pytest.raises(AttnlabError, match=needle):
         load_plugin(tiny_llama.model, tmp_path / "p")
@@ -168,8 +168,8 @@ def test_a_plugin_of_an_unknown_method_is_a_clear_error(tiny_llama, tmp_path):
     from attnlab.atomic import write_manifest
     attach(tiny_llama.model, "lora", r=2).save_pretrained(tmp_path / "p")
     tiny_llama.model._attnlab_plugin.detach()
-    meta = json.loads((tmp_path / "p" / "config.json").read_text())
-    (tmp_path / "p" / "config.json").write_text(json.dumps({**meta, "method": "mystery"}))
+    meta = json.loads((tmp_path / "p" / "attnlab_plugin.json").read_text())
+    (tmp_path / "p" / "attnlab_plugin.json").write_text(json.dumps({**meta, "method": "mystery"}))
     write_manifest(tmp_path / "p")
     with pytest.raises(PluginError, match="'mystery', which is not registered here; available: frozen"):
         load_plugin(tiny_llama.model, tmp_path / "p")

@@ -66,6 +66,9 @@ def modules_to_patch(model: nn.Module, layers, attr: str, registered: dict[str, 
     impl = model.config._attn_implementation
     if any(hasattr(m, attr) for m in mods) or impl in registered.values():
         raise PluginError(f"this model is already patched with {label}; unpatch it first")
+    if impl not in INNER and impl.startswith("attnlab_"):
+        raise PluginError(f"{label} and another attnlab attention ('{impl}') would both replace this model's "
+                          f"attention implementation; detach (unpatch) that one first")
     if impl not in INNER:
         raise PluginError(f"{label} runs on the 'sdpa' or 'eager' kernel; this model uses '{impl}' "
                           f"(load it with attn_implementation='sdpa')")

@@ -89,13 +89,10 @@ class Factorized(Plugin):
     def _install(self, model):
         mods = modules_to_patch(model, self.config.layers, ATTR, NAMES, LABEL)
         register(NAMES, factorized_attention)
-        self._lora = None
-        if self.config.lora_r:  # first: LoRA's install freezes every other parameter
+        if self.config.lora_r:  # a part: attached through LoRA's public verbs, detached with this plug-in
             from .lora import LoRA, LoRAConfig
-            self._lora = LoRA(LoRAConfig(r=self.config.lora_r, alpha=self.config.lora_alpha,
-                                         target_modules=self.config.lora_target_modules))
-            self._lora._install(model)
-            self._lora.model = model
+            self._attach_part(LoRA(LoRAConfig(r=self.config.lora_r, alpha=self.config.lora_alpha,
+                                              target_modules=self.config.lora_target_modules)), model)
         ref = next(model.parameters())
         self._mods = mods
         for m in mods:
@@ -104,17 +101,11 @@ class Factorized(Plugin):
                                             self.config.recompute).to(ref.device, ref.dtype))
         self._inner = route(model, NAMES)
 
-    def _remove(self, model):
-        if self._lora is not None:
-            self._lora._remove(model)
-            self._lora = None
+    def _remove(self, model):  # its LoRA part is detached after this, by Plugin.detach
         for m in self._mods:
             delattr(m, ATTR)
         unroute(model, self._inner)
 
-    def _parameters(self):
-        out = {n: p for n, p in self.model.named_parameters() if f".{ATTR}." in n}
-        if self._lora is not None:
-            out.update(self._lora._parameters())
-        return out
+    def _parameters(self):  # its LoRA part's are added by Plugin.trainable_parameters
+        return {n: p for n, p in self.model.named_parameters() if f".{ATTR}." in n}
 
