@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import itertools
 import json
 import math
@@ -57,6 +58,7 @@ DEFAULTS = {
     "paired_baseline": None, # a method name: the report adds changes against it, paired by seed
     "datasets": None,        # label -> data options (over `data`): the whole run once per dataset
     "sweep_seeds": "all",    # "first": sweep on the first seed only; later seeds reuse the value it chose
+    "imports": [],           # modules to import first: they register a user's own methods (register_method)
 }
 TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
 SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
@@ -128,6 +130,7 @@ def load_config(path_or_dict) -> dict:
         raise ConfigError(f"{where}: expected a mapping (key: value lines) at top level, got a {type(raw).__name__}")
     reject_unknown(where, raw, TOP_KEYS)
     cfg = {**copy.deepcopy(DEFAULTS), **raw}
+    _import_methods(cfg["imports"])
     cfg["name"] = as_name("name", cfg["name"] if cfg["name"] is not None else "experiment")
     cfg["model"] = as_str("model", cfg["model"])
     if cfg.get("out_dir") is not None:
@@ -175,7 +178,8 @@ def load_config(path_or_dict) -> dict:
         if not isinstance(m, dict) or "method" not in m:
             raise ConfigError(f"methods[{i}]: each entry needs `method:` (one of {', '.join(METHODS)})")
         if m["method"] not in METHODS:
-            raise ConfigError(f"methods[{i}].method: unknown method {m['method']!r}; available: {', '.join(METHODS)}")
+            raise ConfigError(f"methods[{i}].method: unknown method {m['method']!r}; available: {', '.join(METHODS)} "
+                              f"(a method of your own: list the module that registers it under imports:)")
         m.setdefault("name", m["method"])
         as_name(f"methods[{i}].name", m["name"])
         if m["name"] in names:
@@ -188,6 +192,18 @@ def load_config(path_or_dict) -> dict:
     if cfg["paired_baseline"] is not None and cfg["paired_baseline"] not in names:
         raise ConfigError(f"paired_baseline: '{cfg['paired_baseline']}' is not one of the methods {sorted(names)}")
     return cfg
+
+
+def _import_methods(modules) -> None:
+    """Import the `imports:` modules (installed or on the path), which register their methods."""
+    if not isinstance(modules, list) or not all(isinstance(x, str) and x for x in modules):
+        raise ConfigError(f"imports: expected a list of module names, e.g. [my_methods.logit_bias], got {modules!r}")
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"imports: cannot import '{name}' ({type(e).__name__}: {e}); install the package that "
+                              f"defines it, or fix the name") from None
 
 
 def _options(m: dict) -> dict:

@@ -63,6 +63,10 @@ class Plugin:
         self._parts: list[Plugin] = []               # plug-ins this one is built from (factorized: its LoRA)
         self._owner: Plugin | None = None
 
+    def __repr__(self) -> str:
+        options = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        return f"{type(self).__name__}({options})"
+
     # -- the verbs ------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "Plugin":
         if self.model is not None:
