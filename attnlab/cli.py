@@ -47,8 +47,10 @@ def cmd_run(a) -> int:
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods is not None else None
     res = run_experiment(a.config, out_root=a.out, fresh=a.fresh, only_methods=methods)
-    print()
-    print((run_folder(res["config"], a.out) / "report.md").read_text())
+    from .experiment import _process
+    if _process().is_main_process:  # under `accelerate launch`, one report, not one per process
+        print()
+        print((run_folder(res["config"], a.out) / "report.md").read_text())
     return 0
 
 
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", default="smollm2-135m",
                        help="smollm2-135m (embedded, default), tiny-gpt2, tiny-llama, a hub id or a local dir")
         q.add_argument("--plugin", "--head", dest="plugin",
-                       help="folder of a saved plug-in or head (plugin.safetensors + config.json)")
+                       help="folder of a saved plug-in or head (plugin.safetensors + attnlab_plugin.json)")
         q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
 
     def data_args(q, n):

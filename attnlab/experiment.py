@@ -257,9 +257,15 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
     """Run the config; returns the results dict also written to <run folder>/results.json.
 
     With `datasets:` the whole run happens once per dataset, in <run folder>/<label>/, and
-    <run folder>/report.md puts the datasets side by side."""
+    <run folder>/report.md puts the datasets side by side.
+
+    Under `accelerate launch` with N processes, training is data-parallel (attnlab.train); every
+    process evaluates (the same numbers), and only the main one logs and writes files."""
     from .report import write_multi_report, write_report
 
+    proc = _process()
+    if not proc.is_main_process:
+        log = lambda *a, **k: None  # noqa: E731
     cfg = load_config(config)
     names = [m["name"] for m in cfg["methods"]]
     if only_methods is not None:
@@ -268,14 +274,16 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
             raise ConfigError(f"--methods: {unknown or only_methods} not in this config; its methods are: "
                               f"{', '.join(names)}")
     out = run_folder(cfg, out_root)
-    prepare_run_folder(out, fresh)
+    if proc.is_main_process:
+        prepare_run_folder(out, fresh)
+    proc.wait_for_everyone()
     t_start = time.perf_counter()
     labels = list(cfg["datasets"]) if cfg["datasets"] else [None]
     log(f"[attnlab] {cfg['name']}: model {cfg['model']}, data "
         f"{labels if labels != [None] else cfg['data'].get('dataset_name', 'arithmetic')}, eval sets "
         f"{list(cfg['eval_sets']) or 'none'}, methods {names}, seeds {cfg['seeds']} -> {out}")
     t = time.perf_counter()
-    bb = load_backbone(cfg["model"], device="cuda" if torch.cuda.is_available() else None)
+    bb = load_backbone(cfg["model"], device=str(proc.device) if torch.cuda.is_available() else None)
     log(f"[attnlab] loaded {cfg['model']} ({bb.info['n_params'] / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
     per = {}
     for label in labels:
@@ -288,20 +296,31 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
             log(f"[attnlab] dataset {label}: {one['data'].get('dataset_name', 'arithmetic')}")
         d_out.mkdir(parents=True, exist_ok=True)
         per[label] = _run_one(bb, one, d_out, only_methods, log, time.perf_counter(), _command(config, only_methods))
-        if label is not None:
+        if label is not None and proc.is_main_process:
             write_report(d_out, per[label])
     if labels == [None]:
         results = per[None]
         results["wall_time_s"] = round(time.perf_counter() - t_start, 1)
-        write_json_atomic(out / "results.json", results)
-        write_report(out, results)
+        if proc.is_main_process:
+            write_json_atomic(out / "results.json", results)
+            write_report(out, results)
     else:
         results = {"name": cfg["name"], "config": cfg, "datasets": per,
                    "wall_time_s": round(time.perf_counter() - t_start, 1)}
-        write_json_atomic(out / "results.json", results)
-        write_multi_report(out, results)
+        if proc.is_main_process:
+            write_json_atomic(out / "results.json", results)
+            write_multi_report(out, results)
     log(f"[attnlab] wrote {out / 'report.md'} in {results['wall_time_s']:.0f}s total")
+    proc.wait_for_everyone()  # the others return once the report is on disk
     return results
+
+
+def _process():
+    """This process (accelerate's PartialState): its rank and device under `accelerate launch`,
+    the only one otherwise."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 @dataclasses.dataclass
@@ -390,7 +409,8 @@ def _run_one(bb, cfg, out, only_methods, log, t_start, command=None) -> dict:
                         "threads": torch.get_num_threads(), "platform": platform.platform()},
         "wall_time_s": round(time.perf_counter() - t_start, 1),
     }
-    write_json_atomic(out / "results.json", results)
+    if _process().is_main_process:
+        write_json_atomic(out / "results.json", results)
     return results
 
 
@@ -494,6 +514,9 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
         "eval": ev, "data": splits.report["fingerprint"],
         "eval_sets": {s.name: [s.report.get("fingerprint"), s.eval] for s in sets[1:]},
         "base": base_fp}, default=str))
+    world = _process().num_processes
+    if world > 1 and m["method"] != "frozen":  # another global batch (batch_size x grad_accum x processes)
+        spec["processes"] = world
     if done.is_file():
         try:
             cell = json.loads(done.read_text())
@@ -502,7 +525,8 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             log(f"[attnlab] {done} is damaged (not JSON); recomputing this cell")
         if cell is not None:
             if cell.get("spec") != spec:
-                diff = sorted(k for k in spec if (cell.get("spec") or {}).get(k) != spec[k])
+                diff = sorted(k for k in set(spec) | set(cell.get("spec") or {})
+                              if (cell.get("spec") or {}).get(k) != spec.get(k))
                 raise ConfigError(f"{done} was computed with other settings ({', '.join(diff)} differ); rerun with "
                                   f"--fresh, or give the config another name (or out_dir) to keep both")
             log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
@@ -543,7 +567,8 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                 if len(points) == 1:
                     raise
                 # one point of a sweep diverging is a result (that value is too large), not a failed run
-                write_json_atomic(diverged, {"mark": mark, "error": str(e)})
+                if _process().is_main_process:
+                    write_json_atomic(diverged, {"mark": mark, "error": str(e)})
                 sweep.append({**{k: point[k] for k in swept}, "val_loss": None, "diverged": True})
                 log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: diverged ({e}); "
                     f"the sweep goes on without it")
@@ -585,7 +610,7 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                                       f"({metrics.get('cross_entropy')}); the plug-in is not saved. Lower the "
                                       f"learning rate or check the data")
         eval_s = time.perf_counter() - t
-        if n_trainable:
+        if n_trainable and _process().is_main_process:
             dr = splits.report
             card = {"data": {"options": cfg["data"], "fingerprint": dr["fingerprint"], "n_train": dr["n_train"],
                              "n_val": dr["n_val"], "n_test": dr["n_eval"], "train_target_tokens": dr["train_target_tokens"]},
@@ -617,5 +642,6 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
         + (f", accuracy {results['test']['accuracy']:.3f}" if "accuracy" in results["test"] else "")
         + "".join(f"; {k} ppl {v['perplexity']:.3f}" for k, v in results.items() if k != "test")
         + f" (train {tr.seconds:.0f}s, eval {eval_s:.0f}s)")
-    write_json_atomic(done, cell)
+    if _process().is_main_process:
+        write_json_atomic(done, cell)
     return cell

@@ -210,7 +210,10 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
 
     st = _State()
     if out is not None:
-        st = _resume(out, plugin, opt, cfg, run_fingerprint, log)
+        # every process reads the checkpoint; only the main one writes (it alone checkpoints, too)
+        st = _resume(out, plugin, opt, cfg, run_fingerprint, log, main=accelerator.is_main_process,
+                     processes=accelerator.num_processes)
+        accelerator.wait_for_everyone()
     history = st.history
     tokens, seconds = st.tokens, st.elapsed_s
     bar = tqdm(total=cfg.steps, initial=st.step, disable=not cfg.progress or not accelerator.is_main_process,
@@ -286,7 +289,7 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
                 if cfg.log_with:
                     accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step + 1)
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last or st.stopped_early:
-                save_checkpoint(out / CKPT, plugin, opt, st, cfg, run_fingerprint)
+                save_checkpoint(out / CKPT, plugin, opt, st, cfg, run_fingerprint, processes=world)
         if st.stopped_early:
             log(f"[attnlab] {plugin.method}: stopped early at step {step + 1}: validation has not improved for "
                 f"{cfg.patience} evaluations (best {st.best_val:.4f} at step {st.best_step})")
@@ -335,9 +338,10 @@ class _State:
 
 
 def save_checkpoint(path: Path, plugin: Plugin, opt, st: _State, cfg: TrainConfig,
-                    run_fingerprint: dict | None = None) -> None:
+                    run_fingerprint: dict | None = None, processes: int = 1) -> None:
     """Plug-in weights, AdamW moments, RNG states and the trainer's state at `st.step`; replaces
-    the previous checkpoint (kept as checkpoint.prev) only once the new one is complete on disk."""
+    the previous checkpoint (kept as checkpoint.prev) only once the new one is complete on disk.
+    `processes`: how many trained together (the global batch is batch_size x grad_accum x processes)."""
     names = list(plugin.trainable_parameters())
     by_param = {id(p): n for n, p in plugin.trainable_parameters().items()}
     moments = {}
@@ -359,7 +363,7 @@ def save_checkpoint(path: Path, plugin: Plugin, opt, st: _State, cfg: TrainConfi
             "step": st.step, "tokens": st.tokens, "elapsed_s": st.elapsed_s, "params": names,
             "train": asdict(cfg), "method": plugin.method, "plugin": _plain(asdict(plugin.config)),
             "run": _plain(run_fingerprint), "val_history": st.val_history, "best_val": st.best_val,
-            "best_step": st.best_step, "bad": st.bad, "stopped_early": st.stopped_early}))
+            "best_step": st.best_step, "bad": st.bad, "stopped_early": st.stopped_early, "processes": processes}))
 
     write_dir(path, write, replace=True, keep_previous=f"{path.name}.prev")
 
@@ -385,8 +389,12 @@ def _read_checkpoint(ckpt: Path) -> dict:
         raise DamagedFile(f"{ckpt / 'state.json'} is damaged (not the JSON a checkpoint writes)") from None
 
 
-def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig, run_fingerprint: dict | None, log) -> _State:
-    stale = remove_stale_temps(out, CKPT) if out.is_dir() else 0
+def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig, run_fingerprint: dict | None, log,
+            main: bool = True, processes: int = 1) -> _State:
+    """The state to go on from; `main`: this process may change files (the others only read)."""
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731  (the main process says it)
+    stale = remove_stale_temps(out, CKPT) if out.is_dir() and main else 0
     if stale:
         log(f"[attnlab] removed {stale} half-written checkpoint folder(s) in {out}")
     candidates = [out / CKPT, out / f"{CKPT}.prev", out / f".{CKPT}.old"]  # .old: a crash between two renames
@@ -406,9 +414,13 @@ def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig, run_fingerprint: d
     if state is None:
         if any(c.exists() for c in candidates):
             log(f"[attnlab] no usable checkpoint in {out}: starting {plugin.method} from step 0")
-        if (out / "metrics.jsonl").exists():
+        if main and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()  # metrics of a run that never checkpointed
         return _State()
+    if int(state.get("processes", 1)) != processes:
+        raise ResumeMismatch(f"{ckpt} was written by a run of {state.get('processes', 1)} process(es), this one has "
+                             f"{processes} (another global batch: batch_size x grad_accum x processes); resume it "
+                             f"with {state.get('processes', 1)}, or delete {out} (or run with --fresh) to start over")
     saved_cfg = {k: v for k, v in state["train"].items() if k not in _IGNORED}
     now_cfg = {k: v for k, v in asdict(cfg).items() if k not in _IGNORED}
     changed = {k: (saved_cfg.get(k), v) for k, v in now_cfg.items() if saved_cfg.get(k) != v}
@@ -450,8 +462,9 @@ def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig, run_fingerprint: d
                 log(f"[attnlab] {out / 'metrics.jsonl'} line {i + 1} is torn; dropped")
         history = [h for h in history if isinstance(h, dict) and h.get("step", 1e18) <= step]
         tmp = out / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-        os.replace(tmp, out / "metrics.jsonl")
+        if main:
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+            os.replace(tmp, out / "metrics.jsonl")
     log(f"[attnlab] {plugin.method}: resumed from step {step} ({ckpt.name})")
     return _State(step=step, tokens=int(state.get("tokens", history[-1]["tokens"] if history else 0)),
                   elapsed_s=float(state.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0)),
