@@ -163,6 +163,11 @@ class TargetLoss(nn.Module):
         return F.cross_entropy(head(hidden).float(), tokens, reduction="sum")
 
 
+def _train_mode(plugin: Plugin, on: bool) -> None:
+    for m in plugin.training_modules():
+        m.train(on)
+
+
 def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainConfig,
           out_dir: str | os.PathLike | None = None, pad_id: int = 0, accelerator=None,
           features=None, val_fn=None, run_fingerprint: dict | None = None, log=print) -> TrainResult:
@@ -233,6 +238,7 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
             raise ValueError(f"step {step}: the batch has no target tokens (check the loss mask / data)")
         mine = order[accelerator.process_index::world]
         local = torch.zeros((), device=dev)
+        _train_mode(plugin, True)  # the plug-in's dropout acts in optimizer steps only
         plugin.on_step_start()
         for k, ids in enumerate(mine):
             if features is not None:
@@ -247,6 +253,7 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
             local += loss.detach()
         # Several processes: gradients a plug-in adds after the micro-batches are averaged like DDP's.
         plugin.on_step_end(reduce=(lambda t: accelerator.reduce(t, "mean")) if world > 1 else None)
+        _train_mode(plugin, False)
         loss_sum = float(accelerator.reduce(local, "sum")) if world > 1 else float(local)
         if cfg.max_grad_norm > 0:
             grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))

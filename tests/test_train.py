@@ -116,3 +116,32 @@ def test_resume_refuses_a_checkpoint_of_other_plugin_options(tiny_llama, tmp_pat
     with pytest.raises(ValueError, match="written by 'lora' with options"):
         train(tiny_llama.model, q, s.train, _cfg(steps=4, checkpoint_every=2), out_dir=tmp_path, pad_id=pad)
     q.detach()
+
+
+@pytest.mark.parametrize("method,opts", [("backward_head", {"preset": "paper", "dropout": 0.5}),
+                                         ("lora", {"r": 2, "dropout": 0.5})])
+def test_a_plug_ins_dropout_acts_in_training_steps_only(tiny_llama, method, opts):
+    """Dropout set on a plug-in changes the training loss (it was silently inert when the trainer left
+    every module in eval mode); validation and everything after training run without it."""
+    from attnlab import attach
+
+    s = tiny_splits(tiny_llama, n_train=8)
+    pad = tiny_llama.tokenizer.pad_token_id
+    losses, vals = {}, {}
+    for drop in (0.0, opts["dropout"]):
+        torch.manual_seed(0)
+        p = attach(tiny_llama.model, method, **{**opts, "dropout": drop})
+        assert not any(m.training for m in p.training_modules()), "dropout off outside training steps"
+        with torch.no_grad():  # LoRA's B starts at zero, where dropout on its input changes nothing
+            for q in p.trainable_parameters().values():
+                q.add_(0.05 * torch.randn_like(q))
+        modes = []
+        r = train(tiny_llama.model, p, s.train, TrainConfig(steps=2, batch_size=4, lr=1e-9, eval_every=1,
+                                                            progress=False), pad_id=pad,
+                  val_fn=lambda: modes.append(any(m.training for m in p.training_modules())) or 0.0)
+        assert p.training_modules() and modes == [False, False]
+        assert not any(m.training for m in p.training_modules())
+        losses[drop] = r.history[0]["loss"]
+        p.detach()
+    # inert dropout gives bit-identical losses (same seed, same weights); active dropout does not
+    assert abs(losses[0.0] - losses[opts["dropout"]]) > 1e-7 * abs(losses[0.0])

@@ -333,6 +333,9 @@ class BackwardHead(Plugin):
     def _parameters(self):
         return {f"head.{k}": p for k, p in self._head.named_parameters()}
 
+    def _training_modules(self):
+        return [self._head]  # its query dropout
+
     def on_step_start(self):
         self._head.on_step_start()
 

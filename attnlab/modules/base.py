@@ -82,6 +82,8 @@ class Plugin:
             self._drop_parts()
             raise
         self.model = model
+        for m in self.training_modules():  # new modules start in train mode: dropout acts in training steps only
+            m.eval()
         _register(model, self)
         try:
             now = _touched(model)
@@ -177,6 +179,18 @@ class Plugin:
     def on_step_end(self, reduce=None) -> None:
         """After their backward passes, before clipping and the optimizer update. `reduce` averages
         a tensor over processes when there are several (None: one process)."""
+
+    def training_modules(self) -> list[nn.Module]:
+        """Modules of this plug-in (its parts' included) that act differently in training, such as
+        dropout. The trainer switches them to train mode for its optimizer steps only (validation
+        and everything after training run in eval mode); the frozen base always stays in eval mode."""
+        out = list(self._training_modules())
+        for part in self._parts:
+            out += part.training_modules()
+        return out
+
+    def _training_modules(self) -> list[nn.Module]:
+        return []
 
     # -- optional: a method's own objective and metrics ------------------------------------------
     def objective(self, model: nn.Module, batch: dict) -> torch.Tensor | None:

@@ -94,6 +94,8 @@ class LoRA(Plugin):
             p.requires_grad_(n in self._names or grads.get(id(p), False))
         self._layers = [m for m in model.modules() if _is_lora_layer(m) and name in m.lora_A]
         _activate_all(self._layers)
+        for m in self._layers:  # PEFT creates the adapter modules in train mode: dropout would act at eval
+            m.lora_dropout[name].eval()
         if not self._names:
             self._remove(model)
             raise PluginError(f"LoRA target_modules {peft_cfg.target_modules} matched no module of this "
@@ -123,6 +125,10 @@ class LoRA(Plugin):
             if not configs:
                 del model.peft_config
         self._layers = []
+
+    def _training_modules(self):
+        # PEFT's dropout on each adapted layer's input (lora_dropout[adapter]); identity when dropout is 0
+        return [m.lora_dropout[self.config.adapter_name] for m in self._layers]
 
     def _parameters(self):
         named = dict(self.model.named_parameters())
