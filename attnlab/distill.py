@@ -21,6 +21,7 @@ from torch import nn
 
 from .data import collate
 from .evaluate import target_logits, target_positions
+from .modules.base import PluginError, attached
 
 
 def _forward(model: nn.Module, batch: dict, hidden_states: bool):
@@ -35,20 +36,10 @@ def _forward(model: nn.Module, batch: dict, hidden_states: bool):
 
 @contextlib.contextmanager
 def base_function(model: nn.Module, plugin):
-    """Inside: the model computes the frozen base exactly: dense attention, and the original values
-    of any base weights the plug-in trains in place (train_modules)."""
-    from .modules.sparse import dense_reference
-
-    trained = getattr(plugin, "_train", {})
-    now = {n: p.data for n, p in trained.items()}
-    for n, p in trained.items():
-        p.data = plugin._originals[n]
-    try:
-        with dense_reference(model):
-            yield model
-    finally:
-        for n, p in trained.items():
-            p.data = now[n]
+    """Inside: the model computes the frozen base exactly (the plug-in's public `base_function()`:
+    dense attention, and the original values of any base weights it trains in place)."""
+    with plugin.base_function():
+        yield model
 
 
 def distillation_loss(model: nn.Module, plugin, batch: dict, gate_weight: float = 1.0,
@@ -85,12 +76,11 @@ def _batches(examples, pad_id, batch_size, dev):
 def attention_mse(model: nn.Module, examples: list, pad_id: int, batch_size: int = 4) -> float:
     """Mean squared difference between the sparse and the dense attention probability matrices over
     the patched layers, heads and real (non-padding) query rows."""
-    from .modules.sparse import capture_attention
-
+    plugin = _attention_plugin(model)
     dev = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in _batches(examples, pad_id, batch_size, dev):
-        with capture_attention(model) as maps:
+        with plugin.capture_attention() as maps:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         rows = batch["attention_mask"].bool()
         for sparse, dense in maps.values():
@@ -101,22 +91,19 @@ def attention_mse(model: nn.Module, examples: list, pad_id: int, batch_size: int
     return total / max(count, 1)
 
 
-def _attention_weights(model: nn.Module, plugin) -> list[nn.Parameter]:
-    from .modules.attention import attention_modules
-
-    from .modules.sparse import ATTR
-
-    mods = [m for m in attention_modules(model) if hasattr(m, ATTR)]
-    return [p for m in mods for n, p in m.named_parameters() if ATTR not in n]
+def _attention_plugin(model: nn.Module):
+    """The attached plug-in that can capture its attention maps (the sparse attention)."""
+    found = [p for p in attached(model) if hasattr(p, "capture_attention")]
+    if not found:
+        raise PluginError("this model carries no attention plug-in that captures its maps; attach sparse first")
+    return found[-1]
 
 
 def gradient_cosine(model: nn.Module, plugin, examples: list, pad_id: int, batch_size: int = 4) -> float:
     """Cosine similarity between the cross-entropy gradients that reach the (frozen) weights of the
     patched attention layers with dense attention and with the sparse one: does training through the
     sparse attention move those layers the way dense attention would?"""
-    from .modules.sparse import dense_reference
-
-    weights = _attention_weights(model, plugin)
+    weights = plugin.patched_weights()
     dev = next(model.parameters()).device
     was = [w.requires_grad for w in weights]
     grads = {}
@@ -127,7 +114,7 @@ def gradient_cosine(model: nn.Module, plugin, examples: list, pad_id: int, batch
             total = [torch.zeros_like(w) for w in weights]
             for batch in _batches(examples, pad_id, batch_size, dev):
                 labels = batch["labels"]
-                with dense_reference(model) if mode == "dense" else contextlib.nullcontext():
+                with plugin.dense_reference() if mode == "dense" else contextlib.nullcontext():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False).logits[:, :-1]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),

@@ -1,0 +1,173 @@
+"""Kernels for the block patterns (window, learned), all computing the same function:
+  masked   dense SDPA with the pattern as a boolean (Tq, Tk) mask: the reference, no savings.
+  gather   pure torch, no compile: per query block, gather only its kept key blocks.
+  flex     torch FlexAttention with a BlockMask built from the kept blocks (compiled once, lazily).
+Grouped-query heads are never repeated: the G query heads of one kv head are folded into the rows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..base import PluginError
+from .patterns import Pattern
+
+def group_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """(B, Hq, T, D) -> (B, Hkv, G*T, D): the G query heads of a kv head as extra rows (no kv repeat)."""
+    b, hq, t, d = q.shape
+    return q.reshape(b, hkv, (hq // hkv) * t, d)
+
+
+def group_mask(mask: torch.Tensor, b: int, hkv: int, g: int) -> torch.Tensor:
+    """(B|1, Hkv|1, Tq, Tk) -> (B, Hkv, G*Tq, Tk), matching group_queries."""
+    tq, tk = mask.shape[-2:]
+    return mask.unsqueeze(2).expand(b, hkv, g, tq, tk).reshape(b, hkv, g * tq, tk)
+
+
+def safe_sdpa(q, k, v, allowed, scale):
+    """SDPA with a boolean mask where a row with no visible key outputs 0 (and gets no NaN gradient)."""
+    has = allowed.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has, scale=scale)
+    return out.masked_fill(~has, 0.0)
+
+
+def masked_attention(q, k, v, allowed, scale):
+    """Reference: dense SDPA over (Tq, Tk) with the pattern as a mask. Returns (B, Tq, Hq, D)."""
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    out = safe_sdpa(group_queries(q, hkv), k, v, group_mask(allowed, b, hkv, hq // hkv), scale)
+    return out.reshape(b, hq, tq, d).transpose(1, 2).contiguous()
+
+
+def kept_order(keep: torch.Tensor, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the kept key blocks first, `most` per query block, and whether each slot is real."""
+    order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :most]
+    return order, keep.gather(-1, order)
+
+
+def gather_attention(q, k, v, p: Pattern, keep, base, most: int, scale):
+    """Block-sparse attention in plain torch: each query block attends to its kept key blocks only,
+    gathered into a (most * bs)-long key set. Returns (B, Tq, Hq, D)."""
+    b, hq, tq, d = q.shape
+    hkv, tk, bs, nq, nb = k.shape[1], k.shape[2], p.bs, p.nq, p.nb
+    g, most = hq // hkv, min(most, nb)
+    order, real = kept_order(keep.expand(b, hkv, nq, nb), most)           # (B, Hkv, nq, most)
+
+    kb = F.pad(k, (0, 0, 0, nb * bs - tk)).view(b, hkv, nb, bs, d)
+    vb = F.pad(v, (0, 0, 0, nb * bs - tk)).view(b, hkv, nb, bs, d)
+    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+    hi = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1)
+    kg = kb[bi, hi, order].view(b * hkv, nq, most * bs, d)
+    vg = vb[bi, hi, order].view(b * hkv, nq, most * bs, d)
+
+    # Which (query, gathered key) pairs the pattern and the model's mask allow: (B, Hkv, nq, bs, most*bs)
+    offs = torch.arange(bs, device=q.device)
+    kpos = (order[..., None] * bs + offs).reshape(b, hkv, nq, 1, most * bs)
+    qpos = (p.qblocks[:, None] * bs + offs).view(1, 1, nq, bs, 1)
+    ok = real.repeat_interleave(bs, dim=-1).unsqueeze(-2) & p.visible(qpos, kpos)
+    ok = ok & (qpos >= p.qoff)                                            # rows before the queries are padding
+    if base is not None:
+        rows = (qpos - p.qoff).clamp(0, tq - 1)
+        bidx = bi.view(b, 1, 1, 1, 1) if base.shape[0] == b else torch.zeros_like(bi).view(b, 1, 1, 1, 1)
+        ok = ok & base[:, 0][bidx, rows, kpos.clamp(max=tk - 1)]
+
+    # Queries padded to whole blocks, the G heads of a kv head folded into the rows.
+    front = p.qoff - p.qb0 * bs
+    qp = F.pad(q, (0, 0, front, nq * bs - tq - front)).view(b, hkv, g, nq, bs, d)
+    qp = qp.transpose(2, 3).reshape(b * hkv, nq, g * bs, d)
+    mask = ok.unsqueeze(3).expand(b, hkv, nq, g, bs, most * bs).reshape(b * hkv, nq, g * bs, most * bs)
+    out = safe_sdpa(qp, kg, vg, mask, scale)
+    out = out.view(b, hkv, nq, g, bs, d).transpose(2, 3).reshape(b, hq, nq * bs, d)[:, :, front:front + tq]
+    return out.transpose(1, 2).contiguous()
+
+
+_FLEX = None
+
+
+def compiled_flex():
+    """torch.compile(flex_attention), once; its kernels are cached on disk across runs."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        use_attnlab_inductor_cache()
+        _FLEX = torch.compile(flex_attention)
+    return _FLEX
+
+
+def use_attnlab_inductor_cache() -> None:
+    """Point Inductor's on-disk cache at $ATTNLAB_CACHE/inductor unless the user chose one. Torch
+    fills TORCHINDUCTOR_CACHE_DIR with its /tmp default when it first needs it (even before any
+    compile), so that default counts as unset."""
+    from ...backbone import cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # private module moved: only an unset variable counts as unset
+        torch_default = None
+    if current is None or os.path.abspath(current) == torch_default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+
+def static_padded(t: torch.Tensor) -> torch.Tensor:
+    """`t` zero-padded on its last two dims to powers of two, marked static for torch.compile."""
+    *lead, rows, cols = t.shape
+    out = t.new_zeros(*lead, 1 << (rows - 1).bit_length(), 1 << (cols - 1).bit_length())
+    out[..., :rows, :cols] = t
+    torch._dynamo.mark_static(out)
+    return out
+
+
+def flex_attention_kernel(q, k, v, p: Pattern, keep, base, scale):
+    """FlexAttention with a BlockMask of the kept blocks; mask_mod does the token-level rule.
+    Returns (B, Tq, Hq, D)."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    b, hq, tq, d = q.shape
+    hkv, tk, bs = k.shape[1], k.shape[2], p.bs
+    g = hq // hkv
+    cuda = q.device.type == "cuda"
+    if cuda and bs % 16:
+        raise PluginError(f"kernel='flex' on CUDA needs block_size a multiple of 16 (got {bs}); "
+                          f"change block_size or use kernel='gather'")
+    # mask_mod reads these tensors. Inductor's CPU template miscompiles captured tensors whose shape
+    # is dynamic, so they are padded to power-of-two sizes and marked static: a recompile happens
+    # only when a size crosses a power of two, not at every new length or decoding step.
+    keep = static_padded(keep.expand(b, hkv, p.nq, p.nb))
+    base = static_padded(base.expand(b, 1, tq, tk)) if base is not None else None
+    # Tensors, not Python ints, for what changes from call to call: no recompile per decoding step.
+    qoff = torch.tensor(p.qoff, device=q.device)
+    qb0 = torch.tensor(p.qb0, device=q.device)
+    window, sinks = p.window, p.sinks
+
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        qpos = q_idx + qoff
+        ok = (kv_idx <= qpos) & keep[bi, hi // g, qpos // bs - qb0, kv_idx // bs]
+        if window is not None:
+            ok = ok & ((qpos - kv_idx < window) | (kv_idx < sinks))
+        if base is not None:
+            ok = ok & base[bi, 0, q_idx, kv_idx]
+        return ok
+
+    if p.qoff == 0:  # query tiles line up with the selection blocks: build the BlockMask from them
+        keep_h = keep.repeat_interleave(g, dim=1)
+        order = torch.sort(keep_h.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+        block_mask = BlockMask.from_kv_blocks(keep_h.sum(-1).to(torch.int32), order.to(torch.int32),
+                                              BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(tq, tk))
+    else:            # decoding: few queries, evaluate the rule directly
+        block_mask = create_block_mask(mask_mod, b, hq, tq, tk, device=q.device, BLOCK_SIZE=128 if cuda else bs)
+    options = {"BLOCK_M": min(bs, 64), "BLOCK_N": min(bs, 64)} if cuda and bs < 128 else None
+    try:
+        out = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=g > 1,
+                              kernel_options=options)
+    except PluginError:
+        raise
+    except Exception as e:  # no compiler, unsupported device or shape
+        raise PluginError(f"FlexAttention failed on {q.device.type} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); use kernel='gather'") from e
+    return out.transpose(1, 2).contiguous()

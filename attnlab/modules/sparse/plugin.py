@@ -1,0 +1,211 @@
+"""The SparseAttention plug-in: patches the chosen layers, the dense reference, captured maps."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..attention import modules_to_patch, names, register, route, unroute
+from ..base import Plugin, PluginError
+from .config import SparseConfig
+from .layer import ATTR, SparseLayer, sparse_attention
+
+NAME = "attnlab_sparse"
+NAMES = names(NAME)        # one per inner kernel: each gets its mask format
+LABEL = "SparseAttention"
+
+
+def _sparse_layers(model: nn.Module) -> list[SparseLayer]:
+    layers = [getattr(m, ATTR) for m in model.modules() if isinstance(getattr(m, ATTR, None), SparseLayer)]
+    if not layers:
+        raise PluginError("this model carries no SparseAttention layers; attach SparseAttention first")
+    return layers
+
+
+# --- reference and metric hooks ------------------------------------------------------------------
+
+@contextlib.contextmanager
+def dense_reference(model: nn.Module):
+    """Inside: every patched layer computes the unmodified base attention (the teacher)."""
+    layers = _sparse_layers(model)
+    before = [layer.force_dense for layer in layers]
+    for layer in layers:
+        layer.force_dense = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.force_dense = was
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module):
+    """Yields a dict; after a forward inside, dict[layer_idx] = (sparse_probs, dense_probs), both
+    (B, Hq, Tq, Tk) float: the variant's effective attention probabilities (zeros where skipped;
+    performer: its normalised causal linear-attention weights) and the dense softmax. Patched layers
+    only. It materialises Tq x Tk per head: for short sequences (analysis, metrics), not for speed."""
+    layers = _sparse_layers(model)
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in layers:
+        layer.capture = captured
+    try:
+        yield captured
+    finally:
+        for layer in layers:
+            layer.capture = None
+
+
+# --- the plug-in ---------------------------------------------------------------------------------
+
+class SparseAttention(Plugin):
+    method = "sparse"
+    Config = SparseConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._collect = False
+        self._layers: list[SparseLayer] = []
+
+    def _install(self, model):
+        cfg = self.config
+        cfg.validate()
+        mods = modules_to_patch(model, cfg.layers, ATTR, NAMES, LABEL)
+        train = self._train_params(model)
+        # train_modules are base weights: keep the originals, so that detach restores the base exactly
+        self._originals = {n: prm.detach().clone() for n, prm in train.items()}
+        register(NAMES, sparse_attention)
+        ref = next(model.parameters())
+        self._mods = mods
+        for m in self._mods:
+            m.add_module(ATTR, SparseLayer(cfg, m.head_dim, m.layer_idx).to(ref.device, ref.dtype))
+        self._layers = [getattr(m, ATTR) for m in self._mods]
+        self.collect_gate_loss = self._collect
+        self._train = train
+        for prm in train.values():
+            prm.requires_grad_(True)
+        self._inner = route(model, NAMES)
+
+    def _train_params(self, model) -> dict[str, nn.Parameter]:
+        out = {}
+        for name in self.config.train_modules:
+            try:
+                sub = model.get_submodule(name)
+            except AttributeError:
+                examples = [n for n, _ in model.named_modules() if n.endswith(("mlp", "self_attn", "attn"))][:3]
+                raise PluginError(f"train_modules: the model has no submodule '{name}' "
+                                  f"(names look like: {', '.join(examples)})") from None
+            out.update({f"{name}.{n}": prm for n, prm in sub.named_parameters()})
+        return out
+
+    def _remove(self, model):
+        for n, prm in self._train.items():
+            prm.requires_grad_(False)
+            prm.data = self._originals[n]   # a swap, not a copy: the detached state keeps the trained values
+        self._originals = {}
+        for m in self._mods:
+            delattr(m, ATTR)
+        self._layers = []
+        unroute(model, self._inner)
+
+    def _parameters(self):
+        # an oracle selects by the dense attention itself: its gate is never used, so never trained
+        out = {} if self.config.oracle else {n: prm for n, prm in self.model.named_parameters() if f".{ATTR}." in n}
+        out.update(self._train)
+        return out
+
+    # -- what distillation needs (attnlab.distill uses these, never the private fields) -------------
+    @contextlib.contextmanager
+    def base_function(self):
+        """Inside: the model computes the frozen base exactly: dense attention in the patched layers
+        and the original values of the base weights this plug-in trains in place (train_modules)."""
+        if self.model is None:
+            raise PluginError("attach sparse to a model first")
+        trained = self._train
+        now = {n: prm.data for n, prm in trained.items()}
+        for n, prm in trained.items():
+            prm.data = self._originals[n]
+        try:
+            with dense_reference(self.model):
+                yield self.model
+        finally:
+            for n, prm in trained.items():
+                prm.data = now[n]
+
+    def dense_reference(self):
+        """Inside: the patched layers compute dense attention (trained weights stay as they are)."""
+        if self.model is None:
+            raise PluginError("attach sparse to a model first")
+        return dense_reference(self.model)
+
+    def capture_attention(self):
+        """capture_attention(model) for the model this plug-in is attached to."""
+        if self.model is None:
+            raise PluginError("attach sparse to a model first")
+        return capture_attention(self.model)
+
+    def patched_weights(self) -> list[nn.Parameter]:
+        """The base model's own weights in the patched attention modules (the gates excluded)."""
+        if self.model is None:
+            raise PluginError("attach sparse to a model first")
+        return [prm for m in self._mods for n, prm in m.named_parameters() if not n.startswith(ATTR + ".")]
+
+    # -- the trainer's objective and the run's extra metrics (attnlab.distill) ----------------------
+    def objective(self, model, batch):
+        from ...distill import distillation_loss
+        if self.config.oracle:
+            raise PluginError("oracle selection is for analysis only (it sees each block's later queries); "
+                              "evaluate it zero-shot with train: {steps: 0}")
+        gate = self.config.gate_weight if self.config.variant == "learned" else 0.0
+        return distillation_loss(model, self, batch, gate_weight=gate, hidden_weight=self.config.hidden_weight)
+
+    def extra_metrics(self, model, examples, pad_id, batch_size):
+        from ...distill import sparse_metrics
+        return sparse_metrics(model, self, examples, pad_id, batch_size=1, n_examples=self.config.metric_examples)
+
+    # -- training signal and statistics -----------------------------------------------------------
+    @property
+    def collect_gate_loss(self) -> bool:
+        return self._collect
+
+    @collect_gate_loss.setter
+    def collect_gate_loss(self, on: bool) -> None:
+        self._collect = bool(on)
+        for layer in self._layers:
+            layer.collect_gate_loss = self._collect
+            layer.last_gate_loss = None
+
+    def gate_loss(self) -> torch.Tensor:
+        """Sum over layers of the last forward's gate distillation loss (differentiable), then cleared.
+        Zero for variants without gates. Call it once after each forward."""
+        if not self._collect:
+            raise PluginError("no gate loss is collected; set plugin.collect_gate_loss = True before the forward")
+        if self.model is None:
+            raise PluginError("attach sparse to a model first")
+        losses = [layer.last_gate_loss for layer in self._layers if layer.last_gate_loss is not None]
+        for layer in self._layers:
+            layer.last_gate_loss = None
+        if not losses:
+            if self.config.variant == "learned":
+                raise PluginError("no gate loss yet: run a forward with collect_gate_loss = True first")
+            return next(self.model.parameters()).new_zeros(())
+        return torch.stack(losses).sum()
+
+    def layer_sparsity(self) -> dict[int, float]:
+        """layer index -> fraction of causal (query, key) pairs skipped in the last forward."""
+        if self.model is None:
+            raise PluginError("attach sparse to a model first")
+        done = {layer.layer_idx: float(layer.last_sparsity) for layer in self._layers
+                if layer.last_sparsity is not None}
+        if not done:
+            raise PluginError("no forward has run through the sparse layers yet; run one first")
+        return done
+
+    def sparsity(self) -> float:
+        """Fraction of causal (query, key) pairs skipped in the last forward, averaged over patched
+        layers: 0 for dense and performer (it approximates every pair), ~1 - window/T for window.
+        Counted on the pattern at token level, ignoring padding; the gather/flex kernels compute whole
+        blocks, so their work is (kept blocks * block_size) keys per query."""
+        per_layer = self.layer_sparsity()
+        return sum(per_layer.values()) / len(per_layer)
