@@ -73,7 +73,8 @@ class AttnlabLM(HFLM):
                                "write --model_args base=smollm2-135m[,plugin=PATH]")
         if dtype not in _DTYPES:
             raise AttnlabError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"   # lm-eval's CLI asks for cuda by default
         bb = load_backbone(str(base), dtype=_DTYPES[dtype], trust_remote_code=bool(trust_remote_code),
                            device=device)
         super().__init__(pretrained=bb.model, tokenizer=bb.tokenizer, backend="causal", **kwargs)
