@@ -17,7 +17,7 @@ from attnlab.modules.sparse import (ATTR, NAMES, SparseAttention, SparseConfig,
 from .conftest import logits_of
 
 SMALL = dict(block_size=4, window=3, top_k=2)
-SPARSE = ("window", "learned", "performer")        # the variants with their own kernels
+SPARSE = ("window", "learned", "quest", "performer")   # the variants with their own kernels
 ALL = SPARSE + ("dense",)
 
 
@@ -364,3 +364,116 @@ def test_oracle_selection_beats_or_ties_the_untrained_gate_on_block_mass():
         errs[oracle] = attention_mse(bb.model, s.eval, bb.tokenizer.pad_token_id)
         p.detach()
     assert errs[True] <= errs[False] + 1e-9, errs
+
+
+# --- Quest, the memory-lean kernel, and the work it does -----------------------------------------
+
+def test_quest_bound_is_above_every_logit_of_its_block():
+    from attnlab.modules.sparse.patterns import Pattern
+    from attnlab.modules.sparse.quest import quest_scores
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    p = Pattern(40, 40, 4, "cpu")
+    bound = quest_scores(q, k, p)                                   # (B, Hkv, G, Tq, nfull)
+    logits = q.view(2, 2, 2, 40, 8) @ k[:, :, None].transpose(-1, -2)   # every q.k
+    best = logits.view(2, 2, 2, 40, 10, 4).amax(-1)                 # the largest logit in each block
+    assert (bound >= best - 1e-5).all()
+    assert (bound - best).abs().min() < 1e-5                        # and it can be tight
+    single = Pattern(40, 40, 1, "cpu")                              # one key per block: exact
+    assert torch.allclose(quest_scores(q, k, single), logits, atol=1e-5)
+
+
+def test_quest_finds_the_block_that_holds_the_matching_key(tiny_llama):
+    from attnlab.modules.sparse.patterns import Pattern
+    from attnlab.modules.sparse.quest import quest_scores
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, 64, 16, generator=g) * 0.1, torch.randn(1, 2, 64, 16, generator=g) * 0.1
+    k[0, :, 21] = q[0, :, 60] * 50                                  # one key in block 5 matches query 60
+    p = Pattern(64, 64, 4, "cpu")
+    sel = p.row_selection(quest_scores(q, k, p), top_k=1)
+    assert (sel.idx[0, :, :, 60, 3] == 5).all()                     # the one chosen candidate
+
+
+def test_gather_kernel_gradients_equal_the_masked_reference():
+    # The custom backward (fused CPU kernel, and the plain-torch path used off the CPU) against
+    # autograd through dense SDPA with the pattern as a mask: per-row (quest) and per-block (window)
+    # selections, grouped heads, a padded sequence, a chunk of queries after cached keys.
+    from attnlab.modules.sparse import blocksparse
+    from attnlab.modules.sparse.kernels import masked_attention
+    from attnlab.modules.sparse.patterns import Pattern
+    from attnlab.modules.sparse.quest import quest_scores
+    gen = torch.Generator().manual_seed(0)
+    for fused in (True, False):
+        for window, tq, tk, shared in ((None, 37, 37, False), (None, 37, 37, True), (6, 37, 37, False),
+                                       (None, 5, 37, False), (None, 1, 37, False)):
+            q = torch.randn(2, 4, tq, 8, generator=gen, requires_grad=True)
+            k, v = (torch.randn(2, 2, tk, 8, generator=gen, requires_grad=True) for _ in range(2))
+            p = Pattern(tq, tk, 4, "cpu", window, 1 if window else 0)
+            if window:
+                sel = p.window_selection()
+            else:
+                scores = quest_scores(q.detach(), k.detach(), p)
+                sel = p.row_selection(scores.sum(2, keepdim=True) if shared else scores, top_k=2)
+            base = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq).repeat(2, 1, 1, 1)
+            base[1, :, :, tk - 6:] = False                          # the second sequence is shorter
+            try:
+                blocksparse.USE_FUSED = fused
+                out, _ = blocksparse.block_sparse_attention(q, k, v, p, sel, base, 0.3)
+            finally:
+                blocksparse.USE_FUSED = True
+            ref = masked_attention(q, k, v, p.full_mask(sel, base, 2), 0.3)
+            grad = torch.randn(out.shape, generator=gen)
+            assert gap(out, ref) <= 1e-5
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+                assert gap(a, b) <= 1e-5
+
+
+def test_the_backward_keeps_indices_and_the_log_sum_exp_not_a_mask():
+    # What the autograd graph keeps for the sparse attention: q, k, v, the output and the lse (B, Hq,
+    # Tq); the block indices ride along. No Tq x Tk mask, no gathered keys, no rows x keys mask.
+    from attnlab.modules.sparse.blocksparse import block_sparse_attention
+    from attnlab.modules.sparse.patterns import Pattern
+    from attnlab.modules.sparse.quest import quest_scores
+    t = 256
+    q = torch.randn(1, 4, t, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, t, 16, requires_grad=True) for _ in range(2))
+    p = Pattern(t, t, 16, "cpu")
+    sel = p.row_selection(quest_scores(q.detach(), k.detach(), p), top_k=2)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: kept.append(x) or x, lambda x: x):
+        out, _ = block_sparse_attention(q, k, v, p, sel, None, 0.25)
+    assert sorted(x.numel() for x in kept) == sorted([q.numel(), k.numel(), v.numel(), out.numel(), 4 * t])
+    out.sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_work_done_falls_with_sparsity(tiny_llama):
+    # Pairs the kernel scores (whole tiles, masked pairs included) against the sparsity it reports.
+    x = ids(96, batch=1)
+    runs = {}
+    for name, options in (("window 48", dict(variant="window", window=48)),
+                          ("window 12", dict(variant="window", window=12)),
+                          ("quest top 6", dict(variant="quest", top_k=6)),
+                          ("quest top 1", dict(variant="quest", top_k=1))):
+        plugin = attach(tiny_llama.model, kernel="gather", **options)
+        logits_of(tiny_llama.model, x)
+        runs[name] = (plugin.pairs_scored(), plugin.sparsity())
+        plugin.detach()
+    dense = 2 * 4 * 96 * 96                                         # layers x heads x Tq x Tk
+    assert runs["window 12"][0] < runs["window 48"][0] < dense
+    assert runs["quest top 1"][0] < runs["quest top 6"][0] < dense
+    assert runs["window 12"][1] > runs["window 48"][1] and runs["quest top 1"][1] > runs["quest top 6"][1]
+
+
+def test_mass_selection_adapts_density_per_row():
+    import math
+    from attnlab.modules.sparse.patterns import Pattern
+    p = Pattern(64, 64, 4, "cpu")
+    scores = torch.zeros(1, 1, 1, 64, 16)
+    scores[..., 40:, 5] = 10.0                                      # rows 40+: block 5 holds the mass
+    fixed, cand = p.fixed()[1].sum(-1), p.candidates().sum(-1)
+    chosen = {m: p.row_selection(scores, mass=m).valid.sum(-1)[0, 0, 0] - fixed for m in (0.5, 0.9, 1.0)}
+    assert torch.equal(chosen[1.0], cand)                           # all the mass: every candidate
+    assert (chosen[0.5][40:] == 1).all() and (chosen[0.9][40:] == 1).all()
+    flat = [r for r in range(40) if cand[r] > 0]                    # equal scores: a share of them
+    assert flat and all(chosen[0.9][r] == math.ceil(0.9 * cand[r] - 1e-6) for r in flat)

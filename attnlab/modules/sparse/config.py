@@ -7,29 +7,32 @@ from dataclasses import dataclass, field
 
 from ..base import PluginError
 
-VARIANTS = ("window", "learned", "performer", "dense")
+VARIANTS = ("window", "learned", "quest", "performer", "dense")
 KERNELS = ("auto", "flex", "gather", "masked")
 
 
 @dataclass
 class SparseConfig:
-    variant: str = "learned"             # window | learned | performer | dense
+    variant: str = "learned"             # window | learned | quest | performer | dense
     layers: list[int] | None = None      # None: every layer
-    kernel: str = "auto"                 # auto | flex | gather | masked
+    kernel: str = "auto"                 # auto | flex | gather | masked (kernels.py, blocksparse.py)
     window: int = 10                     # window: keys seen per query, itself included
     sinks: int = 0                       # window: the first `sinks` keys are always seen
-    block_size: int = 64                 # learned: block of the selection; all: tile of gather/flex
-    top_k: int = 4                       # learned: selected key blocks per query block, beyond the 3 kept
-    threshold: float | None = None       # learned: keep candidates with gate prob >= threshold instead
-    gate_dim: int = 32                   # learned: width of Wq, Wk
+    block_size: int = 64                 # key block of the selection; all: tile of gather/flex
+    # learned / quest: per query row, blocks 0, i-1, i (sinks, local) plus those chosen among 1..i-2 by
+    top_k: int = 4                       #   the top_k best scores (the default), or
+    mass: float | None = None            #   learned: the fewest whose softmax mass over the candidates
+                                         #   reaches `mass` (density adapts per row), or
+    threshold: float | None = None       #   learned: those whose softmax probability is >= threshold
+    gate_dim: int = 32                   # learned: width of the gate's query and key projections (even)
     features: int = 64                   # performer: random features
     train_modules: list[str] = field(default_factory=list)  # e.g. ["model.layers.5.mlp"]
     # distillation from the dense base (attnlab.distill): per token KL(P_base || P_sparse) plus
-    gate_weight: float = 1.0             # x the gates' block-map KL (what trains a learned gate)
+    gate_weight: float = 1.0             # x the gates' block-map KL (what trains a learned gate online)
     hidden_weight: float = 0.0           # x every layer's hidden-state MSE (intermediate layers)
-    oracle: bool = False                 # learned: select by the dense attention's true block mass
-                                         # instead of the gate (an upper bound for any gate at this
-                                         # top_k; O(T^2) and it sees a block's later queries: analysis only)
+    oracle: bool = False                 # learned / quest: score blocks by the row's true dense attention
+                                         # mass instead (the best any selector can do at this budget;
+                                         # O(T^2): analysis only)
     metric_examples: int = 2             # eval examples for attention MSE and gradient cosine (O(T^2); 0: skip)
 
     def __post_init__(self):
@@ -45,5 +48,12 @@ class SparseConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise PluginError(f"sparse option {name} must be an integer >= {low}, got {value!r}")
-        if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise PluginError(f"sparse option threshold must be in (0, 1] (or None for top_k), got {self.threshold}")
+        for name in ("threshold", "mass"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise PluginError(f"sparse option {name} must be in (0, 1] (or None for top_k), got {value!r}")
+        if self.threshold is not None and self.mass is not None:
+            raise PluginError("sparse options threshold and mass are two ways to choose blocks; give one of them")
+        if self.gate_dim % 2:
+            raise PluginError(f"sparse option gate_dim must be even (the gate's rotary embedding pairs its "
+                              f"dimensions), got {self.gate_dim}")

@@ -1,7 +1,9 @@
-"""Kernels for the block patterns (window, learned), all computing the same function:
+"""The reference and the FlexAttention kernel for the block patterns (the memory-lean `gather`
+kernel, the CPU default, is blocksparse.py); all compute the same function:
   masked   dense SDPA with the pattern as a boolean (Tq, Tk) mask: the reference, no savings.
-  gather   pure torch, no compile: per query block, gather only its kept key blocks.
-  flex     torch FlexAttention with a BlockMask built from the kept blocks (compiled once, lazily).
+  flex     torch FlexAttention with a BlockMask built from the kept blocks (compiled once, lazily;
+           compiled kernels are cached in $TORCHINDUCTOR_CACHE_DIR, default $ATTNLAB_CACHE/inductor).
+           Patterns chosen per query block (window) only.
 Grouped-query heads are never repeated: the G query heads of one kv head are folded into the rows.
 """
 
@@ -15,18 +17,6 @@ import torch.nn.functional as F
 from ..base import PluginError
 from .patterns import Pattern
 
-def group_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
-    """(B, Hq, T, D) -> (B, Hkv, G*T, D): the G query heads of a kv head as extra rows (no kv repeat)."""
-    b, hq, t, d = q.shape
-    return q.reshape(b, hkv, (hq // hkv) * t, d)
-
-
-def group_mask(mask: torch.Tensor, b: int, hkv: int, g: int) -> torch.Tensor:
-    """(B|1, Hkv|1, Tq, Tk) -> (B, Hkv, G*Tq, Tk), matching group_queries."""
-    tq, tk = mask.shape[-2:]
-    return mask.unsqueeze(2).expand(b, hkv, g, tq, tk).reshape(b, hkv, g * tq, tk)
-
-
 def safe_sdpa(q, k, v, allowed, scale):
     """SDPA with a boolean mask where a row with no visible key outputs 0 (and gets no NaN gradient)."""
     has = allowed.any(-1, keepdim=True)
@@ -35,53 +25,12 @@ def safe_sdpa(q, k, v, allowed, scale):
 
 
 def masked_attention(q, k, v, allowed, scale):
-    """Reference: dense SDPA over (Tq, Tk) with the pattern as a mask. Returns (B, Tq, Hq, D)."""
+    """Reference: dense SDPA over (Tq, Tk) with the pattern as a mask; allowed (B|1, Hkv|1, G*Tq, Tk)
+    over the G query heads of each kv head (folded into the rows, never repeated). Returns (B, Tq, Hq, D)."""
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
-    out = safe_sdpa(group_queries(q, hkv), k, v, group_mask(allowed, b, hkv, hq // hkv), scale)
+    out = safe_sdpa(q.reshape(b, hkv, -1, d), k, v, allowed, scale)
     return out.reshape(b, hq, tq, d).transpose(1, 2).contiguous()
-
-
-def kept_order(keep: torch.Tensor, most: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the kept key blocks first, `most` per query block, and whether each slot is real."""
-    order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :most]
-    return order, keep.gather(-1, order)
-
-
-def gather_attention(q, k, v, p: Pattern, keep, base, most: int, scale):
-    """Block-sparse attention in plain torch: each query block attends to its kept key blocks only,
-    gathered into a (most * bs)-long key set. Returns (B, Tq, Hq, D)."""
-    b, hq, tq, d = q.shape
-    hkv, tk, bs, nq, nb = k.shape[1], k.shape[2], p.bs, p.nq, p.nb
-    g, most = hq // hkv, min(most, nb)
-    order, real = kept_order(keep.expand(b, hkv, nq, nb), most)           # (B, Hkv, nq, most)
-
-    kb = F.pad(k, (0, 0, 0, nb * bs - tk)).view(b, hkv, nb, bs, d)
-    vb = F.pad(v, (0, 0, 0, nb * bs - tk)).view(b, hkv, nb, bs, d)
-    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-    hi = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1)
-    kg = kb[bi, hi, order].view(b * hkv, nq, most * bs, d)
-    vg = vb[bi, hi, order].view(b * hkv, nq, most * bs, d)
-
-    # Which (query, gathered key) pairs the pattern and the model's mask allow: (B, Hkv, nq, bs, most*bs)
-    offs = torch.arange(bs, device=q.device)
-    kpos = (order[..., None] * bs + offs).reshape(b, hkv, nq, 1, most * bs)
-    qpos = (p.qblocks[:, None] * bs + offs).view(1, 1, nq, bs, 1)
-    ok = real.repeat_interleave(bs, dim=-1).unsqueeze(-2) & p.visible(qpos, kpos)
-    ok = ok & (qpos >= p.qoff)                                            # rows before the queries are padding
-    if base is not None:
-        rows = (qpos - p.qoff).clamp(0, tq - 1)
-        bidx = bi.view(b, 1, 1, 1, 1) if base.shape[0] == b else torch.zeros_like(bi).view(b, 1, 1, 1, 1)
-        ok = ok & base[:, 0][bidx, rows, kpos.clamp(max=tk - 1)]
-
-    # Queries padded to whole blocks, the G heads of a kv head folded into the rows.
-    front = p.qoff - p.qb0 * bs
-    qp = F.pad(q, (0, 0, front, nq * bs - tq - front)).view(b, hkv, g, nq, bs, d)
-    qp = qp.transpose(2, 3).reshape(b * hkv, nq, g * bs, d)
-    mask = ok.unsqueeze(3).expand(b, hkv, nq, g, bs, most * bs).reshape(b * hkv, nq, g * bs, most * bs)
-    out = safe_sdpa(qp, kg, vg, mask, scale)
-    out = out.view(b, hkv, nq, g, bs, d).transpose(2, 3).reshape(b, hq, nq * bs, d)[:, :, front:front + tq]
-    return out.transpose(1, 2).contiguous()
 
 
 _FLEX = None
@@ -123,8 +72,9 @@ def static_padded(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def flex_attention_kernel(q, k, v, p: Pattern, keep, base, scale):
-    """FlexAttention with a BlockMask of the kept blocks; mask_mod does the token-level rule.
+def flex_attention_kernel(q, k, v, p: Pattern, keep, base, scale, rows=None):
+    """FlexAttention with a BlockMask of the kept blocks (B|1, Hkv|1, nq, nb); mask_mod does the
+    token-level rule and, for per-row selections, each row's own blocks `rows` (B, Hkv, S, Tq, nb).
     Returns (B, Tq, Hq, D)."""
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
@@ -140,6 +90,8 @@ def flex_attention_kernel(q, k, v, p: Pattern, keep, base, scale):
     # only when a size crosses a power of two, not at every new length or decoding step.
     keep = static_padded(keep.expand(b, hkv, p.nq, p.nb))
     base = static_padded(base.expand(b, 1, tq, tk)) if base is not None else None
+    per_head = rows is not None and rows.shape[2] > 1
+    rows = static_padded(rows.expand(b, hkv, *rows.shape[2:])) if rows is not None else None
     # Tensors, not Python ints, for what changes from call to call: no recompile per decoding step.
     qoff = torch.tensor(p.qoff, device=q.device)
     qb0 = torch.tensor(p.qb0, device=q.device)
@@ -152,6 +104,8 @@ def flex_attention_kernel(q, k, v, p: Pattern, keep, base, scale):
             ok = ok & ((qpos - kv_idx < window) | (kv_idx < sinks))
         if base is not None:
             ok = ok & base[bi, 0, q_idx, kv_idx]
+        if rows is not None:
+            ok = ok & rows[bi, hi // g, hi % g if per_head else 0, q_idx, kv_idx // bs]
         return ok
 
     if p.qoff == 0:  # query tiles line up with the selection blocks: build the BlockMask from them

@@ -17,6 +17,16 @@ NAMES = names(NAME)        # one per inner kernel: each gets its mask format
 LABEL = "SparseAttention"
 
 
+def _rotary(model: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(inv_freq, attention_scaling) of the model's rotary embedding, or None when it has none."""
+    from ...backbone import decoder
+
+    rot = getattr(decoder(model), "rotary_emb", None)
+    if rot is None or not hasattr(rot, "inv_freq"):
+        return None
+    return rot.inv_freq, float(getattr(rot, "attention_scaling", 1.0))
+
+
 def _sparse_layers(model: nn.Module) -> list[SparseLayer]:
     layers = [getattr(m, ATTR) for m in model.modules() if isinstance(getattr(m, ATTR, None), SparseLayer)]
     if not layers:
@@ -78,8 +88,11 @@ class SparseAttention(Plugin):
         register(NAMES, sparse_attention)
         ref = next(model.parameters())
         self._mods = mods
+        heads = model.config.num_attention_heads
+        kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
+        rope = _rotary(model)
         for m in self._mods:
-            m.add_module(ATTR, SparseLayer(cfg, m.head_dim, m.layer_idx).to(ref.device, ref.dtype))
+            m.add_module(ATTR, SparseLayer(cfg, m.head_dim, m.layer_idx, heads, kv_heads, rope).to(ref.device, ref.dtype))
         self._layers = [getattr(m, ATTR) for m in self._mods]
         self.collect_gate_loss = self._collect
         self._train = train
@@ -191,6 +204,21 @@ class SparseAttention(Plugin):
                 raise PluginError("no gate loss yet: run a forward with collect_gate_loss = True first")
             return next(self.model.parameters()).new_zeros(())
         return torch.stack(losses).sum()
+
+    def layers(self) -> list[SparseLayer]:
+        """The SparseLayer of every patched attention module, in layer order."""
+        if self.model is None:
+            raise PluginError("attach sparse to a model first")
+        return list(self._layers)
+
+    def pairs_scored(self) -> int:
+        """(query, key) pairs the kernels scored in the last forward, summed over patched layers, heads
+        and batch: the work done (a block kernel scores whole tiles, masked pairs included)."""
+        done = [layer.last_pairs_scored for layer in self.layers() if layer.last_pairs_scored is not None]
+        if not done:
+            raise PluginError("no forward has run through the sparse layers yet (or kernel='flex', which "
+                              "does not count its work); run one first")
+        return sum(done)
 
     def layer_sparsity(self) -> dict[int, float]:
         """layer index -> fraction of causal (query, key) pairs skipped in the last forward."""
