@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lengths", type=int, nargs="+", default=LENGTHS, help=f"default: {LENGTHS}")
     pr.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                     help="dense-eager, dense-sdpa, or VARIANT[:key=value,...] of the sparse attention "
-                    f"(window, learned, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
+                    f"(window, learned, quest, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
     pr.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
     pr.add_argument("--layers", type=int, help="profile only the first N transformer layers (default: all)")
     pr.add_argument("--batch", type=int, default=1)

@@ -35,7 +35,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters={"rope_theta": 100000.0,
                                                                                  "rope_type": "default"})
 DEFAULT_VARIANTS = ["dense-eager", "dense-sdpa", "window:window=256,sinks=4", "learned:top_k=4",
-                    "performer"]
+                    "quest:top_k=4", "performer"]
 LENGTHS = [256, 512, 1024, 2048, 4096]
 LABEL = "attnlab::attention"
 
@@ -215,8 +215,11 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
                         row["peak_MiB"] = peak_bytes(fn) / 2**20
                     if mode == "inference":
                         row["attention_seconds"] = _attention_seconds(fn)
-                    if v.kind in ("window", "learned"):  # performer skips nothing: it approximates
+                    if v.kind in ("window", "learned", "quest"):  # performer skips nothing: it approximates
                         row["sparsity"] = plugin.sparsity()
+                        if v.options.get("kernel", "auto") != "flex":   # pairs scored / causal pairs
+                            causal = batch * model.config.num_attention_heads * len(plugin.layers()) * T * (T + 1) / 2
+                            row["work"] = plugin.pairs_scored() / causal
                     rows.append(row)
                     log(f"[profile] {v.name} T={T} {mode}: {row['seconds'] * 1e3:.1f} ms, "
                         f"peak {row.get('peak_MiB', float('nan')):.0f} MiB"
@@ -243,17 +246,19 @@ def markdown(rows: list[dict], title: str) -> str:
     lines = [f"# {title}", "",
              "Time: median seconds per call; peak: MiB of tensors created during the call; attention: "
              "seconds inside the attention functions of one inference forward (torch.profiler); "
-             "× eager / × SDPA: the same quantity relative to dense eager / dense SDPA at that length.", ""]
+             "× eager / × SDPA: the same quantity relative to dense eager / dense SDPA at that length; "
+             "sparsity: causal (query, key) pairs skipped; work: pairs the kernel scored (whole tiles, masked "
+             "pairs included) ÷ causal pairs.", ""]
     for mode in ("inference", "training"):
         sel = [r for r in rows if r["mode"] == mode]
         if not sel:
             continue
         lines += [f"## {mode}", "",
-                  "| variant | tokens | time ms | × SDPA | peak MiB | × eager | × SDPA | attention ms | attn × SDPA | sparsity |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | tokens | time ms | × SDPA | peak MiB | × eager | × SDPA | attention ms | attn × SDPA | sparsity | work |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(sel, key=lambda r: (r["tokens"], rows.index(r))):
             if "skipped" in r:
-                lines.append(f"| {r['variant']} | {r['tokens']} | skipped: {r['skipped']} |||||||| ")
+                lines.append(f"| {r['variant']} | {r['tokens']} | skipped: {r['skipped']} ||||||||| ")
                 continue
 
             def f(x, fmt):
@@ -266,7 +271,7 @@ def markdown(rows: list[dict], title: str) -> str:
                 f"{f(_ratio(rows, r, 'peak_MiB', 'dense-sdpa'), '{:.2f}')} | "
                 f"{f(r.get('attention_seconds', None) and r['attention_seconds'] * 1e3, '{:.1f}')} | "
                 f"{f(_ratio(rows, r, 'attention_seconds', 'dense-sdpa'), '{:.2f}')} | "
-                f"{f(r.get('sparsity'), '{:.2f}')} |")
+                f"{f(r.get('sparsity'), '{:.2f}')} | {f(r.get('work'), '{:.2f}')} |")
         lines.append("")
     notes = sorted({f"{r['variant']}: peak memory {r['peak_note']}" for r in rows if "peak_note" in r})
     lines += [f"Note: {n}." for n in notes] + ([""] if notes else [])

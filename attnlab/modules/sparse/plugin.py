@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch import nn
@@ -168,7 +169,7 @@ class SparseAttention(Plugin):
     def objective(self, model, batch):
         from ...distill import distillation_loss
         if self.config.oracle:
-            raise PluginError("oracle selection is for analysis only (it sees each block's later queries); "
+            raise PluginError("oracle selection is for analysis only (it computes the dense attention to choose); "
                               "evaluate it zero-shot with train: {steps: 0}")
         gate = self.config.gate_weight if self.config.variant == "learned" else 0.0
         return distillation_loss(model, self, batch, gate_weight=gate, hidden_weight=self.config.hidden_weight)
@@ -204,6 +205,28 @@ class SparseAttention(Plugin):
                 raise PluginError("no gate loss yet: run a forward with collect_gate_loss = True first")
             return next(self.model.parameters()).new_zeros(())
         return torch.stack(losses).sum()
+
+    def distil_gates(self, sequences, rows: int = 512, steps: int = 2000, lr: float = 3e-3, batch: int = 256,
+                     seed: int = 0, log=None) -> dict:
+        """Train every learned gate layer by layer from a cached dense teacher (teacher.py): one dense
+        forward per sequence (1-D token tensors) records `rows` query rows per sequence and layer,
+        then each gate takes `steps` Adam steps on them. Returns the teacher pass's and the
+        training's seconds and tokens, and each layer's KL before/after on train and held-out rows."""
+        from .teacher import collect_teacher, train_gate
+
+        if self.config.variant != "learned" or self.config.oracle:
+            raise PluginError("distil_gates trains the learned gate: attach variant 'learned' (without oracle)")
+        caches, teacher = collect_teacher(self.model, self, sequences, rows=rows, seed=seed)
+        layers, start = {}, time.perf_counter()
+        for layer in self.layers():
+            layers[layer.layer_idx] = train_gate(layer.gate, caches[layer.layer_idx], steps=steps, lr=lr,
+                                                 batch=batch, seed=seed)
+            if log:
+                r = layers[layer.layer_idx]
+                log(f"[gate] layer {layer.layer_idx}: KL train {r['before']['train']:.3f} -> "
+                    f"{r['after']['train']:.3f}, held-out {r['before']['heldout']:.3f} -> {r['after']['heldout']:.3f}")
+        return {"teacher": teacher, "training": {"seconds": time.perf_counter() - start, "tokens": teacher["tokens"],
+                                                 "steps": steps, "rows": rows}, "layers": layers}
 
     def layers(self) -> list[SparseLayer]:
         """The SparseLayer of every patched attention module, in layer order."""

@@ -172,14 +172,14 @@ def cached_kl(gate, cache: dict, idx, grad: bool = False):
     """The gate's KL on cached rows idx (a differentiable tensor with grad=True; else a float, the
     mean over rows that have candidates, in chunks)."""
     if grad:
-        return gate_kl(cached_scores(gate, cache, idx), cache["target"][idx], cache["cand"][idx])
+        return gate_kl(cached_scores(gate, cache, idx), cache["target"][idx], cache["cand"][idx][:, None])
     idx = torch.arange(len(cache["pos"]))[idx]
     total, rows = 0.0, 0
     with torch.no_grad():
         for c0 in range(0, len(idx), 1024):
             part = idx[c0:c0 + 1024]
             n = int((cache["target"][part].sum(-1) > 0).sum())
-            total += gate_kl(cached_scores(gate, cache, part), cache["target"][part], cache["cand"][part]).item() * n
+            total += gate_kl(cached_scores(gate, cache, part), cache["target"][part], cache["cand"][part][:, None]).item() * n
             rows += n
     return total / rows if rows else float("nan")
 
