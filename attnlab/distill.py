@@ -75,20 +75,32 @@ def _batches(examples, pad_id, batch_size, dev):
 @torch.no_grad()
 def attention_mse(model: nn.Module, examples: list, pad_id: int, batch_size: int = 4) -> float:
     """Mean squared difference between the sparse and the dense attention probability matrices over
-    the patched layers, heads and real (non-padding) query rows."""
+    the causal entries only (real query row, real key at or before it), every patched layer and head.
+    Each layer's maps are reduced as they are computed (one layer's Tq x Tk maps at a time)."""
     plugin = _attention_plugin(model)
     dev = next(model.parameters()).device
-    total, count = 0.0, 0
+    total = _CausalSquares()
     for batch in _batches(examples, pad_id, batch_size, dev):
-        with plugin.capture_attention() as maps:
+        total.rows = batch["attention_mask"].bool()
+        with plugin.capture_attention(into=total):
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        rows = batch["attention_mask"].bool()
-        for sparse, dense in maps.values():
-            diff = (sparse.float() - dense.float()).pow(2)                  # (B, H, Tq, Tk)
-            diff = diff * rows[:, None, :, None] * rows[:, None, None, :]
-            total += diff.sum().item()
-            count += int(rows.sum().item()) * diff.shape[1] * diff.shape[-1]
-    return total / max(count, 1)
+    return total.sum / max(total.count, 1)
+
+
+class _CausalSquares:
+    """Receives (sparse, dense) (B, H, Tq, Tk) per layer; sums squared differences over causal entries."""
+
+    def __init__(self):
+        self.sum, self.count, self.rows = 0.0, 0, None
+
+    def __setitem__(self, layer_idx, maps):
+        sparse, dense = maps
+        tq, tk = sparse.shape[-2:]
+        rows = self.rows[:, -tq:]
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=sparse.device).tril(tk - tq)
+        entries = causal & rows[:, None, :, None] & self.rows[:, None, None, :tk]   # (B, 1, Tq, Tk)
+        self.sum += ((sparse.float() - dense.float()).pow(2) * entries).sum().item()
+        self.count += int(entries.sum().item()) * sparse.shape[1]
 
 
 def _attention_plugin(model: nn.Module):
@@ -103,30 +115,36 @@ def gradient_cosine(model: nn.Module, plugin, examples: list, pad_id: int, batch
     """Cosine similarity between the cross-entropy gradients that reach the (frozen) weights of the
     patched attention layers with dense attention and with the sparse one: does training through the
     sparse attention move those layers the way dense attention would?"""
+    dense = attention_gradients(model, plugin, examples, pad_id, batch_size, dense=True)
+    sparse = attention_gradients(model, plugin, examples, pad_id, batch_size, dense=False)
+    return F.cosine_similarity(dense, sparse, dim=0).item()
+
+
+def attention_gradients(model: nn.Module, plugin, examples: list, pad_id: int, batch_size: int = 4,
+                        dense: bool = False) -> torch.Tensor:
+    """The summed cross-entropy gradient of the patched attention layers' own weights, flattened,
+    through the sparse attention (or the dense one): what gradient_cosine compares."""
     weights = plugin.patched_weights()
     dev = next(model.parameters()).device
     was = [w.requires_grad for w in weights]
-    grads = {}
+    total = [torch.zeros_like(w) for w in weights]
     try:
         for w in weights:
             w.requires_grad_(True)
-        for mode in ("dense", "sparse"):
-            total = [torch.zeros_like(w) for w in weights]
-            for batch in _batches(examples, pad_id, batch_size, dev):
-                labels = batch["labels"]
-                with plugin.dense_reference() if mode == "dense" else contextlib.nullcontext():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False).logits[:, :-1]
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                                       ignore_index=-100, reduction="sum")
-                # autograd.grad: no .grad left on any parameter, trained ones included
-                for t, g in zip(total, torch.autograd.grad(loss, weights)):
-                    t += g
-            grads[mode] = torch.cat([t.flatten() for t in total])
+        for batch in _batches(examples, pad_id, batch_size, dev):
+            labels = batch["labels"]
+            with plugin.dense_reference() if dense else contextlib.nullcontext():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).logits[:, :-1]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+            # autograd.grad: no .grad left on any parameter, trained ones included
+            for t, g in zip(total, torch.autograd.grad(loss, weights)):
+                t += g
     finally:
         for w, r in zip(weights, was):
             w.requires_grad_(r)
-    return F.cosine_similarity(grads["dense"], grads["sparse"], dim=0).item()
+    return torch.cat([t.flatten() for t in total])
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .patterns import Pattern, Selection, scatter_blocks
 
-CHUNK_BYTES = 32 * 2**20     # transient gathered K/V + mask per chunk of query blocks
+CHUNK_BYTES = 16 * 2**20     # transient gathered K/V + mask per chunk of query blocks
 USE_FUSED = True             # tests switch this off to check the plain-torch path against the fused one
 
 

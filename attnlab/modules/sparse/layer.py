@@ -44,8 +44,7 @@ class SparseLayer(nn.Module):
 
     # -- which key blocks each query row computes ------------------------------------------------
     def select(self, q, k, p: Pattern, base, scale) -> tuple[Selection, torch.Tensor | None]:
-        """The selection, and (learned, while collecting the gate loss) the gate's differentiable
-        scores (B, Hkv, Tq, nfull) for it."""
+        """The selection, and (learned) the gate's scores (B, Hkv, Tq, nfull) it chose by."""
         cfg = self.config
         if cfg.variant == "window":
             return p.window_selection(), None
@@ -85,7 +84,11 @@ class SparseLayer(nn.Module):
         if cfg.variant == "performer":
             return self.performer(q, k, v, p, base, scale)
 
-        sel, scores = self.select(q, k, p, base, scale)
+        with torch.no_grad():   # a selection is discrete; only the gate's own loss has a gradient
+            sel, _ = self.select(q.detach(), k.detach(), p, base, scale)
+        scores = None
+        if self.collect_gate_loss and cfg.variant == "learned" and bool(p.candidates().any()):
+            scores = self.gate_scores(q, k, p)
         kernel = cfg.kernel if cfg.kernel != "auto" else ("flex" if q.device.type == "cuda" else "gather")
         if kernel == "masked":
             out = masked_attention(q, k, v, p.full_mask(sel, base, g), scale)

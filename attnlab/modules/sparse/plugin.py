@@ -52,13 +52,15 @@ def dense_reference(model: nn.Module):
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module):
+def capture_attention(model: nn.Module, into=None):
     """Yields a dict; after a forward inside, dict[layer_idx] = (sparse_probs, dense_probs), both
     (B, Hq, Tq, Tk) float: the variant's effective attention probabilities (zeros where skipped;
     performer: its normalised causal linear-attention weights) and the dense softmax. Patched layers
-    only. It materialises Tq x Tk per head: for short sequences (analysis, metrics), not for speed."""
+    only. It materialises Tq x Tk per head: for analysis and metrics, not for speed. `into`: any
+    object with __setitem__ that receives each layer's pair as it is computed instead (to reduce
+    them on the fly and keep one layer's maps at a time)."""
     layers = _sparse_layers(model)
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    captured = {} if into is None else into
     for layer in layers:
         layer.capture = captured
     try:
@@ -153,11 +155,11 @@ class SparseAttention(Plugin):
             raise PluginError("attach sparse to a model first")
         return dense_reference(self.model)
 
-    def capture_attention(self):
-        """capture_attention(model) for the model this plug-in is attached to."""
+    def capture_attention(self, into=None):
+        """capture_attention(model, into) for the model this plug-in is attached to."""
         if self.model is None:
             raise PluginError("attach sparse to a model first")
-        return capture_attention(self.model)
+        return capture_attention(self.model, into)
 
     def patched_weights(self) -> list[nn.Parameter]:
         """The base model's own weights in the patched attention modules (the gates excluded)."""

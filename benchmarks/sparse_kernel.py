@@ -1,0 +1,129 @@
+"""The attention function alone: dense SDPA against the sparse gather kernel, on real q, k, v.
+
+    python benchmarks/sparse_kernel.py --lengths 1024 2048 4096 --layers 2 15 28
+
+q, k, v are recorded from SmolLM2-135M (embedded) reading WikiText-2 (the first tokens of
+../shared/data/wikitext-2/valid.txt) at the given layers, so Quest's and the window's selections are
+those of real text (the learned gate is left untrained here: its speed does not depend on training,
+its union of blocks per tile does a little). For each length, layer and variant, forward only
+(inference) and forward + backward, timed interleaved (dense, then each variant, repeated) so that
+load from other processes hits all alike; reported: medians of wall time and of this process's CPU
+time, and the pairs scored. The CPU time is the steadier number on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import attnlab  # noqa: E402
+from attnlab.modules.attention import register  # noqa: E402
+from attnlab.modules.sparse.blocksparse import block_sparse_attention  # noqa: E402
+from attnlab.modules.sparse.patterns import Pattern  # noqa: E402
+from attnlab.modules.sparse.quest import quest_scores  # noqa: E402
+
+VARIANTS = {"window 256 + 4 sinks": None, "quest top-4": 4, "quest top-2": 2}
+
+
+def record(length: int, layers: list[int]) -> dict[int, tuple]:
+    bb = attnlab.load_backbone("smollm2-135m")
+    text = (ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt").read_text()
+    ids = torch.tensor(bb.tokenizer(text[:length * 8], add_special_tokens=False)["input_ids"][:length])[None]
+    kept = {}
+
+    def rec(module, q, k, v, mask, **kw):
+        if module.layer_idx in layers:
+            kept[module.layer_idx] = (q.detach().clone(), k.detach().clone(), v.detach().clone())
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2), None
+
+    register({"sdpa": "attnlab_record"}, rec)
+    bb.model.config._attn_implementation = "attnlab_record"
+    with torch.no_grad():
+        bb.model(input_ids=ids, use_cache=False)
+    return kept
+
+
+def timed(fn, backward: bool):
+    def run():
+        if backward:
+            out = fn()
+            out.sum().backward()
+        else:
+            with torch.no_grad():
+                fn()
+    t, c = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 15, 28])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_kernel.json"))
+    args = ap.parse_args(argv)
+    rows = []
+    for T in args.lengths:
+        for layer, (q0, k0, v0) in record(T, args.layers).items():
+            q, k, v = (x.requires_grad_(True) for x in (q0, k0, v0))
+            scale = q.shape[-1] ** -0.5
+
+            def sel(topk):
+                if topk is None:
+                    p = Pattern(T, T, 64, "cpu", 256, 4)
+                    return p, p.window_selection()
+                p = Pattern(T, T, 64, "cpu")
+                return p, p.row_selection(quest_scores(q.detach(), k.detach(), p), top_k=topk)
+
+            fns = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                         enable_gqa=True).transpose(1, 2).contiguous()}
+            work = {"dense-sdpa": 1.0}
+            for name, topk in VARIANTS.items():
+                # the selection is part of the cost (Quest's bound, top-k), as in the model
+                fns[name] = (lambda topk=topk: block_sparse_attention(q, k, v, *sel(topk), None, scale)[0])
+                p, s = sel(topk)
+                _, pairs = block_sparse_attention(q.detach(), k.detach(), v.detach(), p, s, None, scale)
+                work[name] = pairs / (q.shape[1] * T * (T + 1) / 2)
+                kept, total = p.pair_counts(s)
+                work[name + " density"] = float(kept / total)
+            for backward in (False, True):
+                times = {name: [] for name in fns}
+                for name, fn in fns.items():          # warm-up
+                    timed(fn, backward)
+                for _ in range(args.repeat):
+                    for name, fn in fns.items():
+                        times[name].append(timed(fn, backward))
+                for name in fns:
+                    wall = statistics.median(t for t, _ in times[name])
+                    cpu = statistics.median(c for _, c in times[name])
+                    row = {"tokens": T, "layer": layer, "variant": name, "mode": "training" if backward else "inference",
+                           "wall_s": wall, "cpu_s": cpu, "work": work[name], "density": work.get(name + " density", 1.0)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+    print("\n| tokens | mode | variant | density | work | wall × SDPA | CPU × SDPA |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    keys = sorted({(r["tokens"], r["mode"], r["variant"]) for r in rows}, key=lambda x: (x[0], x[1], x[2] != "dense-sdpa"))
+    for T, mode, name in keys:
+        sel_rows = [r for r in rows if (r["tokens"], r["mode"], r["variant"]) == (T, mode, name)]
+        ref = [r for r in rows if (r["tokens"], r["mode"], r["variant"]) == (T, mode, "dense-sdpa")]
+        wall = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(sel_rows, ref))
+        cpu = statistics.median(a["cpu_s"] / b["cpu_s"] for a, b in zip(sel_rows, ref))
+        dens = statistics.mean(r["density"] for r in sel_rows)
+        wk = statistics.mean(r["work"] for r in sel_rows)
+        print(f"| {T} | {mode} | {name} | {dens:.2f} | {wk:.2f} | {wall:.2f} | {cpu:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
