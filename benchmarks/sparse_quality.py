@@ -100,8 +100,15 @@ def main(argv=None):
     ap.add_argument("--metric-sequences", type=int, default=0,
                     help="held-out sequences for attention MSE and gradient cosine (headline budgets; 0: skip)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_quality_<length>.json)")
+    ap.add_argument("--report", action="store_true", help="only print the tables and draw the curves from the JSON")
     args = ap.parse_args(argv)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"sparse_quality_{args.length}.json")
+    if args.report:
+        data = load(out)
+        summarise(data)
+        print(report(data))
+        plot(data, ROOT / "docs" / "img" / f"sparse_quality_{args.length}.png")
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     state_dir = ROOT / "runs" / f"sparse_quality_{args.length}"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -135,17 +142,17 @@ def main(argv=None):
         else:
             plugin = attnlab.attach(model, "sparse", variant="learned", block_size=BLOCK, gate_dim=args.gate_dim)
             log(f"[gate] teacher pass over {args.train} x {args.length} tokens, then {args.gate_steps} steps per layer")
-            report = plugin.distil_gates(list(train), rows=args.gate_rows, steps=args.gate_steps, lr=args.gate_lr,
+            gate_report = plugin.distil_gates(list(train), rows=args.gate_rows, steps=args.gate_steps, lr=args.gate_lr,
                                          log=log)
             gate_state = plugin.state_dict()
             plugin.detach()
             save_file(gate_state, str(gate_file))
-            t, g = report["teacher"], report["training"]
+            t, g = gate_report["teacher"], gate_report["training"]
             data["gate"] = {"teacher_seconds": t["seconds"], "teacher_seconds_per_token": t["seconds"] / t["tokens"],
                             "training_seconds": g["seconds"], "training_seconds_per_token": g["seconds"] / g["tokens"],
                             "tokens": t["tokens"],
                             "layers": {str(i): {k: r[k] for k in ("before", "after", "rows", "steps")}
-                                       for i, r in report["layers"].items()}}
+                                       for i, r in gate_report["layers"].items()}}
             save(out, data)
 
     # -- per held-out sequence: the dense reference once, then every budget --------------------------
@@ -217,6 +224,7 @@ def main(argv=None):
             log(f"[{k}] attention MSE {mse:.3g}, gradient cosine {cos:.4f}")
     summarise(data)
     save(out, data)
+    print(report(data))
 
 
 def summarise(data: dict) -> None:
@@ -237,6 +245,59 @@ def summarise(data: dict) -> None:
                         "top1_agree": tot["agree"] / tot["tokens"] if name != "dense" else 1.0,
                         "accuracy": tot["correct"] / tot["tokens"],
                         "accuracy_vs_dense": tot["correct"] / max(dtot["correct"], 1)}
+
+
+def report(data: dict) -> str:
+    """Markdown: one row per budget (sorted by selector, then density), and the proposal's targets."""
+    lines = ["| selector | budget | density | work | PPL | vs dense | KL(dense‖sparse) | top-1 = dense | accuracy ÷ dense |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [(p["selector"], p["budget"], p["summary"]) for p in data["points"].values() if "summary" in p]
+    order = list(BUDGETS)
+    rows.sort(key=lambda r: (r[0] != "dense", order.index(r[0]) if r[0] in order else -1, r[2]["density"]))
+    for sel, budget, m in rows:
+        b = ", ".join(f"{k} {v}" for k, v in budget.items()) or "–"
+        work = f"{m['work']:.2f}" if m.get("work") is not None else "–"
+        lines.append(f"| {sel} | {b} | {m['density']:.3f} | {work} | {m['ppl']:.2f} | {m['ppl_change'] * 100:+.1f}% | "
+                     f"{m['kl']:.4f} | {m['top1_agree']:.3f} | {m['accuracy_vs_dense']:.3f} |")
+    if data.get("metrics"):
+        lines += ["", f"Attention MSE over causal entries and gradient cosine ({data['metrics']['sequences']} held-out "
+                  "sequences):", "", "| selector | budget | attention MSE | gradient cosine |", "|---|---|---:|---:|"]
+        for k, m in data["metrics"].items():
+            if isinstance(m, dict):
+                lines.append(f"| {k.split(':')[0]} | {k.split(':')[1]} | {m['attention_mse']:.3g} | {m['grad_cosine']:.4f} |")
+    if data.get("gate"):
+        g = data["gate"]
+        lines += ["", f"Gate distillation: teacher pass {g['teacher_seconds']:.0f} s for {g['tokens']} tokens "
+                  f"({g['teacher_seconds_per_token'] * 1e3:.1f} ms/token), gate training {g['training_seconds']:.0f} s "
+                  f"({g['training_seconds_per_token'] * 1e3:.1f} ms/token)."]
+        kl = [(r["before"]["heldout"], r["after"]["heldout"]) for r in g["layers"].values()]
+        lines.append(f"Held-out KL(target ‖ gate), mean over layers: {sum(a for a, _ in kl) / len(kl):.3f} → "
+                     f"{sum(b for _, b in kl) / len(kl):.3f}.")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for sel in BUDGETS:
+        pts = sorted((p["summary"]["density"], p["summary"]["ppl_change"] * 100)
+                     for p in data["points"].values() if p.get("selector") == sel and "summary" in p)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=sel)
+    ax.axhline(2, color="grey", lw=0.8, ls="--")
+    ax.axvline(0.25, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("density (causal pairs kept)")
+    ax.set_ylabel("perplexity vs dense (%)")
+    ax.set_yscale("symlog", linthresh=2)
+    ax.set_title(f"held-out WikiText-2, {data['meta']['length']} tokens, all 30 layers sparse")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .patterns import Pattern, Selection, scatter_blocks
 
-CHUNK_BYTES = 16 * 2**20     # transient gathered K/V + mask per chunk of query blocks
+CHUNK_BYTES = 8 * 2**20      # transients per chunk of query blocks: gathered K/V, mask, per-head dK/dV
 USE_FUSED = True             # tests switch this off to check the plain-torch path against the fused one
 
 
@@ -54,7 +54,7 @@ def block_sparse_attention(q, k, v, p: Pattern, sel: Selection, base, scale) -> 
     blocks, bvalid = p.union(sel)                  # (B|1, Hkv|1, nq, U): shared when the pattern is
     u = blocks.shape[-1]
     s = 1 if sel.per_block else sel.idx.shape[2]
-    per_block = u * p.bs * (2 * d * 4 + p.bs * s * 4 + p.bs * 2)
+    per_block = u * p.bs * (2 * d * 4 + p.bs * s * 5 + 2 * hq // hkv * d * 4)   # bytes per query block
     plan = Plan(p, sel, blocks, bvalid, base, scale, hq // hkv, max(1, CHUNK_BYTES // per_block), _bank(p, q.dtype))
     out = BlockSparse.apply(q, k, v, plan)
     return out, b * hq * p.nq * p.bs * u * p.bs

@@ -72,7 +72,7 @@ class BlockGate(nn.Module):
     def queries(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """q (B, Hq, R, D) before RoPE at positions pos (R,) -> (B, Hkv, R, gate_dim)."""
         b, hq, r, d = q.shape
-        hkv = self.wq.shape[0]
+        hkv = self.wq.shape[-3]
         rows = q.view(b, hkv, hq // hkv, r, d).transpose(2, 3).reshape(b, hkv, r, -1)   # heads side by side
         return rotary(rows @ self.wq, pos, self.inv_freq)
 

@@ -214,21 +214,22 @@ class SparseAttention(Plugin):
         forward per sequence (1-D token tensors) records `rows` query rows per sequence and layer,
         then each gate takes `steps` Adam steps on them. Returns the teacher pass's and the
         training's seconds and tokens, and each layer's KL before/after on train and held-out rows."""
-        from .teacher import collect_teacher, train_gate
+        from .teacher import collect_teacher, train_gates
 
         if self.config.variant != "learned" or self.config.oracle:
             raise PluginError("distil_gates trains the learned gate: attach variant 'learned' (without oracle)")
         caches, teacher = collect_teacher(self.model, self, sequences, rows=rows, seed=seed)
-        layers, start = {}, time.perf_counter()
-        for layer in self.layers():
-            layers[layer.layer_idx] = train_gate(layer.gate, caches[layer.layer_idx], steps=steps, lr=lr,
-                                                 batch=batch, seed=seed)
+        start = time.perf_counter()
+        layers = self.layers()
+        results = train_gates([layer.gate for layer in layers], [caches[layer.layer_idx] for layer in layers],
+                              steps=steps, lr=lr, batch=batch, seed=seed)
+        for layer, r in zip(layers, results):
             if log:
-                r = layers[layer.layer_idx]
                 log(f"[gate] layer {layer.layer_idx}: KL train {r['before']['train']:.3f} -> "
                     f"{r['after']['train']:.3f}, held-out {r['before']['heldout']:.3f} -> {r['after']['heldout']:.3f}")
         return {"teacher": teacher, "training": {"seconds": time.perf_counter() - start, "tokens": teacher["tokens"],
-                                                 "steps": steps, "rows": rows}, "layers": layers}
+                                                 "steps": steps, "rows": rows},
+                "layers": {layer.layer_idx: r for layer, r in zip(layers, results)}}
 
     def layers(self) -> list[SparseLayer]:
         """The SparseLayer of every patched attention module, in layer order."""

@@ -14,7 +14,9 @@ predict, for `rows` sampled query rows that have candidates:
     target  (N, Hkv, nfull)    max over the G heads of peak, on the candidates, normalised to sum 1
     mass    (N, Hkv, nfull)    sum over the G heads of mass (to score a selection's recall)
     cand    (N, nfull)         the candidate blocks of each row
-Then each layer's gate trains for `steps` Adam steps on minibatches of its rows (gate.gate_kl).
+Then each layer's gate trains for `steps` Adam steps on minibatches of its own rows (gate.gate_kl);
+the layers are independent, and train side by side as one batched computation (their weights
+stacked along a layer axis): the model is not run again.
 """
 
 from __future__ import annotations
@@ -147,46 +149,80 @@ def collect_teacher(model, plugin, sequences, rows: int = 512, seed: int = 0) ->
             {"seconds": time.perf_counter() - start, "tokens": tokens})
 
 
-def train_gate(gate, cache: dict, steps: int = 2000, lr: float = 3e-3, batch: int = 256, seed: int = 0,
-               holdout: float = 0.1) -> dict:
-    """Adam on one layer's gate against its cached rows; the last `holdout` share of the rows (by
-    sequence order) is held out. Returns the train/held-out KL before and after, and seconds."""
-    n = len(cache["pos"])
-    cut = max(1, int(n * (1 - holdout))) if n > 1 else n
+def train_gate(gate, cache: dict, **options) -> dict:
+    """train_gates for one layer."""
+    return train_gates([gate], [cache], **options)[0]
+
+
+def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 3e-3, batch: int = 256,
+                seed: int = 0, holdout: float = 0.1) -> list[dict]:
+    """Adam on each layer's gate against its own cached rows; the layers are independent (each gate
+    sees only its layer's cache), and they train side by side as one batched computation: their
+    weights are stacked along a leading layer axis, which the gate's products broadcast over. Each
+    step takes `batch` rows of one training sequence (its pooled keys are shared by them); the last
+    `holdout` share of the sequences (at least one when there are two or more) is held out. The
+    caches must come from one collect_teacher call (the same rows in every layer). Returns, per
+    layer, the KL(target || gate) on train and held-out rows before and after, and seconds."""
+    from .gate import BlockGate
+
+    spans = _sequence_spans(caches[0])
+    cut = len(spans) - max(1, round(len(spans) * holdout)) if len(spans) > 1 else len(spans)
+    train, held = spans[:cut], spans[cut:]
+    stack = BlockGate.__new__(BlockGate)
+    torch.nn.Module.__init__(stack)
+    stack.block_size, stack.gate_dim = gates[0].block_size, gates[0].gate_dim
+    stack.register_buffer("inv_freq", gates[0].inv_freq.clone(), persistent=False)
+    stack.wq = torch.nn.Parameter(torch.stack([g.wq.detach() for g in gates]))      # (L, Hkv, G*D, dg)
+    stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
+    cache = {k: torch.stack([c[k] for c in caches]) for k in ("q", "stats", "target")}
+    cache.update(pos=caches[0]["pos"], seq=caches[0]["seq"], cand=caches[0]["cand"])
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(gate.parameters(), lr=lr)
+    opt = torch.optim.Adam(stack.parameters(), lr=lr)
     start = time.perf_counter()
-    before = {"train": cached_kl(gate, cache, slice(0, cut)), "heldout": cached_kl(gate, cache, slice(cut, n))}
+    before = {"train": cached_kl(stack, cache, train), "heldout": cached_kl(stack, cache, held)}
     for step in range(steps):
-        idx = torch.randint(0, cut, (min(batch, cut),), generator=gen)
-        loss = cached_kl(gate, cache, idx, grad=True)
+        s, lo, hi = train[int(torch.randint(len(train), (1,), generator=gen))]
+        rows = lo + torch.randperm(hi - lo, generator=gen)[:batch]
+        loss = gate_kl(cached_scores(stack, cache, s, rows), cache["target"][:, rows], cache["cand"][rows][:, None])
         opt.zero_grad()
         loss.backward()
         opt.step()
     seconds = time.perf_counter() - start
-    after = {"train": cached_kl(gate, cache, slice(0, cut)), "heldout": cached_kl(gate, cache, slice(cut, n))}
-    return {"before": before, "after": after, "seconds": seconds, "rows": n, "steps": steps}
-
-
-def cached_kl(gate, cache: dict, idx, grad: bool = False):
-    """The gate's KL on cached rows idx (a differentiable tensor with grad=True; else a float, the
-    mean over rows that have candidates, in chunks)."""
-    if grad:
-        return gate_kl(cached_scores(gate, cache, idx), cache["target"][idx], cache["cand"][idx][:, None])
-    idx = torch.arange(len(cache["pos"]))[idx]
-    total, rows = 0.0, 0
+    after = {"train": cached_kl(stack, cache, train), "heldout": cached_kl(stack, cache, held)}
     with torch.no_grad():
-        for c0 in range(0, len(idx), 1024):
-            part = idx[c0:c0 + 1024]
-            n = int((cache["target"][part].sum(-1) > 0).sum())
-            total += gate_kl(cached_scores(gate, cache, part), cache["target"][part], cache["cand"][part][:, None]).item() * n
-            rows += n
-    return total / rows if rows else float("nan")
+        for i, g in enumerate(gates):
+            g.wq.copy_(stack.wq[i])
+            g.wk.copy_(stack.wk[i])
+    return [{"before": {k: v[i] for k, v in before.items()}, "after": {k: v[i] for k, v in after.items()},
+             "seconds": seconds / len(gates), "rows": len(cache["pos"]), "steps": steps,
+             "train_sequences": len(train), "heldout_sequences": len(held)} for i in range(len(gates))]
 
 
-def cached_scores(gate, cache: dict, idx):
-    """(N, Hkv, nfull) gate scores of cached rows idx."""
-    q, pos, seq = cache["q"][idx], cache["pos"][idx], cache["seq"][idx]
-    keys = gate.keys(cache["stats"])                                             # (S, Hkv, nfull, dg)
-    qg = gate.queries(q.transpose(0, 1)[None], pos)[0]                          # (Hkv, N, dg) at each position
-    return (qg.transpose(0, 1)[:, :, None] @ keys[seq].transpose(-1, -2)).squeeze(2) / math.sqrt(gate.gate_dim)
+def _sequence_spans(cache: dict) -> list[tuple[int, int, int]]:
+    """(sequence, first row, end row) of each recorded sequence (rows are stored sequence by sequence)."""
+    ids, counts = torch.unique_consecutive(cache["seq"], return_counts=True)
+    ends = counts.cumsum(0)
+    return [(int(i), int(e - c), int(e)) for i, c, e in zip(ids, counts, ends)]
+
+
+@torch.no_grad()
+def cached_kl(gate, cache: dict, spans) -> list[float]:
+    """Per layer, the stacked gate's KL on the rows of the given sequence spans (the mean over rows
+    with candidates; nan without rows)."""
+    layers = cache["q"].shape[0]
+    total, count = torch.zeros(layers), torch.zeros(layers)
+    for s, lo, hi in spans:
+        rows = torch.arange(lo, hi)
+        scores, target = cached_scores(gate, cache, s, rows), cache["target"][:, rows]
+        for i in range(layers):
+            n = int((target[i].sum(-1) > 0).sum())
+            total[i] += gate_kl(scores[i], target[i], cache["cand"][rows][:, None]).item() * n
+            count[i] += n
+    return [(t / c).item() if c else float("nan") for t, c in zip(total, count)]
+
+
+def cached_scores(gate, cache: dict, s: int, rows) -> torch.Tensor:
+    """(L, N, Hkv, nfull) scores of the stacked gate for cached rows of sequence s."""
+    keys = gate.keys(cache["stats"][:, s])                                       # (L, Hkv, nfull, dg)
+    qg = gate.queries(cache["q"][:, rows].transpose(1, 2), cache["pos"][rows])  # (L, Hkv, N, dg)
+    return gate.scores(qg, keys).transpose(1, 2)
