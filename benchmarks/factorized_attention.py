@@ -1,14 +1,17 @@
-"""FactorizedAttention + LoRA against plain attention + LoRA: training tokens/s and peak memory of
-one training step (forward + backward) at 256, 512 and 1024 tokens, side by side in one run.
+"""FactorizedAttention + LoRA against plain attention + LoRA: time and peak memory of one training
+step (forward + backward) at 256, 512 and 1024 tokens, side by side in one run.
 
     python benchmarks/factorized_attention.py [--model smollm2-135m] [--lengths 256 512 1024]
+    nice -n 10 python benchmarks/factorized_attention.py --threads 1   # on a machine shared with other jobs
     python benchmarks/factorized_attention.py --params     # trainable counts on GPT-2 small
 
 All arms train LoRA r=8 on the attention projections; the others also train the factorized q/k
-parameters of every layer (`recompute`: the q/k transform is recomputed in the backward instead of
-keeping its intermediates). The two arms alternate within each repeat so that drift in the machine's
-speed hits both alike. Peak memory: tensors created during the step (CPU: an allocator-level
-dispatch mode; CUDA: max_memory_allocated).
+parameters of every layer (`recompute`: the q/k transform keeps only its input and recomputes the
+rest in its hand-written backward; `no recompute`: plain autograd keeps every intermediate). The
+arms alternate within each repeat so that drift in the machine's speed hits them alike. Time: the
+median wall time of a step, and its process CPU time; with --threads 1 on a shared machine the CPU
+time is the measure of the work (the wall time also counts the waits for a core). Peak memory:
+tensors created during the step (CPU: an allocator-level dispatch mode; CUDA: max_memory_allocated).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from memory import peak_bytes  # noqa: E402
 
 import attnlab  # noqa: E402
 
+FA = {"lora_r": 8, "lora_alpha": 16, "factor_dim": 128}
 ARMS = {"LoRA": ("lora", {"r": 8, "alpha": 16}),
-        "LoRA + Factorized": ("factorized", {"lora_r": 8, "lora_alpha": 16, "factor_dim": 128}),
-        "LoRA + Factorized, recompute": ("factorized", {"lora_r": 8, "lora_alpha": 16, "factor_dim": 128,
-                                                        "recompute": True})}
+        "LoRA + Factorized, no recompute": ("factorized", {**FA, "recompute": False}),
+        "LoRA + Factorized, recompute": ("factorized", {**FA, "recompute": True}),
+        "LoRA + Factorized pre_rope, recompute": ("factorized", {**FA, "recompute": True, "placement": "pre_rope"})}
+DEFAULT_ARMS = list(ARMS)[:3]
 
 
 def gpt2_small_counts() -> dict:
@@ -53,6 +58,9 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), metavar="ARM",
+                    help=f"arms to run, among {list(ARMS)}; the first is the reference")
     ap.add_argument("--params", action="store_true", help="only print the trainable counts on GPT-2 small")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
@@ -60,16 +68,19 @@ def main():
         for name, n in gpt2_small_counts().items():
             print(f"GPT-2 small, {name}: {n:,} trainable parameters ({n / 1e6:.2f}M)")
         return
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     bb = attnlab.load_backbone(a.model, device="cuda" if torch.cuda.is_available() else None)
     dev = next(bb.model.parameters()).device
     rows = []
     for T in a.lengths:
         ids = torch.randint(0, bb.model.config.vocab_size, (1, T), device=dev)
-        times = {name: [] for name in ARMS}
+        wall, cpu = ({name: [] for name in a.arms} for _ in range(2))
         mem, n_params = {}, {}
         for rep in range(a.repeat + 1):  # the first round warms up
-            for name, (method, opts) in ARMS.items():
+            for name in a.arms:
+                method, opts = ARMS[name]
                 torch.manual_seed(0)
                 p = attnlab.attach(bb.model, method, **opts)
                 n_params[name] = p.num_trainable()
@@ -81,27 +92,29 @@ def main():
 
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 step()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 if rep:
-                    times[name].append(time.perf_counter() - t)
+                    wall[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.process_time() - c)
                 if rep == 1:
                     mem[name] = peak_bytes(step)
                 p.detach()
-        base = "LoRA"
-        for name in ARMS:
-            t = statistics.median(times[name])
-            rows.append({"tokens": T, "arm": name, "trainable": n_params[name], "step_s": t, "tokens_per_s": T / t,
-                         "peak_MiB": mem[name] / 2**20, "time_x": t / statistics.median(times[base]),
-                         "mem_x": mem[name] / mem[base]})
+        ref = a.arms[0]
+        for name in a.arms:
+            t, c = statistics.median(wall[name]), statistics.median(cpu[name])
+            rows.append({"tokens": T, "arm": name, "trainable": n_params[name], "step_s": t, "cpu_s": c,
+                         "tokens_per_s": T / t, "peak_MiB": mem[name] / 2**20,
+                         "time_x": t / statistics.median(wall[ref]), "cpu_x": c / statistics.median(cpu[ref]),
+                         "mem_x": mem[name] / mem[ref], "wall_runs": wall[name], "cpu_runs": cpu[name]})
     print(f"model {a.model}, batch 1, {torch.get_num_threads()} threads, {dev.type}; median of {a.repeat}")
-    print("| tokens | arm | trainable | train tok/s | step × LoRA | peak MiB | memory × LoRA |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(f"| tokens | arm | trainable | step s (wall) | step × {ref} | CPU s | CPU × {ref} | peak MiB | memory × {ref} |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['arm']} | {r['trainable']:,} | {r['tokens_per_s']:.0f} | {r['time_x']:.3f} | "
-              f"{r['peak_MiB']:.0f} | {r['mem_x']:.3f} |")
+        print(f"| {r['tokens']} | {r['arm']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['time_x']:.3f} | "
+              f"{r['cpu_s']:.2f} | {r['cpu_x']:.3f} | {r['peak_MiB']:.0f} | {r['mem_x']:.3f} |")
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2))
 
