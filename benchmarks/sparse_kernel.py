@@ -28,11 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 import attnlab  # noqa: E402
 from attnlab.modules.attention import register  # noqa: E402
+from attnlab.modules.sparse import blocksparse  # noqa: E402
 from attnlab.modules.sparse.blocksparse import block_sparse_attention  # noqa: E402
 from attnlab.modules.sparse.patterns import Pattern  # noqa: E402
 from attnlab.modules.sparse.quest import quest_scores  # noqa: E402
 
-VARIANTS = {"window 256 + 4 sinks": None, "quest top-4": 4, "quest top-2": 2}
+# name -> (quest top_k or None for the window, query positions per tile for per-row selections)
+VARIANTS = {"window 256 + 4 sinks": (None, 16), "quest top-4": (4, 16), "quest top-2": (2, 16),
+            "quest top-2, 64-row tiles": (2, 64)}
 
 
 def record(length: int, layers: list[int]) -> dict[int, tuple]:
@@ -89,11 +92,15 @@ def main(argv=None):
             fns = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                          enable_gqa=True).transpose(1, 2).contiguous()}
             work = {"dense-sdpa": 1.0}
-            for name, topk in VARIANTS.items():
+            def run(topk, tile, q=q, k=k, v=v):
+                blocksparse.ROW_TILE = tile
+                return block_sparse_attention(q, k, v, *sel(topk), None, scale)
+
+            for name, (topk, tile) in VARIANTS.items():
                 # the selection is part of the cost (Quest's bound, top-k), as in the model
-                fns[name] = (lambda topk=topk: block_sparse_attention(q, k, v, *sel(topk), None, scale)[0])
+                fns[name] = (lambda topk=topk, tile=tile: run(topk, tile)[0])
                 p, s = sel(topk)
-                _, pairs = block_sparse_attention(q.detach(), k.detach(), v.detach(), p, s, None, scale)
+                _, pairs = run(topk, tile, q.detach(), k.detach(), v.detach())
                 work[name] = pairs / (q.shape[1] * T * (T + 1) / 2)
                 kept, total = p.pair_counts(s)
                 work[name + " density"] = float(kept / total)

@@ -101,6 +101,9 @@ def main(argv=None):
                     help="held-out sequences for attention MSE and gradient cosine (headline budgets; 0: skip)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_quality_<length>.json)")
     ap.add_argument("--report", action="store_true", help="only print the tables and draw the curves from the JSON")
+    ap.add_argument("--metrics-only", action="store_true",
+                    help="skip the curves: only attention MSE and gradient cosine (e.g. in a second process "
+                         "with its own --out, once the main run has saved the gate)")
     args = ap.parse_args(argv)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"sparse_quality_{args.length}.json")
     if args.report:
@@ -137,7 +140,7 @@ def main(argv=None):
     gate_state = None
     if any(s.startswith("learned") for s in args.selectors):
         from safetensors.torch import load_file, save_file
-        if gate_file.is_file() and "gate" in data:
+        if gate_file.is_file():          # distilled by an earlier (or the main) run of this length
             gate_state = load_file(str(gate_file))
         else:
             plugin = attnlab.attach(model, "sparse", variant="learned", block_size=BLOCK, gate_dim=args.gate_dim)
@@ -156,8 +159,8 @@ def main(argv=None):
             save(out, data)
 
     # -- per held-out sequence: the dense reference once, then every budget --------------------------
-    points = [(s, b) for s in args.selectors for b in BUDGETS[s]]
-    for si, seq in enumerate(heldout):
+    points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in BUDGETS[s]]
+    for si, seq in enumerate([] if args.metrics_only else heldout):
         todo = [(s, b) for s, b in points if str(si) not in data["points"].get(key(s, b), {}).get("sequences", {})]
         dense_key = "dense"
         if not todo and str(si) in data["points"].get(dense_key, {}).get("sequences", {}):

@@ -403,7 +403,7 @@ def test_gather_kernel_gradients_equal_the_masked_reference():
     from attnlab.modules.sparse.patterns import Pattern
     from attnlab.modules.sparse.quest import quest_scores
     gen = torch.Generator().manual_seed(0)
-    for fused in (True, False):
+    for fused, row_tile in ((True, 16), (False, 16), (True, 2)):    # 2: tiles of 2 query positions
         for window, tq, tk, shared in ((None, 37, 37, False), (None, 37, 37, True), (6, 37, 37, False),
                                        (None, 5, 37, False), (None, 1, 37, False)):
             q = torch.randn(2, 4, tq, 8, generator=gen, requires_grad=True)
@@ -417,10 +417,10 @@ def test_gather_kernel_gradients_equal_the_masked_reference():
             base = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq).repeat(2, 1, 1, 1)
             base[1, :, :, tk - 6:] = False                          # the second sequence is shorter
             try:
-                blocksparse.USE_FUSED = fused
+                blocksparse.USE_FUSED, blocksparse.ROW_TILE = fused, row_tile
                 out, _ = blocksparse.block_sparse_attention(q, k, v, p, sel, base, 0.3)
             finally:
-                blocksparse.USE_FUSED = True
+                blocksparse.USE_FUSED, blocksparse.ROW_TILE = True, 16
             ref = masked_attention(q, k, v, p.full_mask(sel, base, 2), 0.3)
             grad = torch.randn(out.shape, generator=gen)
             assert gap(out, ref) <= 1e-5

@@ -1,14 +1,15 @@
 """Block-sparse attention whose backward keeps only block indices and the log-sum-exp.
 
-Each query block i (bs positions x the G query heads of a kv head = G*bs rows) computes against U
-key blocks: the union of the blocks its rows selected (patterns.Selection). Per row, softmax over
+Each query tile (qt positions x the G query heads of a kv head = G*qt rows; qt = bs, a query block,
+for selections per query block, ROW_TILE positions for per-row selections, so that fewer rows share
+a union) computes against U key blocks: the union of the blocks its rows selected (patterns.Selection). Per row, softmax over
 the visible keys of those blocks:
 
     S = scale * q K_u^T + M        M = 0 where the token rule, the row's own selection and the
     o = softmax(S) V_u                  model's mask allow the pair, -inf elsewhere
     lse = log sum exp(S)           (one number per row)
 
-Forward, per chunk of C query blocks (C chosen so that the chunk's gathered K/V and mask stay under
+Forward, per chunk of C query tiles (C chosen so that the chunk's gathered K/V and mask stay under
 CHUNK_BYTES): gather the chunk's key/value blocks, build its mask, run the fused CPU flash kernel
 (aten._scaled_dot_product_flash_attention_for_cpu), which returns o and lse. The autograd graph
 keeps q, k, v (alive anyway), o, lse (B, Hq, Tq) and the block indices: no gathered copy, no dense
@@ -18,7 +19,7 @@ scatter-added into the key positions they came from (a block selected by several
 collects from each). Off the CPU (no fused kernel) the same steps run in plain torch:
     dV_u = P^T do,  dP = do V_u^T,  dS = P * (dP - rowsum(do * o)),  dq = scale dS K_u,  dK_u = scale dS^T q.
 
-Work: every tile scores G*bs x U*bs pairs (masked ones included), counted in `pairs_scored`.
+Work: every tile scores G*qt x U*bs pairs (masked ones included), counted in `pairs_scored`.
 """
 
 from __future__ import annotations
@@ -32,32 +33,38 @@ from .patterns import Pattern, Selection, scatter_blocks
 
 CHUNK_BYTES = 8 * 2**20      # transients per chunk of query blocks: gathered K/V, mask, per-head dK/dV
 USE_FUSED = True             # tests switch this off to check the plain-torch path against the fused one
+ROW_TILE = 16                # query positions per tile for per-row selections (when it divides block_size)
 
 
 @dataclass
 class Plan:
     p: Pattern
     sel: Selection
-    blocks: torch.Tensor         # (B|1, Hkv|1, nq, U) long: key blocks per query block
-    bvalid: torch.Tensor         # (B|1, Hkv|1, nq, U) bool
+    blocks: torch.Tensor         # (B|1, Hkv|1, nt, U) long: key blocks per query tile
+    bvalid: torch.Tensor         # (B|1, Hkv|1, nt, U) bool
     base: torch.Tensor | None    # (B|1, 1, tq, tk) bool: the model's mask
     scale: float
     groups: int
-    chunk: int                   # query blocks per chunk
-    bank: torch.Tensor           # (nb + 1, nsink + 1, bs, bs) additive masks of a (query, key) block pair
+    chunk: int                   # query tiles per chunk
+    bank: torch.Tensor           # (far + 2, nsink + 1, bs, bs) additive masks of a (query, key) block pair
+    qt: int                      # query positions per tile (divides bs)
+    t0: int                      # the first tile: positions [t0*qt, (t0+1)*qt)
+    nt: int                      # tiles
 
 
 def block_sparse_attention(q, k, v, p: Pattern, sel: Selection, base, scale) -> tuple[torch.Tensor, int]:
     """q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D) -> (B, Tq, Hq, D), and the pairs the kernel scored."""
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
-    blocks, bvalid = p.union(sel)                  # (B|1, Hkv|1, nq, U): shared when the pattern is
-    u = blocks.shape[-1]
+    qt = ROW_TILE if not sel.per_block and ROW_TILE < p.bs and p.bs % ROW_TILE == 0 else p.bs
+    blocks, bvalid = p.union(sel, qt)              # (B|1, Hkv|1, nt, U): shared when the pattern is
+    nt, u = blocks.shape[-2:]
     s = 1 if sel.per_block else sel.idx.shape[2]
-    per_block = u * p.bs * (2 * d * 4 + p.bs * s * 5 + 2 * hq // hkv * d * 4)   # bytes per query block
-    plan = Plan(p, sel, blocks, bvalid, base, scale, hq // hkv, max(1, CHUNK_BYTES // per_block), _bank(p, q.dtype))
+    per_tile = u * p.bs * (2 * d * 4 + qt * s * 5 + 2 * hq // hkv * d * 4)   # bytes per query tile
+    plan = Plan(p, sel, blocks, bvalid, base, scale, hq // hkv, max(1, CHUNK_BYTES // per_tile), _bank(p, q.dtype),
+                qt, p.qoff // qt, nt)
     out = BlockSparse.apply(q, k, v, plan)
-    return out, b * hq * p.nq * p.bs * u * p.bs
+    return out, b * hq * nt * qt * u * p.bs
 
 
 def _fused(q) -> bool:
@@ -65,10 +72,10 @@ def _fused(q) -> bool:
 
 
 def _tiles(plan: Plan, b: int, hkv: int):
-    """(c0, c1, bi, hi, mask) for every chunk of query blocks and (batch, kv head); the mask is
+    """(c0, c1, bi, hi, mask) for every chunk of query tiles and (batch, kv head); the mask is
     built once per chunk when every head shares the pattern."""
-    for c0 in range(0, plan.p.nq, plan.chunk):
-        c1 = min(plan.p.nq, c0 + plan.chunk)
+    for c0 in range(0, plan.nt, plan.chunk):
+        c1 = min(plan.nt, c0 + plan.chunk)
         shared = None
         for bi in range(b):
             for hi in range(hkv):
@@ -172,61 +179,61 @@ def _gather(xb, flat, c: int) -> torch.Tensor:
 
 
 def _row_range(plan: Plan, c0: int, c1: int) -> tuple[int, int, int, int]:
-    """Real query rows [r0, r1) of query blocks c0..c1, and the padding before/after them."""
-    bs = plan.p.bs
-    front = plan.p.qoff - plan.p.qb0 * bs
-    lo, hi = c0 * bs - front, c1 * bs - front
+    """Real query rows [r0, r1) of query tiles c0..c1, and the padding before/after them."""
+    front = plan.p.qoff - plan.t0 * plan.qt
+    lo, hi = c0 * plan.qt - front, c1 * plan.qt - front
     r0, r1 = max(lo, 0), min(hi, plan.p.tq)
     return r0, r1, r0 - lo, hi - r1
 
 
 def _rows(x, plan: Plan, c0: int, c1: int, fill) -> torch.Tensor:
-    """x (G, Tq, E) -> (C, G, bs, E): the rows of query blocks c0..c1 (a view unless padded)."""
+    """x (G, Tq, E) -> (C, G, qt, E): the rows of query tiles c0..c1 (a view unless padded)."""
     g, tq, e = x.shape
     r0, r1, before, after = _row_range(plan, c0, c1)
     rows = x[:, r0:r1]
     if before or after:
         rows = F.pad(rows, (0, 0, before, after), value=fill)
-    return rows.reshape(g, c1 - c0, plan.p.bs, e).transpose(0, 1)
+    return rows.reshape(g, c1 - c0, plan.qt, e).transpose(0, 1)
 
 
 def _mask(plan: Plan, bi: int, hi: int, c0: int, c1: int) -> torch.Tensor:
-    """The additive mask (C, 1 or S, bs, U*bs) of one tile: the token rule between each query block
-    and its gathered blocks, each row's own selection, and the model's mask."""
+    """The additive mask (C, 1 or S, qt, U*bs) of one chunk of tiles: the token rule between each
+    tile's rows and its gathered blocks, each row's own selection, and the model's mask."""
     p = plan.p
-    bs, c = p.bs, c1 - c0
+    bs, qt, c = p.bs, plan.qt, c1 - c0
     sb, sh = min(bi, plan.blocks.shape[0] - 1), min(hi, plan.blocks.shape[1] - 1)
     blocks, bvalid = plan.blocks[sb, sh, c0:c1], plan.bvalid[sb, sh, c0:c1]              # (C, U)
     u = blocks.shape[-1]
-    i = (p.qb0 + c0 + torch.arange(c, device=blocks.device))[:, None]
+    start = (plan.t0 + c0 + torch.arange(c, device=blocks.device)) * qt                  # each tile's first position
+    i = (start // bs)[:, None]                                                          # its query block
     far = plan.bank.shape[0] - 2
     dist = torch.where(bvalid, (i - blocks).clamp(0, far), far + 1)
     sink = blocks.clamp(max=plan.bank.shape[1] - 1)
-    r = torch.arange(bs, device=blocks.device)
-    mask = plan.bank[dist[:, None, :], sink[:, None, :], r[:, None]].view(c, 1, bs, u * bs)   # token rule
+    r = (start % bs)[:, None] + torch.arange(qt, device=blocks.device)                  # (C, qt) rows in the block
+    mask = plan.bank[dist[:, None, :], sink[:, None, :], r[:, :, None]].view(c, 1, qt, u * bs)   # token rule
     if not plan.sel.per_block:                                                              # each row's own blocks
-        rows = _row_blocks(plan, bi, hi, blocks, c0, c1)                                    # (C, S, bs, U)
+        rows = _row_blocks(plan, bi, hi, blocks, c0, c1)                                    # (C, S, qt, U)
         extra = torch.zeros(rows.shape, dtype=mask.dtype, device=mask.device).masked_fill_(~rows, -torch.inf)
-        mask = mask + extra.repeat_interleave(bs, -1).view(c, rows.shape[1], bs, u * bs)
+        mask = mask + extra.repeat_interleave(bs, -1).view(c, rows.shape[1], qt, u * bs)
     if plan.base is not None:
-        kpos = (blocks[..., None] * bs + r).view(c, 1, u * bs).clamp(max=p.tk - 1)
-        qrow = (i[:, :, None] * bs + r.view(1, bs, 1) - p.qoff).clamp(0, p.tq - 1)
-        ok = plan.base[min(bi, plan.base.shape[0] - 1), 0][qrow, kpos]                     # (C, bs, U*bs)
+        kpos = (blocks[..., None] * bs + torch.arange(bs, device=blocks.device)).view(c, 1, u * bs).clamp(max=p.tk - 1)
+        qrow = (start[:, None, None] + torch.arange(qt, device=blocks.device).view(1, qt, 1) - p.qoff).clamp(0, p.tq - 1)
+        ok = plan.base[min(bi, plan.base.shape[0] - 1), 0][qrow, kpos]                     # (C, qt, U*bs)
         mask = mask + torch.zeros(ok.shape, dtype=mask.dtype, device=mask.device).masked_fill_(
-            ~ok, -torch.inf).view(c, 1, bs, u * bs)
+            ~ok, -torch.inf).view(c, 1, qt, u * bs)
     return mask
 
 
 def _row_blocks(plan: Plan, bi: int, hi: int, blocks, c0: int, c1: int) -> torch.Tensor:
-    """(C, S, bs, U) bool: whether each row of the tile selected each of the tile's blocks."""
-    p, sel = plan.p, plan.sel
+    """(C, S, qt, U) bool: whether each row of the tiles selected each of its tile's blocks."""
+    p, sel, qt = plan.p, plan.sel, plan.qt
     c, u = blocks.shape
     r0, r1, before, after = _row_range(plan, c0, c1)
     rows = Selection(sel.idx[bi, hi, :, r0:r1], sel.valid[bi, hi, :, r0:r1], per_block=False)
-    hit = F.pad(scatter_blocks(rows, p.nb), (0, 0, before, after))                       # (S, C*bs, nb)
+    hit = F.pad(scatter_blocks(rows, p.nb), (0, 0, before, after))                       # (S, C*qt, nb)
     s = hit.shape[0]
-    hit = hit.view(s, c, p.bs, p.nb).transpose(0, 1)                                     # (C, S, bs, nb)
-    return hit.gather(-1, blocks.view(c, 1, 1, u).expand(c, s, p.bs, u))
+    hit = hit.view(s, c, qt, p.nb).transpose(0, 1)                                       # (C, S, qt, nb)
+    return hit.gather(-1, blocks.view(c, 1, 1, u).expand(c, s, qt, u))
 
 
 # --- the same in plain torch (devices without the fused CPU kernel) -------------------------------

@@ -122,16 +122,20 @@ class Pattern:
         return Selection(torch.cat([fidx, idx], -1), torch.cat([fvalid, valid], -1), per_block)
 
     # -- what a selection covers ------------------------------------------------------------------
-    def union(self, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B|1, Hkv|1, nq, U) key blocks each query block computes (the union of its rows' blocks),
-        and whether each is real. U is the largest union: padding slots are marked not real."""
+    def union(self, sel: Selection, qt: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B|1, Hkv|1, nt, U) key blocks each tile of `qt` query positions computes (the union of its
+        rows' blocks; qt divides bs, default bs: the query blocks), and whether each is real. U is the
+        largest union: padding slots are marked not real."""
+        qt = qt or self.bs
         if sel.per_block:
+            if qt != self.bs:
+                raise ValueError("a selection per query block has tiles of one block")
             return sel.idx[:, :, 0], sel.valid[:, :, 0]
         b, hkv, s, tq, k = sel.idx.shape
-        hit = scatter_blocks(sel, self.nb)
-        front = self.qoff - self.qb0 * self.bs
-        hit = torch.nn.functional.pad(hit.any(2), (0, 0, front, self.nq * self.bs - tq - front))
-        keep = hit.view(b, hkv, self.nq, self.bs, self.nb).any(3)                        # (B, Hkv, nq, nb)
+        t0, nt = self.qoff // qt, (self.tk - 1) // qt - self.qoff // qt + 1
+        front = self.qoff - t0 * qt
+        hit = torch.nn.functional.pad(scatter_blocks(sel, self.nb).any(2), (0, 0, front, nt * qt - tq - front))
+        keep = hit.view(b, hkv, nt, qt, self.nb).any(3)                                  # (B, Hkv, nt, nb)
         return kept_order(keep, int(keep.sum(-1).max()))
 
     def row_keep(self, sel: Selection) -> torch.Tensor:
