@@ -185,6 +185,12 @@ def load_config(path_or_dict) -> dict:
         if m["name"] in names:
             raise ConfigError(f"methods: two methods are named '{m['name']}'; give each a unique name")
         names.add(m["name"])
+        if "seeds" in m:
+            own = m["seeds"]
+            if (not isinstance(own, list) or not own or not all(isinstance(x, int) for x in own)
+                    or not set(own) <= set(cfg["seeds"]) or len(set(own)) != len(own)):
+                raise ConfigError(f"methods.{m['name']}.seeds: {own!r} must be a non-empty list drawn from the "
+                                  f"experiment's seeds {cfg['seeds']} (an arm runs a subset, so pairs stay paired)")
         make_config(m["method"], where=f"methods.{m['name']}", **_options(m))
         train_points({**cfg["train"], **as_mapping(f"methods.{m['name']}.train", m.get("train"))},
                      f"methods.{m['name']}.train")
@@ -207,7 +213,7 @@ def _import_methods(modules) -> None:
 
 
 def _options(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k not in ("name", "method", "train", "eval", "_chosen_on_seed")}
+    return {k: v for k, v in m.items() if k not in ("name", "method", "train", "eval", "seeds", "_chosen_on_seed")}
 
 
 def seed_everything(seed: int) -> None:
@@ -392,7 +398,8 @@ def _run_one(bb, cfg, out, only_methods, log, t_start, command=None) -> dict:
     methods = [m for m in cfg["methods"] if not only_methods or m["name"] in only_methods]
     features = {}  # built on first use by a head-only method, shared by all of them
     for m in methods:
-        seeds = cfg["seeds"] if m["method"] != "frozen" else cfg["seeds"][:1]
+        seeds = [s for s in cfg["seeds"] if s in m.get("seeds", cfg["seeds"])]  # an arm may run a subset
+        seeds = seeds if m["method"] != "frozen" else seeds[:1]
         for i, seed in enumerate(seeds):
             cell = _run_cell(bb, splits, [test] + transfer, cfg, m, seed, out, log, features, base_fp, command)
             cells.append(cell)
@@ -508,7 +515,7 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
     swept = [k for k in SWEEP_KEYS if len({json.dumps(p[k]) for p in points}) > 1]
     # everything the cell's numbers depend on: a finished cell is reused only if it all matches
     spec = json.loads(json.dumps({
-        "method": m, "train": [{k: v for k, v in p.items()
+        "method": {k: v for k, v in m.items() if k != "seeds"}, "train": [{k: v for k, v in p.items()
                                 if k not in ("progress", "log_every", "checkpoint_every", "log_with")}
                                for p in points],
         "eval": ev, "data": splits.report["fingerprint"],

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from attnlab.data import build_splits, split_of
+from attnlab.errors import ConfigError
 from attnlab.experiment import load_config, run_experiment
 
 quiet = {"log": lambda *_: None}
@@ -217,3 +218,17 @@ def test_the_decoding_grid_table_pools_seeds_with_wilson_and_paired_intervals():
     assert "15/16 = 0.938" in head_greedy and "+56.2 pp [+25.0, +87.5]" in head_greedy
     assert "*within noise*" in head_greedy  # over problems it is better; over two seeds' spread not yet
     assert "**worse**" in next(x for x in lines if x.startswith("| head | T=1, top-k=off |"))
+
+
+def test_an_arm_may_run_a_subset_of_the_seeds_and_a_foreign_seed_is_one_line(tmp_path):
+    cfg = {**TINY, "seeds": [0, 1], "eval_sets": {}, "eval": {**TINY["eval"], "generate": False},
+           "methods": [{"name": "frozen", "method": "frozen"},
+                       {"name": "lora", "method": "lora", "r": 2, "seeds": [1]},
+                       {"name": "head_ft", "method": "head_ft"}]}
+    res = run_experiment(cfg, out_root=tmp_path, **quiet)
+    assert [(c["method"], c["seed"]) for c in res["cells"]] == [("frozen", 0), ("lora", 1), ("head_ft", 0),
+                                                                 ("head_ft", 1)]
+    assert "seeds" not in res["cells"][1]["spec"]["method"]  # a later subset does not invalidate finished cells
+    for bad in ([2], [], [1, 1], ["0"]):
+        with pytest.raises(ConfigError, match=r"methods\.lora\.seeds: .* drawn from the experiment's seeds"):
+            load_config({**cfg, "methods": [{"name": "lora", "method": "lora", "seeds": bad}]})
