@@ -14,7 +14,7 @@ causal pairs kept) and work (pairs the gather kernel scores / causal pairs). On 
 causal entries and the cosine between the attention weights' gradients with dense and sparse
 attention. The gate's distillation cost is recorded: teacher pass and gate training, seconds per
 token. Resumable: every finished (budget, sequence) is written to the JSON at once and skipped on a
-rerun; the trained gate is saved beside it (safetensors) and loaded on a rerun.
+rerun; the trained gate is saved in runs/<the JSON's name>/ (safetensors) and loaded on a rerun.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main(argv=None):
         plot(data, ROOT / "docs" / "img" / f"sparse_quality_{args.length}.png")
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    state_dir = ROOT / "runs" / f"sparse_quality_{args.length}"
+    state_dir = ROOT / "runs" / out.stem          # the gate belongs to its JSON: another --out, another gate
     state_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
