@@ -477,3 +477,19 @@ def test_mass_selection_adapts_density_per_row():
     assert (chosen[0.5][40:] == 1).all() and (chosen[0.9][40:] == 1).all()
     flat = [r for r in range(40) if cand[r] > 0]                    # equal scores: a share of them
     assert flat and all(chosen[0.9][r] == math.ceil(0.9 * cand[r] - 1e-6) for r in flat)
+
+
+def test_the_sparse_package_loads_without_distillation_and_distillation_uses_the_public_base_function():
+    # No import cycle: the package imports attnlab.distill only inside the methods that use it, and
+    # distill.py reaches the frozen base through the plug-in's public base_function(), never its fields.
+    import inspect
+    import subprocess
+    import sys
+
+    import attnlab.distill
+    code = "import sys, attnlab.modules.sparse; print('attnlab.distill' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    source = inspect.getsource(attnlab.distill)
+    assert "plugin.base_function()" in source and "modules.sparse" not in source
+    assert "plugin._" not in source

@@ -2,13 +2,15 @@
 attention function (transformers' AttentionInterface), like FactorizedAttention.
 
     plugin = SparseAttention(SparseConfig(variant="learned", block_size=64, top_k=4)).attach(model)
-    plugin.collect_gate_loss = True            # distil the gates from the dense attention
-    loss = lm_loss + plugin.gate_loss()        # the gates learn only from this term
+    plugin.distil_gates(sequences)             # cached dense teacher, then the gates train layer by layer
     plugin.sparsity()                          # fraction of causal (query, key) pairs skipped
+    plugin.pairs_scored()                      # work the gather kernel did in the last forward
+    with plugin.base_function(): ...           # the frozen base exactly (what distillation compares to)
 
 Variants (per patched layer; the other layers stay dense):
   window     each query sees the last `window` keys (itself included) plus the first `sinks` keys.
-  learned    block-sparse attention with a learned, causal block selector (below).
+  quest      per query row (each query head), Quest's training-free choice of key blocks (quest.py).
+  learned    per query row (each kv head), a learned gate's choice of key blocks (gate.py).
   performer  FAVOR+ causal linear attention (positive random features, fixed seed, a buffer).
   dense      the base kernel itself: the reference for benchmarking the harness.
 
@@ -26,11 +28,24 @@ an all-padding batch) outputs zeros, which is what SDPA does; the eager kernel w
 average every value there. Only padding rows are ever affected. Attention dropout is not applied by
 the sparse kernels (the frozen base runs in eval mode).
 
-Kernels for window/learned, all computing the same function:
+Block selection (quest, learned), per query row at position p in block i = p // block_size:
+  always kept   key block i (the diagonal, causal inside), i-1 (local) and 0 (sink);
+  candidates    the complete key blocks 1 <= j <= i-2, scored by Quest's bound or the gate from the
+                row's own query and the blocks' keys, nothing later than p;
+  selected      the top_k best (default), or (learned) the fewest whose softmax mass reaches `mass`,
+                or those with softmax probability >= `threshold`; `oracle: true` ranks by the row's
+                true dense attention mass instead (analysis only: O(T^2)).
+A row selects from its own query and complete past blocks only, so a decoding step with the KV cache
+selects exactly what the full forward selects (tested). The hard choice passes no gradient: a
+learned gate trains on its own loss against the dense attention's max-pooled block map, from a
+cached teacher (teacher.py, plugin.distil_gates) or online (collect_gate_loss / gate_loss()).
+
+Kernels for window/quest/learned, all computing the same function (tested against masked):
   masked   dense SDPA with the pattern as a boolean (Tq, Tk) mask: the reference, no savings.
-  gather   pure torch, no compile: per query block, gather only its kept key blocks
-           (index, then SDPA on (B*Hkv, n_query_blocks, G*block, kept*block)). Memory and work are
-           O(T * kept * block) instead of O(T^2); window keeps ceil((window-1)/block)+1 blocks.
+  gather   blocksparse.py: per tile of query rows, the union of the key blocks its rows selected,
+           gathered in chunks and attended with the fused CPU flash kernel; a custom autograd
+           backward that keeps only q, k, v, the output, the log-sum-exp and the block indices, and
+           re-gathers K/V in the backward. Work O(T * kept blocks * block_size).
   flex     torch FlexAttention with a BlockMask built from the kept blocks (compiled once, lazily;
            compiled kernels are cached in $TORCHINDUCTOR_CACHE_DIR, default $ATTNLAB_CACHE/inductor).
   auto     gather on CPU, flex on CUDA.
@@ -38,28 +53,11 @@ Performer has its own chunked causal linear-attention kernel (quadratic within a
 `block_size` queries, a running (features x D) state across chunks; memory O(T * features)), used
 for every kernel setting but "masked", which materialises the normalised (Tq, Tk) weights instead.
 
-The learned selector, and why it is causal. SeerAttention pools the QUERIES of a block to pick its
-key blocks; the pooled query of block i contains tokens after position p, so the choice for p would
-depend on the future and generation with a KV cache (which has not seen them) would differ from a
-full forward. Here, for query block i (positions [i*b, (i+1)*b)):
-  always kept   key block i (the diagonal, causal inside), i-1 (local) and 0 (sink);
-  candidates    key blocks 1 <= j <= i-2, scored per kv head h by
-                    s_h(i, j) = (Wq kpool_{i-1,h}) . (Wk kpool_{j,h}) / sqrt(gate_dim)
-                where kpool_j is the mean key of block j. Block i-1 stands in for block i's queries:
-                it is complete and in the past for every query of block i;
-  selected      the top_k candidates, or those whose softmax probability >= threshold.
-Only complete key blocks before block i are pooled, so a decoding step (Tq=1) scores exactly the
-keys the full forward scored. The selection is per kv head, shared by its G query heads. Wq, Wk
-(head_dim -> gate_dim, shared across heads, one pair per layer) start equal and random, so the
-initial score is a similarity of pooled keys. The hard top-k passes no gradient: the gates learn
-only from gate_loss(), SeerAttention-style distillation: KL(teacher || gate) where the teacher is
-the dense attention of the same q, k summed into (query block, key block) mass over the candidate
-blocks (computed under no_grad, chunked over query blocks). The gates read detached keys, so that
-loss reaches the gate parameters only.
-
-Files: config.py (options), patterns.py (where queries and key blocks sit), kernels.py (masked,
-gather, flex), performer.py, teacher.py (the dense attention the gates learn from), layer.py (one
-patched module's state and the registered function), plugin.py (the plug-in).
+Files: config.py (options), patterns.py (where queries and key blocks sit, selections), quest.py,
+gate.py (the learned gate), teacher.py (the dense attention the selectors approximate; the cached
+teacher), blocksparse.py (the gather kernel), kernels.py (masked, flex), performer.py, layer.py (one
+patched module's state and the registered function), plugin.py (the plug-in). distill.py imports
+nothing from here: it reaches the base through the plug-in's public base_function().
 """
 
 from .config import KERNELS, VARIANTS, SparseConfig

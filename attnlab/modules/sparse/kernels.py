@@ -3,7 +3,8 @@ kernel, the CPU default, is blocksparse.py); all compute the same function:
   masked   dense SDPA with the pattern as a boolean (Tq, Tk) mask: the reference, no savings.
   flex     torch FlexAttention with a BlockMask built from the kept blocks (compiled once, lazily;
            compiled kernels are cached in $TORCHINDUCTOR_CACHE_DIR, default $ATTNLAB_CACHE/inductor).
-           Patterns chosen per query block (window) only.
+           Per-row selections (quest, learned): the BlockMask holds each query block's union of
+           blocks and mask_mod applies each row's own choice.
 Grouped-query heads are never repeated: the G query heads of one kv head are folded into the rows.
 """
 
