@@ -16,7 +16,7 @@ Modes of F.linear_cross_entropy (see torch.nn.LinearCrossEntropyOptions):
   acc_policy="accurate"       the policy torch picks for CPU bf16/fp16.
   batch_chunk_size=256        chunks of 256 rows (chunking_method off), policy "auto" as above.
 and attnlab.chunked_ce.mixture_cross_entropy with H = 1, which chunks the vocabulary instead:
-`saved` keeps the N x V scores when they fit in 256 MiB, `recomputed` (save_bytes=0) never does.
+`saved` keeps the N x V scores when they fit in 1 GiB, `recomputed` (save_bytes=0) never does.
 
 Each variant runs in a fresh process (malloc's mmap threshold fixed at 128 KiB, so freed blocks go
 back to the OS and the resident set follows the live tensors); memory is the growth of the peak
