@@ -4,8 +4,10 @@
 
 q, k, v are recorded from SmolLM2-135M (embedded) reading WikiText-2 (the first tokens of
 ../shared/data/wikitext-2/valid.txt) at the given layers, so Quest's and the window's selections are
-those of real text (the learned gate is left untrained here: its speed does not depend on training,
-its union of blocks per tile does a little). For each length, layer and variant, forward only
+those of real text. The learned gate's rows are added where a gate distilled by
+benchmarks/sparse_quality.py at that length is on disk (runs/sparse_quality_<T>/gate.safetensors, or
+--gate): its selections are then those of the trained gate on the same text. For each length, layer
+and variant, forward only
 (inference) and forward + backward, timed interleaved (dense, then each variant, repeated) so that
 load from other processes hits all alike; reported: medians of wall time and of this process's CPU
 time, and the pairs scored. The CPU time is the steadier number on a shared machine.
@@ -38,7 +40,7 @@ VARIANTS = {"window 256 + 4 sinks": (None, 16), "quest top-4": (4, 16), "quest t
             "quest top-2, 64-row tiles": (2, 64)}
 
 
-def record(length: int, layers: list[int]) -> dict[int, tuple]:
+def record(length: int, layers: list[int]):
     bb = attnlab.load_backbone("smollm2-135m")
     text = (ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt").read_text()
     ids = torch.tensor(bb.tokenizer(text[:length * 8], add_special_tokens=False)["input_ids"][:length])[None]
@@ -53,7 +55,20 @@ def record(length: int, layers: list[int]) -> dict[int, tuple]:
     bb.model.config._attn_implementation = "attnlab_record"
     with torch.no_grad():
         bb.model(input_ids=ids, use_cache=False)
-    return kept
+    bb.model.config._attn_implementation = "sdpa"
+    return kept, bb.model
+
+
+def trained_gates(model, path: Path | None):
+    """{layer index: SparseLayer} with the distilled gate loaded, or None when there is no file."""
+    if path is None or not path.is_file():
+        return None
+    from safetensors.torch import load_file
+    state = load_file(str(path))
+    dim = next(v for k, v in state.items() if k.endswith("wq")).shape[-1]
+    plugin = attnlab.attach(model, "sparse", variant="learned", block_size=64, gate_dim=int(dim))
+    plugin.load_state_dict(state)
+    return {layer.layer_idx: layer for layer in plugin.layers()}
 
 
 def timed(fn, backward: bool):
@@ -74,15 +89,27 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 15, 28])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--gate", default=None, help="a distilled gate (safetensors; default "
+                    "runs/sparse_quality_<T>/gate.safetensors where it exists)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_kernel.json"))
     args = ap.parse_args(argv)
     rows = []
     for T in args.lengths:
-        for layer, (q0, k0, v0) in record(T, args.layers).items():
+        recorded, model = record(T, args.layers)
+        gates = trained_gates(model, Path(args.gate) if args.gate else ROOT / "runs" / f"sparse_quality_{T}" / "gate.safetensors")
+        variants = dict(VARIANTS)
+        if gates is not None:
+            variants.update({"learned top-2 (distilled gate)": ("gate", 2), "learned top-4 (distilled gate)": ("gate", 4)})
+        for layer, (q0, k0, v0) in recorded.items():
             q, k, v = (x.requires_grad_(True) for x in (q0, k0, v0))
             scale = q.shape[-1] ** -0.5
 
             def sel(topk):
+                if isinstance(topk, tuple):                   # ("gate", k): the distilled gate's top-k,
+                    p = Pattern(T, T, 64, "cpu")              # per row of each kv head
+                    with torch.no_grad():
+                        scores = gates[layer].gate_scores(q.detach(), k.detach(), p)[:, :, None]
+                    return p, p.row_selection(scores, top_k=topk[1])
                 if topk is None:
                     p = Pattern(T, T, 64, "cpu", 256, 4)
                     return p, p.window_selection()
@@ -96,7 +123,9 @@ def main(argv=None):
                 blocksparse.ROW_TILE = tile
                 return block_sparse_attention(q, k, v, *sel(topk), None, scale)
 
-            for name, (topk, tile) in VARIANTS.items():
+            for name, (topk, tile) in variants.items():
+                if topk == "gate":
+                    topk, tile = (topk, tile), 16             # the gate's top-k, 16-row tiles
                 # the selection is part of the cost (Quest's bound, top-k), as in the model
                 fns[name] = (lambda topk=topk, tile=tile: run(topk, tile)[0])
                 p, s = sel(topk)

@@ -285,17 +285,22 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lowest = 0.0
     for sel in BUDGETS:
         pts = sorted((p["summary"]["density"], p["summary"]["ppl_change"] * 100)
                      for p in data["points"].values() if p.get("selector") == sel and "summary" in p)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=sel)
-    ax.axhline(2, color="grey", lw=0.8, ls="--")
+            lowest = min(lowest, min(y for _, y in pts))
+    ax.axhline(2, color="grey", lw=0.8, ls="--", label="goal: +2%, at density <= 0.25")
     ax.axvline(0.25, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("density (causal pairs kept)")
     ax.set_ylabel("perplexity vs dense (%)")
     ax.set_yscale("symlog", linthresh=2)
-    ax.set_title(f"held-out WikiText-2, {data['meta']['length']} tokens, all 30 layers sparse")
+    ax.set_ylim(bottom=lowest)
+    n = data["points"].get("dense", {}).get("summary", {}).get("sequences", 0)
+    ax.set_title(f"held-out WikiText-2, {data['meta']['length']} tokens x {n} sequences, all 30 layers sparse",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
