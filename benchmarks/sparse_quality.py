@@ -299,7 +299,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_yscale("symlog", linthresh=2)
     ax.set_ylim(bottom=lowest)
     n = data["points"].get("dense", {}).get("summary", {}).get("sequences", 0)
-    ax.set_title(f"held-out WikiText-2, {data['meta']['length']} tokens x {n} sequences, all 30 layers sparse",
+    ax.set_title(f"held-out WikiText-2, {data['meta']['length']} tokens x {n} sequence{'s' * (n != 1)}, all 30 layers sparse",
                  fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
