@@ -14,7 +14,9 @@ causal pairs kept) and work (pairs the gather kernel scores / causal pairs). On 
 causal entries and the cosine between the attention weights' gradients with dense and sparse
 attention. The gate's distillation cost is recorded: teacher pass and gate training, seconds per
 token. Resumable: every finished (budget, sequence) is written to the JSON at once and skipped on a
-rerun; the trained gate is saved in runs/<the JSON's name>/ (safetensors) and loaded on a rerun.
+rerun (sequences are keyed by their index in the text, so a larger --heldout adds earlier ones);
+the trained gate is saved in runs/<the JSON's name>/ (safetensors) and loaded on a rerun, and a
+rerun with other model, length, training or gate settings is refused.
 """
 
 from __future__ import annotations
@@ -131,7 +133,14 @@ def main(argv=None):
             "heldout_sequences": list(range(n - args.heldout, n)), "kernel": args.kernel,
             "gate": {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim},
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
-    data.setdefault("meta", meta)
+    old = data.setdefault("meta", meta)
+    same = ("model", "length", "block_size", "text", "train_sequences", "gate")
+    if any(old.get(k) != meta[k] for k in same):
+        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta[k])}); "
+                         "rerun with those, or give another --out")
+    # held-out sequences are keyed by their index in the text, so a rerun with a larger --heldout adds
+    # the earlier sequences to the ones already read
+    old["heldout_sequences"] = sorted(set(old["heldout_sequences"]) | set(meta["heldout_sequences"]))
     data.setdefault("points", {})
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 
@@ -160,7 +169,8 @@ def main(argv=None):
 
     # -- per held-out sequence: the dense reference once, then every budget --------------------------
     points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in BUDGETS[s]]
-    for si, seq in enumerate([] if args.metrics_only else heldout):
+    for i, seq in enumerate([] if args.metrics_only else heldout):
+        si = n - args.heldout + i                  # the sequence's index in the text
         todo = [(s, b) for s, b in points if str(si) not in data["points"].get(key(s, b), {}).get("sequences", {})]
         dense_key = "dense"
         if not todo and str(si) in data["points"].get(dense_key, {}).get("sequences", {}):
@@ -202,7 +212,11 @@ def main(argv=None):
     # -- attention MSE (causal entries) and gradient cosine at the headline budgets ------------------
     if args.metric_sequences:
         exs = [Example(input_ids=s.tolist(), labels=s.tolist(), prompt_len=0) for s in heldout[:args.metric_sequences]]
-        metrics = data.setdefault("metrics", {"sequences": len(exs)})
+        chosen = list(range(n - args.heldout, n))[:args.metric_sequences]
+        metrics = data.setdefault("metrics", {"sequences": len(exs), "heldout_sequences": chosen})
+        if metrics.get("heldout_sequences", chosen) != chosen:
+            raise SystemExit(f"the metrics in {out} were read on sequences {metrics['heldout_sequences']}, this run "
+                             f"would read {chosen}; rerun with the same --heldout and --metric-sequences")
         dense_grad = None
         for s in args.selectors:
             b = HEADLINE[s]
