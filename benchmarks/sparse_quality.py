@@ -1,7 +1,10 @@
 """Density against quality of the sparse attentions on held-out WikiText-2, every layer sparse.
 
-    python benchmarks/sparse_quality.py --length 2048 --train 8 --heldout 4
-    python benchmarks/sparse_quality.py --length 4096 --train 4 --heldout 2 --gate-steps 1000
+    python benchmarks/sparse_quality.py --length 2048 --train 12 --heldout 3 --gate-steps 2000 --metric-sequences 2
+    python benchmarks/sparse_quality.py --length 4096 --train 6 --heldout 1 --gate-steps 2000
+    python benchmarks/sparse_quality.py --length 2048 --report      # tables, docs/img/sparse_quality_2048.png
+
+(the runs in docs/sparse_attention.md: ~29 and ~21 min on one CPU thread)
 
 The text (../shared/data/wikitext-2/valid.txt) is tokenized once and cut into non-overlapping
 sequences of --length tokens: the learned gates are distilled from the FIRST --train sequences, the
