@@ -277,7 +277,7 @@ def sweep_lines(results: dict) -> list[str]:
     if any(r[3] for r in rows):
         keys = [k for k in ("lr", "steps", "weight_decay") if any(k in r[2] for r in swept)]
         sizes = {}
-        for name, seed, x, _ in rows:
+        for name, seed, x, _ in swept:  # the seeds that swept (later seeds may reuse one value)
             sizes.setdefault(name, set()).add(json.dumps({k: x.get(k) for k in keys}))
         keys = [k for k in keys if any(r[3] and k in r[3] for r in swept)]
         lines += ["", "## Validation chooses", "",

@@ -188,13 +188,16 @@ def test_a_method_without_trainable_parameters_is_not_swept(tmp_path):
 def test_with_sweep_seeds_first_later_seeds_train_the_value_the_first_seed_chose(tmp_path):
     cfg = {**TINY, "seeds": [0, 1], "sweep_seeds": "first", "eval_sets": {},
            "eval": {**TINY["eval"], "generate": False},
-           "methods": [{"name": "lora", "method": "lora", "r": 2, "train": {"lr": [1e-3, 3e-2]}}]}
+           "methods": [{"name": "lora", "method": "lora", "r": 2, "train": {"lr": [1e-3, 3e-2]}},
+                       {"name": "head_ft", "method": "head_ft", "seeds": [0], "train": {"lr": [1e-5, 1e-3]}}]}
     res = run_experiment(cfg, out_root=tmp_path, **quiet)
-    first, second = res["cells"]
+    first, second = res["cells"][:2]
     assert len(first["sweep"]) == 2 and first["train"]["chosen_on_seed"] is None
     assert len(second["sweep"]) == 1 and second["train"]["chosen_on_seed"] == 0
     assert second["spec"]["train"][0]["lr"] == first["train"]["chosen"]["lr"]
-    assert "Later seeds were not swept" in (tmp_path / "transfer" / "report.md").read_text()
+    report = (tmp_path / "transfer" / "report.md").read_text()
+    assert "Later seeds were not swept" in report
+    assert "Unequal tuning" not in report  # two values each: a later seed's single value is not a third
     with pytest.raises(Exception, match="sweep_seeds"):
         load_config({**cfg, "sweep_seeds": "some"})
 
