@@ -187,7 +187,7 @@ def load_config(path_or_dict) -> dict:
         names.add(m["name"])
         if "seeds" in m:
             own = m["seeds"]
-            if (not isinstance(own, list) or not own or not all(isinstance(x, int) for x in own)
+            if (not isinstance(own, list) or not own or any(isinstance(x, bool) or not isinstance(x, int) for x in own)
                     or not set(own) <= set(cfg["seeds"]) or len(set(own)) != len(own)):
                 raise ConfigError(f"methods.{m['name']}.seeds: {own!r} must be a non-empty list drawn from the "
                                   f"experiment's seeds {cfg['seeds']} (an arm runs a subset, so pairs stay paired)")

@@ -345,9 +345,8 @@ def markdown(results: dict) -> str:
     if results.get("eval_sets"):
         lines[-1] += " Transfer sets, each never trained on: " + "; ".join(
             f"{_set_title(results, s)}: {results['eval_sets'][s]['n_eval']} examples" for s in results["eval_sets"]) + "."
-    subset = {n: ss for n, ss in ((n, sorted({c["seed"] for c in cells if c["method"] == n}))
-                                  for n in dict.fromkeys(c["method"] for c in cells))
-              if ss != sorted(cfg["seeds"]) and next(c for c in cells if c["method"] == n)["type"] != "frozen"}
+    subset = {n: sorted(r["seeds"]) for n, r in summarize(cells).items()
+              if r["type"] != "frozen" and sorted(r["seeds"]) != sorted(cfg["seeds"])}
     if subset:
         lines[-1] += (" Arms run on a subset of the seeds (with one seed, an interval is over examples only): "
                       + "; ".join(f"{n} (seeds {ss})" for n, ss in subset.items()) + ".")

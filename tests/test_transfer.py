@@ -234,6 +234,6 @@ def test_an_arm_may_run_a_subset_of_the_seeds_and_a_foreign_seed_is_one_line(tmp
     assert "seeds" not in res["cells"][1]["spec"]["method"]  # a later subset does not invalidate finished cells
     assert "Arms run on a subset of the seeds (with one seed, an interval is over examples only): lora (seeds [1])." in (
         tmp_path / "transfer" / "report.md").read_text()
-    for bad in ([2], [], [1, 1], ["0"]):
+    for bad in ([2], [], [1, 1], ["0"], [True]):
         with pytest.raises(ConfigError, match=r"methods\.lora\.seeds: .* drawn from the experiment's seeds"):
             load_config({**cfg, "methods": [{"name": "lora", "method": "lora", "seeds": bad}]})
