@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import attnlab  # noqa: E402
 from attnlab.data.tokenize import Example  # noqa: E402
 from attnlab.distill import attention_gradients, attention_mse  # noqa: E402
+from attnlab.stats import bootstrap_ci, paired_bootstrap_ppl  # noqa: E402
 
 BLOCK = 64
 BUDGETS = {
@@ -50,6 +52,9 @@ BUDGETS = {
     "learned-mass": [{"mass": m} for m in (0.5, 0.7, 0.9, 0.95)],
     "oracle": [{"top_k": k} for k in (1, 2, 4, 8)],
 }
+COMPARE = [("learned", "quest"), ("learned", "window"), ("learned-mass", "quest"), ("quest", "window"),
+           ("oracle", "learned")]
+DENSITIES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 HEADLINE = {"window": {"window": 256, "sinks": 4}, "quest": {"top_k": 2}, "learned": {"top_k": 2},
             "learned-mass": {"mass": 0.9}, "oracle": {"top_k": 2}}
 
@@ -137,6 +142,9 @@ def main(argv=None):
             "gate": {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim},
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     old = data.setdefault("meta", meta)
+    commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
+    if meta["command"] not in commands:
+        commands.append(meta["command"])
     same = ("model", "length", "block_size", "text", "train_sequences", "gate")
     if any(old.get(k) != meta[k] for k in same):
         raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta[k])}); "
@@ -212,64 +220,114 @@ def main(argv=None):
                 f"KL {row['kl'] / row['tokens']:.4f}, {row['seconds']:.0f} s")
         del dense_logp
 
-    # -- attention MSE (causal entries) and gradient cosine at the headline budgets ------------------
+    # -- attention MSE (causal entries) and gradient cosine at the headline budgets, per sequence ----
     if args.metric_sequences:
-        exs = [Example(input_ids=s.tolist(), labels=s.tolist(), prompt_len=0) for s in heldout[:args.metric_sequences]]
         chosen = list(range(n - args.heldout, n))[:args.metric_sequences]
-        metrics = data.setdefault("metrics", {"sequences": len(exs), "heldout_sequences": chosen})
-        if metrics.get("heldout_sequences", chosen) != chosen:
-            raise SystemExit(f"the metrics in {out} were read on sequences {metrics['heldout_sequences']}, this run "
-                             f"would read {chosen}; rerun with the same --heldout and --metric-sequences")
-        dense_grad = None
-        for s in args.selectors:
-            b = HEADLINE[s]
-            k = key(s, b)
-            if k in metrics:
-                continue
-            opts = options(s, b, args.kernel)
-            if s.startswith("learned"):
-                opts["gate_dim"] = args.gate_dim
-            plugin = attnlab.attach(model, "sparse", **opts)
-            if s.startswith("learned"):
-                plugin.load_state_dict(gate_state)
-            start = time.perf_counter()
-            mse = attention_mse(model, exs, tok.pad_token_id, batch_size=1)
-            if dense_grad is None:
-                dense_grad = attention_gradients(model, plugin, exs, tok.pad_token_id, 1, dense=True)
-            sparse_grad = attention_gradients(model, plugin, exs, tok.pad_token_id, 1, dense=False)
-            cos = F.cosine_similarity(dense_grad, sparse_grad, dim=0).item()
-            plugin.detach()
-            metrics[k] = {"attention_mse": mse, "grad_cosine": cos, "seconds": time.perf_counter() - start}
-            save(out, data)
-            log(f"[{k}] attention MSE {mse:.3g}, gradient cosine {cos:.4f}")
+        metrics = data.get("metrics", {})
+        if "heldout_sequences" in metrics:    # the older format: one value pooled over a set of sequences
+            log(f"[metrics] replacing the pooled metrics of sequences {metrics['heldout_sequences']} by per-sequence ones")
+            metrics = {}
+        data["metrics"] = metrics
+        for si, seq in zip(chosen, heldout):
+            todo = [s for s in args.selectors if str(si) not in metrics.get(key(s, HEADLINE[s]), {})]
+            exs = [Example(input_ids=seq.tolist(), labels=seq.tolist(), prompt_len=0)]
+            dense_grad = None
+            for s in todo:
+                k = key(s, HEADLINE[s])
+                opts = options(s, HEADLINE[s], args.kernel)
+                if s.startswith("learned"):
+                    opts["gate_dim"] = args.gate_dim
+                plugin = attnlab.attach(model, "sparse", **opts)
+                if s.startswith("learned"):
+                    plugin.load_state_dict(gate_state)
+                start = time.perf_counter()
+                mse = attention_mse(model, exs, tok.pad_token_id, batch_size=1)
+                if dense_grad is None:      # once per sequence: the dense reference ignores the selector
+                    dense_grad = attention_gradients(model, plugin, exs, tok.pad_token_id, 1, dense=True)
+                sparse_grad = attention_gradients(model, plugin, exs, tok.pad_token_id, 1, dense=False)
+                cos = F.cosine_similarity(dense_grad, sparse_grad, dim=0).item()
+                plugin.detach()
+                metrics.setdefault(k, {})[str(si)] = {"attention_mse": mse, "grad_cosine": cos,
+                                                      "seconds": time.perf_counter() - start}
+                save(out, data)
+                log(f"[{k}] seq {si}: attention MSE {mse:.3g}, gradient cosine {cos:.4f}")
     summarise(data)
     save(out, data)
     print(report(data))
 
 
+def complete(data: dict) -> list[str]:
+    """The held-out sequences read by dense and by every budget: every summary and comparison uses
+    exactly these (a run stopped mid-sequence leaves that sequence out until it is finished)."""
+    common = set(data["points"].get("dense", {}).get("sequences", {}))
+    for p in data["points"].values():
+        common &= set(p["sequences"])
+    return sorted(common, key=int)
+
+
 def summarise(data: dict) -> None:
-    """Per point: totals over its sequences, perplexity and changes against dense on the same sequences."""
-    dense = data["points"].get("dense", {}).get("sequences", {})
+    """Per point, on the complete sequences: totals, perplexity, and the change against dense with a
+    paired percentile-bootstrap 95% interval over sequences (the sequence is the unit resampled:
+    tokens of one text are not independent draws). Then the comparisons at equal density."""
+    seqs = complete(data)
+    if not seqs:
+        return
+    dense = data["points"]["dense"]["sequences"]
     for name, p in data["points"].items():
-        seqs = {i: r for i, r in p["sequences"].items() if i in dense}
-        if not seqs:
-            continue
-        tot = {k: sum(r.get(k, 0) for r in seqs.values()) for k in ("tokens", "nll", "correct", "kl", "agree")}
+        rs = [p["sequences"][i] for i in seqs]
+        tot = {k: sum(r.get(k, 0) for r in rs) for k in ("tokens", "nll", "correct", "kl", "agree")}
         dtot = {k: sum(dense[i][k] for i in seqs) for k in ("tokens", "nll", "correct")}
         ppl, dppl = math.exp(tot["nll"] / tot["tokens"]), math.exp(dtot["nll"] / dtot["tokens"])
-        p["summary"] = {"sequences": len(seqs), "tokens": tot["tokens"],
-                        "density": sum(r["density"] for r in seqs.values()) / len(seqs),
-                        "work": (sum(r["work"] for r in seqs.values()) / len(seqs)
-                                 if all("work" in r for r in seqs.values()) else None),
-                        "ppl": ppl, "ppl_change": ppl / dppl - 1, "kl": tot["kl"] / tot["tokens"],
+        ci = (paired_bootstrap_ppl([r["nll"] for r in rs], [r["tokens"] for r in rs],
+                                   [dense[i]["nll"] for i in seqs], [dense[i]["tokens"] for i in seqs])
+              if name != "dense" else {"lo": 0.0, "hi": 0.0})
+        p["summary"] = {"sequences": len(rs), "tokens": tot["tokens"],
+                        "density": sum(r["density"] for r in rs) / len(rs),
+                        "work": (sum(r["work"] for r in rs) / len(rs) if all("work" in r for r in rs) else None),
+                        "ppl": ppl, "ppl_change": ppl / dppl - 1, "ppl_change_lo": ci["lo"], "ppl_change_hi": ci["hi"],
+                        "kl": tot["kl"] / tot["tokens"],
                         "top1_agree": tot["agree"] / tot["tokens"] if name != "dense" else 1.0,
                         "accuracy": tot["correct"] / tot["tokens"],
                         "accuracy_vs_dense": tot["correct"] / max(dtot["correct"], 1)}
+    data["comparisons"] = compare(data, seqs)
+
+
+def at_density(data: dict, selector: str, target: float, seqs: list[str]):
+    """Per sequence, the selector's NLL per token at density `target`: linear in density between the
+    two of its budgets that bracket the target on that sequence. None when any sequence's budgets do
+    not reach the target (no extrapolation)."""
+    out = []
+    for si in seqs:
+        pts = sorted((p["sequences"][si]["density"], p["sequences"][si]["nll"] / p["sequences"][si]["tokens"])
+                     for p in data["points"].values() if p.get("selector") == selector)
+        if not pts or not pts[0][0] <= target <= pts[-1][0]:
+            return None
+        out.append(float(np.interp(target, [d for d, _ in pts], [v for _, v in pts])))
+    return np.array(out)
+
+
+def compare(data: dict, seqs: list[str]) -> list[dict]:
+    """A against B at equal density: per sequence, the difference of their interpolated NLL per token
+    (every sequence has the same number of tokens); change = exp(mean difference) - 1 is A's
+    perplexity over B's, with a percentile-bootstrap 95% interval over sequences."""
+    rows = []
+    for a, b in COMPARE:
+        for target in DENSITIES:
+            va, vb = at_density(data, a, target, seqs), at_density(data, b, target, seqs)
+            if va is None or vb is None:
+                continue
+            d = va - vb
+            change, lo, hi = bootstrap_ci(d, stat=lambda x: math.exp(float(np.mean(x))) - 1)
+            rows.append({"a": a, "b": b, "density": target, "change": change, "lo": lo, "hi": hi,
+                         "a_better_on": int((d < 0).sum()), "sequences": len(d)})
+    return rows
 
 
 def report(data: dict) -> str:
     """Markdown: one row per budget (sorted by selector, then density), and the proposal's targets."""
-    lines = ["| selector | budget | density | work | PPL | vs dense | KL(dense‖sparse) | top-1 = dense | accuracy ÷ dense |",
+    n = data["points"].get("dense", {}).get("summary", {}).get("sequences", 0)
+    lines = [f"{n} held-out sequences of {data['meta']['length']} tokens; intervals: 95% paired bootstrap over sequences.", "",
+             "| selector | budget | density | work | PPL | vs dense [95% CI] | KL(dense‖sparse) | top-1 = dense | accuracy ÷ dense |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [(p["selector"], p["budget"], p["summary"]) for p in data["points"].values() if "summary" in p]
     order = list(BUDGETS)
@@ -277,14 +335,29 @@ def report(data: dict) -> str:
     for sel, budget, m in rows:
         b = ", ".join(f"{k} {v}" for k, v in budget.items()) or "–"
         work = f"{m['work']:.2f}" if m.get("work") is not None else "–"
-        lines.append(f"| {sel} | {b} | {m['density']:.3f} | {work} | {m['ppl']:.2f} | {m['ppl_change'] * 100:+.1f}% | "
+        lines.append(f"| {sel} | {b} | {m['density']:.3f} | {work} | {m['ppl']:.2f} | {m['ppl_change'] * 100:+.1f}% "
+                     f"[{m['ppl_change_lo'] * 100:+.1f}, {m['ppl_change_hi'] * 100:+.1f}] | "
                      f"{m['kl']:.4f} | {m['top1_agree']:.3f} | {m['accuracy_vs_dense']:.3f} |")
-    if data.get("metrics"):
-        lines += ["", f"Attention MSE over causal entries and gradient cosine ({data['metrics']['sequences']} held-out "
-                  "sequences):", "", "| selector | budget | attention MSE | gradient cosine |", "|---|---|---:|---:|"]
-        for k, m in data["metrics"].items():
-            if isinstance(m, dict):
-                lines.append(f"| {k.split(':')[0]} | {k.split(':')[1]} | {m['attention_mse']:.3g} | {m['grad_cosine']:.4f} |")
+    if data.get("comparisons"):
+        lines += ["", "At equal density (each selector's NLL per token interpolated linearly in density between its "
+                  "budgets, per sequence; A ÷ B − 1 in perplexity, negative: A is better):", "",
+                  "| A | B | density | A vs B [95% CI] | A better on |", "|---|---|---:|---:|---:|"]
+        for c in data["comparisons"]:
+            verdict = " (within noise)" if c["lo"] <= 0 <= c["hi"] else ""
+            lines.append(f"| {c['a']} | {c['b']} | {c['density']:.2f} | {c['change'] * 100:+.2f}% "
+                         f"[{c['lo'] * 100:+.2f}, {c['hi'] * 100:+.2f}]{verdict} | {c['a_better_on']}/{c['sequences']} |")
+    per_seq = {k: v for k, v in data.get("metrics", {}).items() if isinstance(v, dict) and ":" in k
+               and all(isinstance(r, dict) for r in v.values())}
+    if per_seq:
+        lines += ["", "Attention MSE over causal entries and gradient cosine (the patched attention weights' "
+                  "cross-entropy gradient, dense vs sparse), per held-out sequence:", "",
+                  "| selector | budget | sequences | attention MSE (mean) | gradient cosine mean | min | ≥ 0.95 on |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for k, v in per_seq.items():
+            mse = [r["attention_mse"] for r in v.values()]
+            cos = [r["grad_cosine"] for r in v.values()]
+            lines.append(f"| {k.split(':')[0]} | {k.split(':')[1]} | {len(v)} | {sum(mse) / len(mse):.3g} | "
+                         f"{sum(cos) / len(cos):.4f} | {min(cos):.4f} | {sum(c >= 0.95 for c in cos)}/{len(cos)} |")
     if data.get("gate"):
         g = data["gate"]
         lines += ["", f"Gate distillation: teacher pass {g['teacher_seconds']:.0f} s for {g['tokens']} tokens "
@@ -304,11 +377,14 @@ def plot(data: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lowest = 0.0
     for sel in BUDGETS:
-        pts = sorted((p["summary"]["density"], p["summary"]["ppl_change"] * 100)
+        pts = sorted((p["summary"]["density"], p["summary"]["ppl_change"] * 100, p["summary"]["ppl_change_lo"] * 100,
+                      p["summary"]["ppl_change_hi"] * 100)
                      for p in data["points"].values() if p.get("selector") == sel and "summary" in p)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=sel)
-            lowest = min(lowest, min(y for _, y in pts))
+            x, y, lo, hi = zip(*pts)
+            line, = ax.plot(x, y, marker="o", label=sel)
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+            lowest = min(lowest, min(lo))
     ax.axhline(2, color="grey", lw=0.8, ls="--", label="goal: +2%, at density <= 0.25")
     ax.axvline(0.25, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("density (causal pairs kept)")
@@ -316,7 +392,8 @@ def plot(data: dict, path: Path) -> None:
     ax.set_yscale("symlog", linthresh=2)
     ax.set_ylim(bottom=lowest)
     n = data["points"].get("dense", {}).get("summary", {}).get("sequences", 0)
-    ax.set_title(f"held-out WikiText-2, {data['meta']['length']} tokens x {n} sequence{'s' * (n != 1)}, all 30 layers sparse",
+    ax.set_title(f"held-out WikiText-2, {data['meta']['length']} tokens x {n} sequence{'s' * (n != 1)}, all 30 layers sparse\n"
+                 "(shaded: 95% bootstrap interval over sequences)",
                  fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,0 +1,67 @@
+"""The sparse quality benchmark's summary: sequences, intervals and comparisons at equal density."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "sparse_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_quality.py")
+sq = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sq)
+
+TOKENS = 100
+
+
+def _row(nll_per_token: float, density: float) -> dict:
+    return {"tokens": TOKENS, "nll": nll_per_token * TOKENS, "correct": 50, "kl": 1.0, "agree": 90,
+            "density": density}
+
+
+def _data(offsets: dict, sequences=("3", "4", "5", "6")) -> dict:
+    """Dense at NLL 2.0 + 0.1·i per token on sequence i; each selector's NLL falls linearly with
+    density from dense + 1 (density 0) to dense (density 1), plus its offset."""
+    points = {"dense": {"selector": "dense", "budget": {}, "sequences": {}}}
+    for i in sequences:
+        points["dense"]["sequences"][i] = _row(2.0 + 0.1 * int(i), 1.0)
+    for sel, off in offsets.items():
+        for k, d in enumerate((0.1, 0.2, 0.4)):
+            p = points.setdefault(f"{sel}:{k}", {"selector": sel, "budget": {"k": k}, "sequences": {}})
+            for i in sequences:
+                p["sequences"][i] = _row(2.0 + 0.1 * int(i) + (1 - d) + off(int(i)), d)
+    return {"meta": {"length": 2048}, "points": points}
+
+
+def test_a_selector_uniformly_better_at_every_density_wins_every_comparison_outside_noise(monkeypatch):
+    data = _data({"learned": lambda i: -0.01 * (1 + i % 2), "quest": lambda i: 0.0})
+    monkeypatch.setattr(sq, "COMPARE", [("learned", "quest")])
+    monkeypatch.setattr(sq, "DENSITIES", (0.05, 0.15, 0.3, 0.5))
+    sq.summarise(data)
+    rows = data["comparisons"]
+    assert [r["density"] for r in rows] == [0.15, 0.3]        # 0.05 and 0.5 are outside the budgets: no extrapolation
+    for r in rows:
+        assert r["change"] == pytest.approx(math.exp(-0.015) - 1)   # exp(mean difference) − 1
+        assert r["lo"] < r["change"] < r["hi"] < 0 and r["a_better_on"] == 4 and r["sequences"] == 4
+
+
+def test_equal_selectors_are_within_noise_and_their_change_against_dense_has_an_interval(monkeypatch):
+    data = _data({"learned": lambda i: 0.02 * (-1) ** i, "quest": lambda i: 0.0})
+    monkeypatch.setattr(sq, "COMPARE", [("learned", "quest")])
+    monkeypatch.setattr(sq, "DENSITIES", (0.2,))
+    sq.summarise(data)
+    (r,) = data["comparisons"]
+    assert r["lo"] < 0 < r["hi"] and r["a_better_on"] == 2
+    s = data["points"]["quest:1"]["summary"]                  # density 0.2: NLL dense + 0.8 on every sequence
+    assert s["ppl_change"] == pytest.approx(math.exp(0.8) - 1) and s["ppl_change_lo"] == pytest.approx(s["ppl_change"])
+    assert "within noise" in sq.report(data)
+
+
+def test_a_sequence_some_budget_has_not_read_yet_is_left_out_of_every_summary(monkeypatch):
+    data = _data({"quest": lambda i: 0.0})
+    del data["points"]["quest:2"]["sequences"]["6"]           # a run stopped mid-sequence
+    assert sq.complete(data) == ["3", "4", "5"]
+    monkeypatch.setattr(sq, "COMPARE", [])
+    monkeypatch.setattr(sq, "DENSITIES", ())
+    sq.summarise(data)
+    assert {p["summary"]["sequences"] for p in data["points"].values()} == {3}
