@@ -227,3 +227,19 @@ def test_scoring_a_head_only_plugin_from_the_cached_body_is_exact(tiny):
 def test_a_marker_followed_by_a_computation_gives_the_number_it_arrives_at():
     assert extract_answer("So, the answer is 9 - 5 = 4 apples left.", finished=False) == "4"
     assert extract_answer("#### 1,234") == "1,234" and extract_answer("The answer is: \\frac{1}{2}") == "\\frac{1}{2}"
+
+
+def test_scoring_batches_by_length_keeps_each_example_s_result_in_its_place_and_pads_less(tiny):
+    from attnlab.evaluate import _batches
+    s = tiny_splits(tiny, n_train=2, n_eval=7)
+    pad = tiny.tokenizer.pad_token_id
+    alone = [score(tiny.model, [e], pad, 1)["per_example"]["nll"][0] for e in s.eval]
+    ref = base_reference(tiny.model, s.eval, pad, 3)
+    batched = score(tiny.model, s.eval, pad, 3, reference=ref)["per_example"]
+    assert batched["nll"] == pytest.approx(alone, rel=1e-5)
+    assert batched["n_tokens"] == [e.n_target for e in s.eval]
+    lengths = [len(e.input_ids) for e in s.eval]
+    assert len(set(lengths)) > 1                     # the check below means something only with varied lengths
+    padded = sum(len(c) * max(len(e.input_ids) for e in c) for _, c in _batches(s.eval, 3))
+    in_order = sum(len(lengths[i:i + 3]) * max(lengths[i:i + 3]) for i in range(0, len(lengths), 3))
+    assert sum(lengths) <= padded <= in_order
