@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=1 python benchmarks/padding.py --method factorized --steps 2
 
-Both compute the same step (the trainer normalises the loss by the step's target tokens, so the
-gradients are equal up to float rounding); the padded batch runs every problem at the length of the
-longest one (GSM8K in the chat template: 183 tokens on average, batches of 8 in data order pad
-to ~1.47x their real tokens). Reports CPU seconds (this process's, so other jobs on the machine
-count less) per step for each, interleaved, on consecutive groups of 8 training problems of
-configs/factorized_attention.yaml. Why that config trains with batch_size 1 x grad_accum 8.
+The trainer's loss (attnlab.train.TargetLoss: the LM head on target positions only), forward and
+backward. In the trainer both compute the same step (it normalises the loss by the step's target
+tokens, so the gradients are equal up to float rounding); the padded batch runs every problem at
+the length of the longest one (GSM8K in the chat template: 183 tokens on average, batches of 8 in
+data order pad to ~1.47x their real tokens). One untimed warm-up step each way, then, on
+consecutive groups of 8 training problems of configs/factorized_attention.yaml, both ways in
+alternating order; CPU seconds of this process (so other jobs on the machine count less). Why that
+config trains with batch_size 1 x grad_accum 8.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import attnlab  # noqa: E402
 from attnlab.data import build_splits, collate  # noqa: E402
+from attnlab.train import TargetLoss  # noqa: E402
 
 OPTIONS = {"lora": {"r": 8, "alpha": 16},
            "factorized": {"factor_dim": 128, "lora_r": 8, "lora_alpha": 16, "placement": "pre_rope"}}
@@ -41,20 +44,25 @@ def main(argv=None):
     train = build_splits(cfg["data"], bb.tokenizer).train
     attnlab.attach(bb.model, args.method, **OPTIONS[args.method])
     pad = bb.tokenizer.pad_token_id
+    loss = TargetLoss(bb.model)
 
     def step(chunks) -> float:
         start = time.process_time()
         for c in chunks:
-            b = collate(c, pad)
-            bb.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss.backward()
+            loss(**collate(c, pad)).backward()
         return time.process_time() - start
 
+    step([train[:8]]), step([[e] for e in train[:8]])                 # warm-up, untimed
     rows = []
     for s in range(args.steps):
-        group = train[8 * s: 8 * s + 8]
+        group = train[8 * (s + 1): 8 * (s + 2)]
         real = sum(len(e.input_ids) for e in group)
         padded = 8 * max(len(e.input_ids) for e in group)
-        rows.append((padded / real, step([group]), step([[e] for e in group])))
+        if s % 2:
+            one, batched = step([[e] for e in group]), step([group])
+        else:
+            batched, one = step([group]), step([[e] for e in group])
+        rows.append((padded / real, batched, one))
         print(f"step {s}: padded/real tokens {rows[-1][0]:.2f}, batch of 8 {rows[-1][1]:.1f} s, "
               f"8 x 1 {rows[-1][2]:.1f} s, ratio {rows[-1][1] / rows[-1][2]:.2f}", flush=True)
     print(f"{args.method}, {torch.get_num_threads()} thread(s): batch of 8 / 8 x 1 = "

@@ -238,6 +238,7 @@ def test_scoring_batches_by_length_keeps_each_example_s_result_in_its_place_and_
     batched = score(tiny.model, s.eval, pad, 3, reference=ref)["per_example"]
     assert batched["nll"] == pytest.approx(alone, rel=1e-5)
     assert batched["n_tokens"] == [e.n_target for e in s.eval]
+    assert max(abs(k) for k in batched["kl"]) < 1e-5         # the reference rows line up with the scored ones
     lengths = [len(e.input_ids) for e in s.eval]
     assert len(set(lengths)) > 1                     # the check below means something only with varied lengths
     padded = sum(len(c) * max(len(e.input_ids) for e in c) for _, c in _batches(s.eval, 3))

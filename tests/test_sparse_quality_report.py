@@ -65,3 +65,42 @@ def test_a_sequence_some_budget_has_not_read_yet_is_left_out_of_every_summary(mo
     monkeypatch.setattr(sq, "DENSITIES", ())
     sq.summarise(data)
     assert {p["summary"]["sequences"] for p in data["points"].values()} == {3}
+
+
+def test_a_selector_s_value_between_budgets_is_the_straight_line_between_them_not_the_nearest_budget():
+    data = _data({"quest": lambda i: 0.0})
+    for k, bump in ((0, 0.0), (1, 0.3), (2, 0.0)):            # a curve that is not a line: 0.2 sits 0.3 above it
+        for r in data["points"][f"quest:{k}"]["sequences"].values():
+            r["nll"] += bump * TOKENS
+    got = sq.at_density(data, "quest", 0.3, ["3"])           # halfway between 0.2 and 0.4
+    line = 0.5 * ((2.3 + 0.8 + 0.3) + (2.3 + 0.6))            # sequence 3: dense 2.3; (1 - d) + bump
+    assert got.tolist() == pytest.approx([line])
+    assert sq.at_density(data, "quest", 0.45, ["3"]) is None
+
+
+def test_one_read_sequence_gives_no_interval_no_comparison_and_says_so(monkeypatch):
+    data = _data({"learned": lambda i: -0.01, "quest": lambda i: 0.0}, sequences=("3",))
+    monkeypatch.setattr(sq, "COMPARE", [("learned", "quest")])
+    monkeypatch.setattr(sq, "DENSITIES", (0.2,))
+    sq.summarise(data)
+    assert data["comparisons"] == [] and data["points"]["quest:1"]["summary"]["ppl_change_lo"] is None
+    assert "none: fewer than 2 sequences" in sq.report(data)
+
+
+def test_a_stale_summary_is_dropped_when_no_sequence_is_complete_any_more():
+    data = _data({"quest": lambda i: 0.0}, sequences=("3",))
+    sq.summarise(data)
+    del data["points"]["quest:0"]["sequences"]["3"]
+    sq.summarise(data)
+    assert not any("summary" in p for p in data["points"].values())
+    assert "nothing to report" in sq.report(data)
+
+
+def test_the_metrics_table_averages_only_the_sequences_every_selector_has_read():
+    data = _data({"quest": lambda i: 0.0})
+    sq.summarise(data)
+    data["metrics"] = {"quest:top_k=2": {"3": {"attention_mse": 1e-5, "grad_cosine": 0.9},
+                                         "4": {"attention_mse": 1e-5, "grad_cosine": 0.5}},
+                       "oracle:top_k=2": {"3": {"attention_mse": 1e-6, "grad_cosine": 0.99}}}
+    text = sq.report(data)
+    assert "sequences 3:" in text and "| quest | top_k=2 | 1 | 1e-05 | 0.9000 | 0.9000 | 0/1 |" in text
