@@ -71,6 +71,17 @@ def options(selector: str, budget: dict, kernel: str) -> dict:
     return out
 
 
+def attach(model, selector: str, budget: dict, args, gate_state):
+    """The selector at this budget on every layer; the learned ones with the distilled gate."""
+    opts = options(selector, budget, args.kernel)
+    if selector.startswith("learned"):
+        opts["gate_dim"] = args.gate_dim
+    plugin = attnlab.attach(model, "sparse", **opts)
+    if selector.startswith("learned"):
+        plugin.load_state_dict(gate_state)
+    return plugin
+
+
 def key(selector: str, budget: dict) -> str:
     return selector + ":" + ",".join(f"{k}={v}" for k, v in budget.items())
 
@@ -204,12 +215,7 @@ def main(argv=None):
         del dense_logits
         save(out, data)
         for s, b in todo:
-            opts = options(s, b, args.kernel)
-            if s.startswith("learned"):
-                opts["gate_dim"] = args.gate_dim
-            plugin = attnlab.attach(model, "sparse", **opts)
-            if s.startswith("learned"):
-                plugin.load_state_dict(gate_state)
+            plugin = attach(model, s, b, args, gate_state)
             start = time.perf_counter()
             with torch.no_grad():
                 logits = model(input_ids=x, use_cache=False).logits
@@ -241,12 +247,7 @@ def main(argv=None):
             dense_grad = None
             for s in todo:
                 k = key(s, HEADLINE[s])
-                opts = options(s, HEADLINE[s], args.kernel)
-                if s.startswith("learned"):
-                    opts["gate_dim"] = args.gate_dim
-                plugin = attnlab.attach(model, "sparse", **opts)
-                if s.startswith("learned"):
-                    plugin.load_state_dict(gate_state)
+                plugin = attach(model, s, HEADLINE[s], args, gate_state)
                 start = time.perf_counter()
                 mse = attention_mse(model, exs, tok.pad_token_id, batch_size=1)
                 if dense_grad is None:      # once per sequence: the dense reference ignores the selector
