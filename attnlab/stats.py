@@ -105,9 +105,9 @@ def bootstrap_ci(values, stat=np.mean, n_boot: int = 2000, alpha: float = 0.05,
     return (float(stat(v)), *_percentile(boots, alpha))
 
 
-def _seed_t(values: list[float], alpha: float = 0.05) -> tuple[float | None, float | None]:
-    """mean ± t_{1−alpha/2, n−1} · s / √n over the n per-seed values (s: sample SD); (None, None)
-    for one seed, where the between-run variation is unknown."""
+def t_interval(values, alpha: float = 0.05) -> tuple[float | None, float | None]:
+    """mean ± t_{1−alpha/2, n−1} · s / √n over n values (s: sample SD), e.g. one per seed or per
+    held-out text; (None, None) for one value, where the variation between them is unknown."""
     if len(values) < 2:
         return None, None
     m, sd = float(np.mean(values)), float(np.std(values, ddof=1))
@@ -158,7 +158,7 @@ def paired_bootstrap_ppl_seeds(runs, n_boot: int = 2000, alpha: float = 0.05, se
     idx = _rng(seed).integers(0, n, size=(n_boot, n))
     boots = np.mean([change(r, idx) for r in arrs], axis=0)
     lo, hi = _percentile(boots, alpha)
-    s_lo, s_hi = _seed_t(seed_values, alpha)
+    s_lo, s_hi = t_interval(seed_values, alpha)
     return {"change": float(np.mean(seed_values)), "lo": lo, "hi": hi, "seed_values": seed_values,
             "seed_lo": s_lo, "seed_hi": s_hi, "n_examples": n, "n_boot": n_boot}
 
@@ -190,7 +190,7 @@ def paired_bootstrap_diff_seeds(runs, n_boot: int = 2000, alpha: float = 0.05, s
     idx = _rng(seed).integers(0, n, size=(n_boot, n))
     boots = np.mean([a[idx].mean(-1) - b[idx].mean(-1) for a, b in arrs], axis=0)
     lo, hi = _percentile(boots, alpha)
-    s_lo, s_hi = _seed_t(seed_values, alpha)
+    s_lo, s_hi = t_interval(seed_values, alpha)
     return {"change": float(np.mean(seed_values)), "lo": lo, "hi": hi, "seed_values": seed_values,
             "seed_lo": s_lo, "seed_hi": s_hi, "n_examples": n, "n_boot": n_boot}
 

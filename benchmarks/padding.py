@@ -1,6 +1,6 @@
 """One training step of 8 GSM8K problems: one padded micro-batch of 8 against 8 micro-batches of one.
 
-    OMP_NUM_THREADS=1 python benchmarks/padding.py --method factorized --steps 2
+    OMP_NUM_THREADS=1 python benchmarks/padding.py --method factorized --steps 4
 
 The trainer's loss (attnlab.train.TargetLoss: the LM head on target positions only), forward and
 backward. In the trainer both compute the same step (it normalises the loss by the step's target
@@ -29,20 +29,20 @@ import attnlab  # noqa: E402
 from attnlab.data import build_splits, collate  # noqa: E402
 from attnlab.train import TargetLoss  # noqa: E402
 
-OPTIONS = {"lora": {"r": 8, "alpha": 16},
-           "factorized": {"factor_dim": 128, "lora_r": 8, "lora_alpha": 16, "placement": "pre_rope"}}
+ARMS = {"lora": "lora", "factorized": "fa_pre"}    # --method: the config's arm whose options are used
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", choices=list(OPTIONS), default="factorized")
+    ap.add_argument("--method", choices=list(ARMS), default="factorized")
     ap.add_argument("--steps", type=int, default=2, help="groups of 8 problems, each timed both ways")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cfg = yaml.safe_load((ROOT / "configs" / "factorized_attention.yaml").read_text())
     bb = attnlab.load_backbone(cfg["model"])
     train = build_splits(cfg["data"], bb.tokenizer).train
-    attnlab.attach(bb.model, args.method, **OPTIONS[args.method])
+    arm = next(m for m in cfg["methods"] if m["name"] == ARMS[args.method])
+    attnlab.attach(bb.model, arm["method"], **{k: v for k, v in arm.items() if k not in ("name", "method", "train")})
     pad = bb.tokenizer.pad_token_id
     loss = TargetLoss(bb.model)
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import attnlab  # noqa: E402
 from attnlab.data.tokenize import Example  # noqa: E402
 from attnlab.distill import attention_gradients, attention_mse  # noqa: E402
-from attnlab.stats import bootstrap_ci, paired_bootstrap_ppl, t_quantile_975  # noqa: E402
+from attnlab.stats import bootstrap_ci, paired_bootstrap_ppl, t_interval  # noqa: E402
 
 BLOCK = 64
 BUDGETS = {
@@ -336,8 +336,7 @@ def compare(data: dict, seqs: list[str]) -> list[dict]:
                 continue
             d = va - vb
             change, lo, hi = bootstrap_ci(d, stat=lambda x: math.exp(float(np.mean(x))) - 1)
-            half = t_quantile_975(len(d) - 1) * float(np.std(d, ddof=1)) / math.sqrt(len(d))
-            t_lo, t_hi = math.exp(float(np.mean(d)) - half) - 1, math.exp(float(np.mean(d)) + half) - 1
+            t_lo, t_hi = (math.exp(x) - 1 for x in t_interval(d))
             rows.append({"a": a, "b": b, "density": target, "change": change, "lo": lo, "hi": hi,
                          "t_lo": t_lo, "t_hi": t_hi,
                          "a_better_on": int((d < 0).sum()), "sequences": len(d)})
