@@ -317,6 +317,41 @@ def sweep_lines(results: dict) -> list[str]:
     return lines
 
 
+STILL_FALLING = 0.005  # a relative fall of validation loss over the last interval that says "not flat yet"
+
+
+def curve_lines(results: dict) -> list[str]:
+    """The validation loss of every trained cell at each evaluation step, and whether it was still
+    falling at the end: a last interval that lowered it by >= 0.5% says a longer budget may help
+    that arm, so a comparison at this budget is not yet one between converged arms. (With cosine
+    decay the learning rate is near zero at the end, so a flat end alone does not prove convergence:
+    only a longer run does.)"""
+    cells = [c for c in results["cells"] if len(c.get("val_curve") or []) >= 2]
+    if not cells:
+        return []
+    steps = sorted({s for c in cells for s, _ in c["val_curve"]})
+    lines = ["", "## Validation curves", "",
+             "Validation loss (CE on the validation split) at each evaluation step of the trainings whose "
+             "weights were kept; *last Δ* is the relative change over the last interval.", "",
+             "| method | seed | " + " | ".join(f"step {s}" for s in steps) + " | last Δ | |",
+             "|---|---:|" + "---:|" * len(steps) + "---:|---|"]
+    falling = []
+    for c in cells:
+        at = dict((s, v) for s, v in c["val_curve"])
+        (_, a), (_, b) = c["val_curve"][-2:]
+        change = b / a - 1
+        still = change <= -STILL_FALLING
+        if still:
+            falling.append(f"{c['method']} seed {c['seed']}")
+        lines.append(f"| {c['method']} | {c['seed']} | " + " | ".join(f"{at[s]:.4f}" if s in at else "–" for s in steps)
+                     + f" | {100 * change:+.2f}% | {'still falling' if still else 'flat'} |")
+    if falling:
+        lines += ["", f"**Still falling at the end** (≥ {100 * STILL_FALLING:.1f}% over the last interval): "
+                  + ", ".join(falling) + ". These arms had not converged at this budget; a longer run may change "
+                  "the comparison."]
+    return lines
+
+
 def _metric_table(summ: dict, present: list) -> list[str]:
     lines = ["| method | trainable | " + " | ".join(m[1] for m in present) + " | train s | train tok/s |",
              "|---|---:|" + "---:|" * len(present) + "---:|---:|"]
@@ -358,6 +393,7 @@ def markdown(results: dict) -> str:
     if ref:
         lines += transfer_lines(results, ref)
     lines += sweep_lines(results)
+    lines += curve_lines(results)
     lines += decoding_lines(results)
     for s in sets:
         summ = summarize(cells, s)
