@@ -93,8 +93,8 @@ def paired_changes(cells: list[dict], baseline: str, key: str = "perplexity") ->
     base = {c["seed"]: c["eval"].get(key) for c in cells if c["method"] == baseline}
     out = {}
     for name in dict.fromkeys(c["method"] for c in cells):
-        if name == baseline:
-            continue
+        if name == baseline or any(c.get("type") == "frozen" for c in cells if c["method"] == name):
+            continue  # the frozen base is evaluated once, not trained per seed: nothing to pair
         pairs = [(c["seed"], c["eval"].get(key), base.get(c["seed"])) for c in cells if c["method"] == name]
         pairs = [(s, a, b) for s, a, b in pairs if a is not None and b]
         if not pairs:

@@ -93,6 +93,8 @@ def test_datasets_run_side_by_side_with_paired_changes(tmp_path):
             assert a["train"]["tokens"] == b["train"]["tokens"]
     from attnlab.report import paired_changes
     cells = res["datasets"]["code"]["cells"]
+    assert "frozen" not in paired_changes(cells + [{"method": "frozen", "type": "frozen", "seed": 0,
+                                                    "eval": {"perplexity": 9.0}}], "lora")
     pc = paired_changes(cells, "lora")["lora_factorized"]
     by = {(c["method"], c["seed"]): c["eval"]["perplexity"] for c in cells}
     want = [100 * (by["lora_factorized", s] - by["lora", s]) / by["lora", s] for s in (0, 1)]
