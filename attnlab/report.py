@@ -339,12 +339,13 @@ def curve_lines(results: dict) -> list[str]:
     for c in cells:
         at = dict((s, v) for s, v in c["val_curve"])
         (_, a), (_, b) = c["val_curve"][-2:]
-        change = b / a - 1
+        change = b / a - 1 if a > 0 else 0.0
         still = change <= -STILL_FALLING
         if still:
             falling.append(f"{c['method']} seed {c['seed']}")
+        shape = "still falling" if still else "rising" if change >= STILL_FALLING else "flat"
         lines.append(f"| {c['method']} | {c['seed']} | " + " | ".join(f"{at[s]:.4f}" if s in at else "–" for s in steps)
-                     + f" | {100 * change:+.2f}% | {'still falling' if still else 'flat'} |")
+                     + f" | {100 * change:+.2f}% | {shape} |")
     if falling:
         lines += ["", f"**Still falling at the end** (≥ {100 * STILL_FALLING:.1f}% over the last interval): "
                   + ", ".join(falling) + ". These arms had not converged at this budget; a longer run may change "
