@@ -337,7 +337,7 @@ def curve_lines(results: dict) -> list[str]:
              "|---|---:|" + "---:|" * len(steps) + "---:|---|"]
     falling = []
     for c in cells:
-        at = dict((s, v) for s, v in c["val_curve"])
+        at = dict(c["val_curve"])
         (_, a), (_, b) = c["val_curve"][-2:]
         change = b / a - 1 if a > 0 else 0.0
         still = change <= -STILL_FALLING
