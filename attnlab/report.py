@@ -106,6 +106,12 @@ def paired_changes(cells: list[dict], baseline: str, key: str = "perplexity") ->
     return out
 
 
+def _pct_change(p: dict) -> str:
+    """Mean paired change, with its std over seeds only where there are several (one seed has none)."""
+    m, sd = p["mean_std"]
+    return f"{m:+.2f}%" + (f" ± {sd:.2f}%" if len(p["changes"]) > 1 else " (one seed)")
+
+
 def _paired_lines(cells, baseline, summ) -> list[str]:
     pc = paired_changes(cells, baseline)
     if not pc:
@@ -117,9 +123,8 @@ def _paired_lines(cells, baseline, summ) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, p in pc.items():
         r = summ[name]
-        m, sd = p["mean_std"]
         lines.append(f"| {name} | {_fmt(r['perplexity'], '{:.3f}')} | {_fmt(b['perplexity'], '{:.3f}')} | "
-                     f"{m:+.2f}% ± {sd:.2f}% | {p['wins']}/{len(p['changes'])} | {r['trainable_params']:,} | "
+                     f"{_pct_change(p)} | {p['wins']}/{len(p['changes'])} | {r['trainable_params']:,} | "
                      f"{b['trainable_params']:,} |")
     return lines
 
@@ -524,12 +529,11 @@ def multi_markdown(results: dict) -> str:
         for label, res in per.items():
             summ = summarize(res["cells"])
             for name, p in paired_changes(res["cells"], baseline).items():
-                m, sd = p["mean_std"]
                 fb = res["data"].get("fallback_from")
                 data_name = f"`{res['data']['dataset_name']}`" + (f" (fallback for `{fb['dataset_name']}`)" if fb else "")
                 lines.append(f"| {label} | {data_name} | {name} | "
                              f"{_fmt(summ[name]['perplexity'], '{:.3f}')} | "
-                             f"{_fmt(summ[baseline]['perplexity'], '{:.3f}')} | {m:+.2f}% ± {sd:.2f}% | "
+                             f"{_fmt(summ[baseline]['perplexity'], '{:.3f}')} | {_pct_change(p)} | "
                              f"{p['wins']}/{len(p['changes'])} | {summ[name]['trainable_params']:,} | "
                              f"{summ[baseline]['trainable_params']:,} |")
         lines.append("")

@@ -100,6 +100,10 @@ def test_datasets_run_side_by_side_with_paired_changes(tmp_path):
     want = [100 * (by["lora_factorized", s] - by["lora", s]) / by["lora", s] for s in (0, 1)]
     assert pc["changes"] == pytest.approx(want)
     m, sd = pc["mean_std"]
+    # one seed has no spread: the change is marked as one seed, not given a "± 0.00%"
+    from attnlab.report import _pct_change
+    one = paired_changes([c for c in cells if c["seed"] == 0], "lora")["lora_factorized"]
+    assert _pct_change(one) == f"{one['changes'][0]:+.2f}% (one seed)"
     report = (out / "report.md").read_text()
     assert f"{m:+.2f}% ± {sd:.2f}%" in report and "| code | `python_stdlib` | lora_factorized |" in report
     assert "Paired by seed against **lora**" in (out / "code" / "report.md").read_text()
