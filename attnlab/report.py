@@ -379,8 +379,10 @@ def markdown(results: dict) -> str:
              f"`{data['dataset_name']}`"
              + (f" (families {data['options']['families']})" if data.get("options", {}).get("families") and
                 data["dataset_name"] == "arithmetic" else "")
-             + f": {data['n_train']} train / {data.get('n_val', 0)} validation / {data['n_eval']} test examples, "
-             f"disjoint by a hash of the normalised problem text ({sp.get('duplicates_removed', 0)} exact duplicates "
+             + f": {data['n_train']} train / {data.get('n_val', 0)} validation / {data['n_eval']} test "
+             + ("blocks, packed after splitting the documents by a hash of each document's text"
+                if data.get("kind") == "lm" else "examples, disjoint by a hash of the normalised problem text")
+             + f" ({sp.get('duplicates_removed', 0)} exact duplicates "
              f"removed). Seeds {cfg['seeds']}; mean ± std over seeds where several ran (the frozen base is "
              f"deterministic and evaluated once)."]
     if results.get("eval_sets"):

@@ -106,7 +106,11 @@ def test_datasets_run_side_by_side_with_paired_changes(tmp_path):
     assert _pct_change(one) == f"{one['changes'][0]:+.2f}% (one seed)"
     report = (out / "report.md").read_text()
     assert f"{m:+.2f}% ± {sd:.2f}%" in report and "| code | `python_stdlib` | lora_factorized |" in report
-    assert "Paired by seed against **lora**" in (out / "code" / "report.md").read_text()
+    code_report = (out / "code" / "report.md").read_text()
+    assert "Paired by seed against **lora**" in code_report
+    # plain text is split by document, then packed into blocks; the report says so, not "problem text"
+    assert "test blocks, packed after splitting the documents by a hash" in code_report
+    assert "disjoint by a hash of the normalised problem text" in (out / "math" / "report.md").read_text()
     # the saved artifact (factorized parameters + LoRA in one file) reproduces the evaluation exactly
     from attnlab import load_backbone
     from attnlab.data import build_splits
