@@ -148,6 +148,13 @@ def decoder(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def layers(model: nn.Module) -> nn.ModuleList:
+    """The body's stack of transformer blocks: `.layers` (Llama family), `.h` (GPT-2)."""
+    body = decoder(model)
+    stack = getattr(body, "layers", None)
+    return stack if stack is not None else body.h
+
+
 # --- the embedded default ------------------------------------------------------------------------
 
 def embedded_gguf_path() -> Path:

@@ -43,7 +43,7 @@ from .data.sources import SourceUnavailable
 from .errors import AttnlabError, ConfigError, UnsafePath
 from .evaluate import answer_metrics, base_reference, generate, score
 from .modules import METHODS, make_config
-from .train import NonFiniteLoss, TrainConfig, train
+from .train import NEUTRAL, NonFiniteLoss, TrainConfig, train
 
 DEFAULTS = {
     "name": None,
@@ -516,7 +516,7 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
     # everything the cell's numbers depend on: a finished cell is reused only if it all matches
     spec = json.loads(json.dumps({
         "method": {k: v for k, v in m.items() if k != "seeds"}, "train": [{k: v for k, v in p.items()
-                                if k not in ("progress", "log_every", "checkpoint_every", "log_with")}
+                                if k not in NEUTRAL and (k, v) != ("mixed_precision", None)}
                                for p in points],
         "eval": ev, "data": splits.report["fingerprint"],
         "eval_sets": {s.name: [s.report.get("fingerprint"), s.eval] for s in sets[1:]},

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import decoder, load_backbone
+from .backbone import decoder, layers as block_stack, load_backbone
 from .memory import peak_bytes
 
 # SmolLM2-135M's shape, for random-weight profiling where the embedded file is not at hand.
@@ -83,8 +83,7 @@ def build_model(spec: str, random_weights: bool = False, layers: int | None = No
     else:
         model = load_backbone(spec).model
     if layers:
-        body = decoder(model)
-        stack = getattr(body, "layers", None) if hasattr(body, "layers") else getattr(body, "h")
+        stack = block_stack(model)
         if not 1 <= layers <= len(stack):
             raise ValueError(f"--layers must be between 1 and {len(stack)}, got {layers}")
         del stack[layers:]

@@ -24,11 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import remove_stale_temps, verify_dir, write_dir
+from .checkpointing import checkpointed
 from .config import apply_rules, as_bool, as_float, as_int, as_mapping, reject_unknown
 from .data import IGNORE, Example, collate
 from .errors import AttnlabError, ConfigError, DamagedFile
 from .evaluate import target_hidden, target_logits
 from .modules import Plugin
+from .precision import as_mixed, autocast, compute_dtype, grad_scaler, master_weights
 
 CKPT = "checkpoint"
 
@@ -50,6 +52,8 @@ class TrainConfig:
     patience: int = 0                # stop after this many validations without improvement; 0: never
     progress: bool = True
     log_with: str | None = None      # "tensorboard": records also go to <out_dir>/tensorboard; None: metrics.jsonl only
+    mixed_precision: str | None = None   # bf16 | fp16 | no; None: the base's dtype decides (attnlab/precision.py)
+    gradient_checkpointing: bool = False  # recompute the frozen body's layers in the backward (attnlab/checkpointing.py)
 
     def __post_init__(self):
         apply_rules(self, "train", {
@@ -58,7 +62,8 @@ class TrainConfig:
             "warmup_steps": (as_int, {"min": 0}), "min_lr_ratio": (as_float, {"min": 0, "max": 1}),
             "max_grad_norm": (as_float, {"min": 0}), "seed": (as_int, {}), "log_every": (as_int, {"min": 1}),
             "checkpoint_every": (as_int, {"min": 0}), "eval_every": (as_int, {"min": 0}),
-            "patience": (as_int, {"min": 0}), "progress": (as_bool, {}), "log_with": (_as_tracker, {})})
+            "patience": (as_int, {"min": 0}), "progress": (as_bool, {}), "log_with": (_as_tracker, {}),
+            "mixed_precision": (as_mixed, {}), "gradient_checkpointing": (as_bool, {})})
 
     @classmethod
     def from_dict(cls, d, where: str = "train") -> "TrainConfig":
@@ -206,6 +211,11 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
                                              project_dir=out if cfg.log_with else None)
     if cfg.log_with:
         accelerator.init_trackers("tensorboard", config={k: v for k, v in asdict(cfg).items() if v is not None})
+    dtype = compute_dtype(model, cfg.mixed_precision)   # None: fp32; else autocast to bf16 / fp16
+    master_weights(params)                              # plug-in weights stay fp32 whatever the base's dtype
+    scaler = grad_scaler(model, dtype)                  # fp16 only
+    # checkpointing only helps where the backward goes through the body (not a head trained on features)
+    recompute = cfg.gradient_checkpointing and features is None and not plugin.head_only
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -248,30 +258,40 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
                 b = {key: v.to(dev) for key, v in collate([examples[i] for i in ids], pad_id).items()}
             sync = accelerator.no_sync(loss_module) if k < len(mine) - 1 else _nullcontext()
             with sync:
-                loss = loss_module(**b) / n_tok
-                accelerator.backward(loss * world)  # DDP averages gradients over processes
+                with autocast(model, dtype), checkpointed(model, recompute):
+                    loss = loss_module(**b).float() / n_tok                # the loss in fp32
+                accelerator.backward((scaler.scale(loss) if scaler else loss) * world)  # DDP averages over processes
             local += loss.detach()
         # Several processes: gradients a plug-in adds after the micro-batches are averaged like DDP's.
         plugin.on_step_end(reduce=(lambda t: accelerator.reduce(t, "mean")) if world > 1 else None)
         _train_mode(plugin, False)
         loss_sum = float(accelerator.reduce(local, "sum")) if world > 1 else float(local)
+        if scaler is not None:
+            scaler.unscale_(opt)
         if cfg.max_grad_norm > 0:
             grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
         else:
             norms = [p.grad.detach().norm() for p in params.values() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        overflow = scaler is not None and math.isfinite(loss_sum) and not math.isfinite(grad_norm)
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)) and not overflow:
             opt.zero_grad(set_to_none=True)
             where = f"{out / CKPT}" if out is not None and (out / CKPT).exists() else "none was written yet"
             raise NonFiniteLoss(f"{plugin.method}: loss {loss_sum} / grad norm {grad_norm} at step {step} "
                                 f"(lr {lr:.3g}). Stopped; the last good checkpoint is kept ({where}). "
                                 f"Lower the learning rate or check the data.")
-        opt.step()
+        if scaler is not None:  # fp16: a step whose scaled gradients overflowed is skipped, the scale lowered
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += n_tok
         elapsed = time.perf_counter() - t0
         rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "elapsed_s": round(elapsed, 3), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+        if overflow:
+            rec["skipped_overflow"] = True
         last = step + 1 == cfg.steps
         if validate and ((step + 1) % cfg.eval_every == 0 or last):
             val = float(val_fn())
@@ -380,7 +400,7 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-_IGNORED = ("progress", "checkpoint_every", "log_every", "log_with")
+NEUTRAL = ("progress", "checkpoint_every", "log_every", "log_with", "gradient_checkpointing")  # same numbers
 
 
 def _read_checkpoint(ckpt: Path) -> dict:
@@ -428,9 +448,10 @@ def _resume(out: Path, plugin: Plugin, opt, cfg: TrainConfig, run_fingerprint: d
         raise ResumeMismatch(f"{ckpt} was written by a run of {state.get('processes', 1)} process(es), this one has "
                              f"{processes} (another global batch: batch_size x grad_accum x processes); resume it "
                              f"with {state.get('processes', 1)}, or delete {out} (or run with --fresh) to start over")
-    saved_cfg = {k: v for k, v in state["train"].items() if k not in _IGNORED}
-    now_cfg = {k: v for k, v in asdict(cfg).items() if k not in _IGNORED}
-    changed = {k: (saved_cfg.get(k), v) for k, v in now_cfg.items() if saved_cfg.get(k) != v}
+    saved_cfg = {k: v for k, v in state["train"].items() if k not in NEUTRAL}
+    now_cfg = {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL}
+    defaults = asdict(TrainConfig())  # a key newer than the checkpoint: it was written with the default
+    changed = {k: (saved_cfg.get(k, defaults[k]), v) for k, v in now_cfg.items() if saved_cfg.get(k, defaults[k]) != v}
     if changed:
         raise ResumeMismatch(f"{ckpt} was written with other training settings {changed}; delete {out} (or run "
                              f"with --fresh) to start over")

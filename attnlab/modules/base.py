@@ -180,6 +180,13 @@ class Plugin:
         """After their backward passes, before clipping and the optimizer update. `reduce` averages
         a tensor over processes when there are several (None: one process)."""
 
+    def replay_state(self):
+        """For activation checkpointing (attnlab/checkpointing.py): called at a block's forward, it
+        returns a zero-argument context manager factory that puts back, around the block's
+        recomputation in the backward, whatever settings of this plug-in its forward read then
+        (e.g. sparse's collect_gate_loss, switched off again before the backward). Default: none."""
+        return contextlib.nullcontext
+
     def training_modules(self) -> list[nn.Module]:
         """Modules of this plug-in (its parts' included) that act differently in training, such as
         dropout. The trainer switches them to train mode for its optimizer steps only (validation

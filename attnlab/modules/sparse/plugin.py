@@ -192,6 +192,23 @@ class SparseAttention(Plugin):
             layer.collect_gate_loss = self._collect
             layer.last_gate_loss = None
 
+    def replay_state(self):
+        """A recomputed block (activation checkpointing) sees the gate-loss setting of its forward;
+        the loss it recomputes is dropped (the forward's was already used)."""
+        on = self._collect
+
+        @contextlib.contextmanager
+        def replay():
+            was = [(layer, layer.collect_gate_loss) for layer in self._layers]
+            for layer in self._layers:
+                layer.collect_gate_loss = on
+            try:
+                yield
+            finally:
+                for layer, w in was:
+                    layer.collect_gate_loss, layer.last_gate_loss = w, None
+        return replay
+
     def gate_loss(self) -> torch.Tensor:
         """Sum over layers of the last forward's gate distillation loss (differentiable), then cleared.
         Zero for variants without gates. Call it once after each forward."""
