@@ -13,10 +13,14 @@ Two ways to get the backward's softmax, chosen by size:
                 backward recomputes each chunk's scores instead of storing them, so peak memory is
                 O(N x chunk) rather than O(N x V), at the cost of one extra matmul.
 A W that needs no gradient (a frozen table) costs no dW matmul at all.
+
+Precision: the matmuls run in W's dtype (a bf16 base's table stays bf16; X is cast to it), every
+log-sum-exp, log-probability and gradient coefficient in fp32, outside any autocast.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,21 +30,37 @@ SAVE_BYTES = 1 << 30    # keep the scores for the backward when H x N x V of the
                         # costs one more V-wide matmul per step)
 
 
+def _outside_autocast(fn):
+    """forward / backward of a Function, run with autocast off on the device of its first tensor."""
+    @functools.wraps(fn)
+    def run(ctx, first, *rest):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(ctx, first, *rest)
+    return run
+
+
+def _acc(W: torch.Tensor) -> torch.dtype:
+    """The dtype of log-sum-exps and gradient sums: fp32, or W's when wider (fp64 in tests)."""
+    return torch.promote_types(W.dtype, torch.float32)
+
+
 class _MixtureCE(torch.autograd.Function):
     @staticmethod
+    @_outside_autocast
     def forward(ctx, X, W, targets, chunk, w_grad_from, save):
         H, N, _ = X.shape
         V = W.shape[1]
+        acc = _acc(W)
         Wt = W.transpose(1, 2)                                        # Hw, D, V (a view)
         if save:
-            S = torch.matmul(X, Wt)                                   # H, N, V
-            lse = torch.logsumexp(S, dim=-1)
+            S = torch.matmul(X, Wt)                                   # H, N, V (in W's dtype)
+            lse = torch.logsumexp(S.to(acc), dim=-1)
         else:
             S = None
-            lse = torch.full((H, N), float("-inf"), dtype=X.dtype, device=X.device)
+            lse = torch.full((H, N), float("-inf"), dtype=acc, device=X.device)
             for c in range(0, V, chunk):
-                lse = torch.logaddexp(lse, torch.logsumexp(torch.matmul(X, Wt[..., c: c + chunk]), dim=-1))
-        target_logit = (X * W[:, targets]).sum(-1)                  # H, N
+                lse = torch.logaddexp(lse, torch.logsumexp(torch.matmul(X, Wt[..., c: c + chunk]).to(acc), dim=-1))
+        target_logit = (X.to(acc) * W[:, targets].to(acc)).sum(-1)  # H, N
         logp_h = target_logit - lse                                   # per-head log-prob of the target
         logp = torch.logsumexp(logp_h, dim=0) - math.log(H)          # mixture log-prob
         ctx.save_for_backward(X, W, targets, lse, logp_h, logp, S)
@@ -48,15 +68,18 @@ class _MixtureCE(torch.autograd.Function):
         return -logp
 
     @staticmethod
+    @_outside_autocast
     def backward(ctx, grad):
         X, W, targets, lse, logp_h, logp, S = ctx.saved_tensors
+        acc = _acc(W)
         H, Hw, f = X.shape[0], W.shape[0], ctx.w_grad_from  # columns of W before f are frozen
         # d loss / d logits_h[v] = w_h * (p_h[v] - [v == y]), w_h = the head's share of the target's mass
-        coef = grad[None] * torch.exp(logp_h - logp[None]) / H       # H, N
-        dX = torch.zeros_like(X) if ctx.needs_input_grad[0] else None
-        dW = torch.zeros_like(W) if ctx.needs_input_grad[1] else None
+        coef = grad.to(acc)[None] * torch.exp(logp_h - logp[None]) / H   # H, N
+        dX = torch.zeros_like(X, dtype=acc) if ctx.needs_input_grad[0] else None
+        dW = torch.zeros_like(W, dtype=acc) if ctx.needs_input_grad[1] else None
 
-        def add(G, c, Wc):  # G: the softmax part of d loss / d scores for vocabulary rows c.. (H, N, len)
+        def add(G, c, Wc):  # G: the softmax part of d loss / d scores for vocabulary rows c.. (H, N, len), fp32
+            G = G.to(W.dtype)
             if dX is not None:
                 dX.add_(torch.matmul(G, Wc))
             if dW is not None:
@@ -64,18 +87,19 @@ class _MixtureCE(torch.autograd.Function):
                 dW[:, c: c + Wc.shape[1], f:] += g if Hw == H else g.sum(0, keepdim=True)
 
         if S is not None:
-            add((S - lse[..., None]).exp_().mul_(coef[..., None]), 0, W)
+            add((S.to(acc) - lse[..., None]).exp_().mul_(coef[..., None]), 0, W)
         else:
             Wt = W.transpose(1, 2)
             for c in range(0, W.shape[1], ctx.chunk):
-                G = (torch.matmul(X, Wt[..., c: c + ctx.chunk]) - lse[..., None]).exp_().mul_(coef[..., None])
+                G = (torch.matmul(X, Wt[..., c: c + ctx.chunk]).to(acc) - lse[..., None]).exp_().mul_(coef[..., None])
                 add(G, c, W[:, c: c + ctx.chunk])
         if dX is not None:
             dX -= coef[..., None] * W[:, targets]
         if dW is not None:
             for h in range(H):
                 dW[h if Hw == H else 0, :, f:].index_add_(0, targets, -coef[h, :, None] * X[h, :, f:])
-        return dX, dW, None, None, None, None
+        return (dX.to(X.dtype) if dX is not None else None), (dW.to(W.dtype) if dW is not None else None), \
+            None, None, None, None
 
 
 def mixture_cross_entropy(X: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, chunk: int = 8192,
@@ -94,14 +118,16 @@ def mixture_cross_entropy(X: torch.Tensor, W: torch.Tensor, targets: torch.Tenso
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if X.shape[1] == 0:
-        return X.new_zeros(0)
+        return X.new_zeros(0, dtype=_acc(W))
+    X = X.to(W.dtype)  # the matmuls in the table's dtype (a no-op unless the base is bf16 / fp16)
     save = X.shape[0] * X.shape[1] * W.shape[1] * X.element_size() <= save_bytes
     return _MixtureCE.apply(X, W, targets, chunk, w_grad_from, save)
 
 
 def mixture_log_probs(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """(N, V) log-probabilities of the mixture, materialised: the reference, and what inference uses."""
+    X, acc = X.to(W.dtype), _acc(W)
     if X.shape[0] == 1:
-        return torch.log_softmax(X[0] @ W[0].t(), dim=-1)
-    logp = torch.log_softmax(torch.matmul(X, W.transpose(1, 2)), dim=-1)
+        return torch.log_softmax((X[0] @ W[0].t()).to(acc), dim=-1)
+    logp = torch.log_softmax(torch.matmul(X, W.transpose(1, 2)).to(acc), dim=-1)
     return torch.logsumexp(logp, dim=0) - math.log(X.shape[0])

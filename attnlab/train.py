@@ -249,7 +249,8 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
         mine = order[accelerator.process_index::world]
         local = torch.zeros((), device=dev)
         _train_mode(plugin, True)  # the plug-in's dropout acts in optimizer steps only
-        plugin.on_step_start()
+        with autocast(model, dtype):
+            plugin.on_step_start()
         for k, ids in enumerate(mine):
             if features is not None:
                 h, t = features.batch(ids, device=dev)

@@ -95,7 +95,7 @@ def main():
         head = model.get_output_embeddings()
         with torch.no_grad():
             head(h[:1])  # the base's constants computed once, as at load
-        const = sum(t.numel() * t.element_size() for k, t in head._const[1].items() if k in ("table", "C"))
+        const = head.constant_bytes()
 
         def infer():
             with torch.no_grad():

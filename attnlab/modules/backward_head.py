@@ -81,6 +81,13 @@ PRESETS = {
 }
 
 
+def _row_rms_inverse(emb: torch.Tensor) -> torch.Tensor:
+    """1 / RMS of each row (V x 1), accumulated in fp32 without an fp32 copy of the table, then in
+    the table's dtype: the constants stay in the base's dtype (bf16 on a GPU: half of fp32's bytes)."""
+    ms = torch.linalg.vector_norm(emb, dim=-1, keepdim=True, dtype=torch.float32).pow(2) / emb.shape[-1]
+    return torch.rsqrt(ms + 1e-6).to(emb.dtype)
+
+
 def _proj(n_in: int, n_out: int, kind: str) -> nn.Module:
     if kind == "linear":
         return nn.Linear(n_in, n_out, bias=False)
@@ -134,7 +141,7 @@ class BackwardAttentionHead(nn.Module):
         if self._const is not None and self._const[0] == key:
             return self._const[1]
         with torch.no_grad():
-            r = torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + 1e-6)                 # V x 1
+            r = _row_rms_inverse(emb)                                                   # V x 1
             if self.cfg.residual:
                 b = out_b if out_b is not None else out_w.new_zeros(self.vocab)
                 table = torch.cat([out_w, b[:, None], emb * r], -1)                     # V x (2E + 1)
@@ -147,6 +154,12 @@ class BackwardAttentionHead(nn.Module):
                 c["s"] = R.sum(0)
         self._const = (key, c)
         return c
+
+    def constant_bytes(self) -> int:
+        """Bytes of what constants() keeps for the base, each storage counted once (the residual
+        form's R is a view into its table): what the head adds to memory besides its parameters."""
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.constants().values()}
+        return sum(seen.values())
 
     def _token_constant(self, h: torch.Tensor, c: dict) -> torch.Tensor:
         """z (N x E) with Dot = (z * g) A_V^T / V: a function of h and the frozen base only."""
@@ -189,7 +202,7 @@ class BackwardAttentionHead(nn.Module):
     def compute_tables(self) -> dict:
         ie = self._base['emb']
         with torch.no_grad():  # the RMS of each frozen embedding row: V x 1, no gradient needed
-            r = torch.rsqrt(ie.pow(2).mean(-1, keepdim=True) + 1e-6)
+            r = _row_rms_inverse(ie)
         if self.cfg.latent_dim:
             lat = self._normed(self.W_L, ie, r)
             K, Vv = self.W_K(lat), self.W_V(lat)

@@ -64,6 +64,9 @@ class FactorizedQK(nn.Module):
         self._targets: tuple = ()       # the (q, k) modules they are on
 
     def _branch(self, x, norm, wa, wb, proj, alpha, tau):
+        if x.dtype != proj.weight.dtype:  # a bf16/fp16 base, fp32 weights: the transform in fp32, cast back
+            with torch.autocast(x.device.type, enabled=False):
+                return self._branch(x.float(), norm, wa, wb, proj, alpha, tau).to(x.dtype)
         # w1 and w2 (w3 and w4) as one (2f x d) matmul; the parameters keep their names and meaning
         args = (x, norm.weight, norm.bias, torch.cat([wa.weight, wb.weight]), torch.cat([wa.bias, wb.bias]),
                 proj.weight, proj.bias, alpha, tau, norm.eps)
