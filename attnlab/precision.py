@@ -28,6 +28,7 @@ fp32 weights and the base's bf16 activations meet inside autocast, never as a dt
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -116,6 +117,15 @@ def autocast_for(model: nn.Module):
     attached (a no-op for an fp32 base)."""
     stored = base_dtype(model)
     return autocast(model, stored if stored != torch.float32 else None)
+
+
+def in_base_precision(fn):
+    """Decorate fn(bb, ...) (bb: a Backbone) to run under `autocast_for(bb.model)`."""
+    @functools.wraps(fn)
+    def run(bb, *args, **kwargs):
+        with autocast_for(bb.model):
+            return fn(bb, *args, **kwargs)
+    return run
 
 
 def master_weights(params: dict[str, nn.Parameter]) -> None:

@@ -26,14 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import decoder, layers as block_stack, load_backbone
+from .backbone import RANDOM, RANDOM_PREFIX, TINY, decoder, layers as block_stack, load_backbone
 from .memory import peak_bytes
 
 # SmolLM2-135M's shape, for random-weight profiling where the embedded file is not at hand.
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                    rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters={"rope_theta": 100000.0,
-                                                                                 "rope_type": "default"})
 DEFAULT_VARIANTS = ["dense-eager", "dense-sdpa", "window:window=256,sinks=4", "learned:top_k=4",
                     "quest:top_k=4", "performer"]
 LENGTHS = [256, 512, 1024, 2048, 4096]
@@ -71,17 +67,12 @@ def build_model(spec: str, random_weights: bool = False, layers: int | None = No
                 device: str | None = None) -> nn.Module:
     """The model to profile; `layers` keeps only the first N transformer layers (per-layer costs
     scale linearly, and long dense baselines fit in memory)."""
-    if random_weights and spec == "smollm2-135m":
-        from transformers import LlamaConfig, LlamaForCausalLM
-        torch.manual_seed(0)
-        cfg = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers or SMOLLM2_135M["num_hidden_layers"]})
-        cfg._attn_implementation = "sdpa"
-        model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    elif random_weights and spec not in ("tiny-gpt2", "tiny-llama"):  # those are random already
-        raise ValueError(f"random weights are available for smollm2-135m (and the tiny test models), not "
-                         f"'{spec}'; profile it with its own weights")
-    else:
-        model = load_backbone(spec).model
+    if random_weights and spec not in TINY and not spec.startswith(RANDOM_PREFIX):  # those are random already
+        if spec not in RANDOM:
+            raise ValueError(f"random weights are available for {', '.join(RANDOM)} (and the tiny test models), "
+                             f"not '{spec}'; profile it with its own weights, or name random:<name> as the model")
+        spec = RANDOM_PREFIX + spec
+    model = load_backbone(spec, device=device).model   # a random base is built on the device directly
     if layers:
         stack = block_stack(model)
         if not 1 <= layers <= len(stack):

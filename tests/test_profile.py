@@ -69,4 +69,4 @@ def test_profile_restores_the_model_when_a_variant_is_bad():
     with pytest.raises(ValueError, match="unknown dense kernel"):
         parse_variant("dense-flash")
     with pytest.raises(ValueError, match="random weights are available"):
-        build_model("gpt2", random_weights=True)
+        build_model("openai-community/gpt2-medium", random_weights=True)
