@@ -33,6 +33,7 @@ false never uses it. GPU timings were not measured.
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -50,7 +51,12 @@ class FusedCEHead(nn.Linear):
     """The trainable head; the trainer calls `target_loss(h, tokens)` on a head that has one."""
 
     def target_loss(self, h, tokens):
-        """Summed cross-entropy of the targets `tokens` (N,) from final hidden states `h` (N, E)."""
+        """Summed cross-entropy of the targets `tokens` (N,) from final hidden states `h` (N, E).
+        From a bf16/fp16 base (under autocast) the fused op runs in fp32, autocast off: it would
+        otherwise sum the loss in bf16 (~3 significant digits); the head's matmul then runs at fp32 speed."""
+        if h.dtype != self.weight.dtype or torch.is_autocast_enabled(h.device.type):
+            with torch.autocast(h.device.type, enabled=False):
+                return self.target_loss(h.to(self.weight.dtype), tokens)
         return F.linear_cross_entropy(h, self.weight, tokens, linear_bias=self.bias, reduction="sum",
                                       options=nn.LinearCrossEntropyOptions(batch_chunk_size=FUSED_ROWS))
 
