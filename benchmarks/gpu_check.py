@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -207,10 +207,11 @@ def section_rng(a, device, dtype) -> dict:
 
 
 def section_pytest(a, device, dtype) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-q", "-rs", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-rs", "-p", "no:cacheprovider"]  # -q: pyproject
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.pytest_timeout)
     tail = p.stdout.strip().splitlines()[-15:]
-    return {"command": " ".join(cmd[1:]), "returncode": p.returncode, "summary": tail[-1] if tail else "",
+    summary = [line for line in tail if re.search(r"\d+ (passed|failed|skipped|deselected|error)", line)]
+    return {"command": " ".join(cmd[1:]), "returncode": p.returncode, "summary": summary[-1] if summary else "",
             "tail": tail}
 
 
