@@ -2,6 +2,7 @@
 random weights.
 
     python benchmarks/backward_head_constants.py [--vocab 128256] [--hidden 4096] [--dtypes bf16 fp32]
+    python benchmarks/backward_head_constants.py --render     # the README table from the results file
 
 The head keeps R = diag(r) IE (V x E) and C = W_out^T R (E x E), plus c and s (E each); the residual
 form keeps the table [W_out, b, R] (V x (2E + 1)) instead of R. They are computed from the base's
@@ -48,6 +49,14 @@ def measure(vocab: int, hidden: int, dtype: torch.dtype, presets: list[str]) -> 
     return rows
 
 
+def markdown(result: dict) -> str:
+    """The README's table, from the results file."""
+    lines = ["| preset | base dtype | constants | × the embedding table |", "|---|---|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['preset']} | {r['dtype']} | {r['constant_bytes'] / 2**30:.2f} GiB | {r['x_embedding']:.2f} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=128256)
@@ -55,7 +64,11 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     ap.add_argument("--presets", nargs="+", default=["paper", "residual"], choices=sorted(PRESETS))
     ap.add_argument("--out", default="benchmarks/results/backward_head_constants.json")
+    ap.add_argument("--render", action="store_true", help="print the markdown table of --out; measure nothing")
     a = ap.parse_args()
+    if a.render:
+        print(markdown(json.loads(Path(a.out).read_text())))
+        return
     torch.set_grad_enabled(False)
     rows = [r for d in a.dtypes for r in measure(a.vocab, a.hidden, DTYPES[d], a.presets)]
     write_json_atomic(Path(a.out), {
@@ -63,6 +76,7 @@ def main():
         "(each storage once), random weights, CPU", "torch": torch.__version__,
         "python": platform.python_version(), "rows": rows})
     print(f"wrote {a.out}")
+    print(markdown(json.loads(Path(a.out).read_text())))
 
 
 if __name__ == "__main__":
