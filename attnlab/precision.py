@@ -16,7 +16,8 @@ Mixed precision, as the trainer does it:
     frozen base's bf16/fp16 weights, reductions autocast keeps in fp32;
   * the loss (cross-entropy, KL) is taken on fp32 logits, and the step's loss is summed in fp32;
   * fp16 only: a dynamic loss scaler (torch.amp.GradScaler); a step whose scaled gradients
-    overflow is skipped, as every fp16 trainer does, rather than stopping training.
+    overflow is skipped, as every fp16 trainer does, rather than stopping training. The scaler's
+    state is not saved in checkpoints: a resumed fp16 run starts again from the initial scale.
 The autocast is torch's own, not Accelerate's `mixed_precision=`: Accelerate keeps one
 mixed-precision setting per process (its AcceleratorState cannot change once set), and one
 experiment process trains fp32 and bf16 runs side by side in tests and sweeps.

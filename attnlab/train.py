@@ -3,6 +3,8 @@
 AdamW with linear warmup and cosine decay, gradient clipping and accumulation, seeded data order,
 a progress bar, metrics appended as JSONL, atomic safetensors checkpoints and resume. Accelerate
 handles devices, so the same code runs under `accelerate launch` on several GPUs.
+Precision (bf16 / fp16 autocast, fp32 master weights and losses) is attnlab/precision.py;
+`gradient_checkpointing` recomputes the frozen body's blocks in the backward (attnlab/checkpointing.py).
 
 The loss is the mean cross-entropy over the target tokens of one optimizer step (all its
 micro-batches together), computed from the LM head at target positions only, unless the plug-in

@@ -34,9 +34,9 @@ def test_a_random_base_loads_frozen_seeded_and_trains_a_plugin():
 
 
 def test_random_weights_are_seeded_and_overrides_shrink_the_model():
-    a, _ = random_model("gpt2", num_hidden_layers=1)
-    b, _ = random_model("gpt2", num_hidden_layers=1)
-    assert a.config.n_layer == 1 and all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    a, _ = random_model("gpt2", num_hidden_layers=1, n_embd=64, n_head=4)
+    b, _ = random_model("gpt2", num_hidden_layers=1, n_embd=64, n_head=4)
+    assert a.config.n_layer == 1 and a.config.n_embd == 64 and all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
 def test_an_unknown_random_base_names_the_available_ones():
