@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnlab import PluginSet, attach, load_backbone
-from attnlab.chunked_ce import mixture_cross_entropy, mixture_log_probs
+from attnlab.chunked_ce import ConcatTable, mixture_cross_entropy, mixture_log_probs
 from attnlab.evaluate import generate, score
 from attnlab.features import build_feature_cache
 from attnlab.modules import PluginError
@@ -65,6 +65,32 @@ def test_chunked_cross_entropy_value_and_gradients():
         mixture_cross_entropy(X, W, y[:3])
     with pytest.raises(ValueError, match="expected X"):
         mixture_cross_entropy(X[0], W, y)
+
+
+def test_a_table_of_column_blocks_scores_like_the_concatenated_table():
+    torch.manual_seed(0)
+    X = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    parts = [torch.randn(1, 41, 4, dtype=torch.float64), torch.randn(1, 41, 1, dtype=torch.float64),
+             torch.randn(1, 41, 4, dtype=torch.float64)]
+    y = torch.randint(0, 41, (6,))
+    whole, blocks = torch.cat(parts, -1), ConcatTable(parts)
+    torch.testing.assert_close(mixture_log_probs(X, blocks), mixture_log_probs(X, whole))
+    for save_bytes in (0, 1 << 20):  # scores recomputed per chunk, and kept for the backward
+        grads = []
+        for W in (whole, blocks):
+            loss = mixture_cross_entropy(X, W, y, 7, save_bytes=save_bytes)
+            grads.append((loss.detach(), torch.autograd.grad(loss.sum(), X)[0]))
+        torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_the_residual_head_keeps_no_copy_of_the_lm_head(tiny_llama):
+    emb = tiny_llama.model.get_input_embeddings().weight
+    p = attach(tiny_llama.model, "backward_head", preset="residual")
+    head = tiny_llama.model.get_output_embeddings()
+    V, E = emb.shape
+    # R, C, c, and the zero bias column of a head without bias: no V x E block of the LM head
+    assert head.constant_bytes() == (V * E + E * E + E + V) * emb.element_size()
+    p.detach()
 
 
 def test_residual_starts_at_the_base_distribution(tiny):

@@ -21,7 +21,8 @@ Weights from probabilities or log-probabilities change only the per-token consta
 replaces h C + c: softmax(logits) R, or h C + c - logsumexp(logits) * sum_v R_v.
 
 The residual form, log p = log_softmax(base logits + g_res * scores), is the same product with the
-frozen table [W_out, b, R] and the features [h, 1, g_res * u]; its gate starts at 0, so the head
+frozen table [W_out, b, R] (column blocks: the base's own LM head and R, never concatenated) and the
+features [h, 1, g_res * u]; its gate starts at 0, so the head
 starts out reproducing the base distribution exactly.
 
 Other variants a careful researcher compares: several heads (a mixture of their softmaxes), dropout
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..chunked_ce import mixture_cross_entropy, mixture_log_probs
+from ..chunked_ce import ConcatTable, mixture_cross_entropy, mixture_log_probs
 from .base import Plugin, PluginError
 
 WEIGHTS = ("logits", "probs", "logprobs")
@@ -142,13 +143,13 @@ class BackwardAttentionHead(nn.Module):
             return self._const[1]
         with torch.no_grad():
             r = _row_rms_inverse(emb)                                                   # V x 1
-            if self.cfg.residual:
+            R = (emb * r).contiguous()                                                  # V x E
+            if self.cfg.residual:  # [W_out, b, R] as column blocks: the base's own head, never copied
                 b = out_b if out_b is not None else out_w.new_zeros(self.vocab)
-                table = torch.cat([out_w, b[:, None], emb * r], -1)                     # V x (2E + 1)
-                R = table[:, self.hidden + 1:]
+                table = ConcatTable([out_w[None], b[None, :, None], R[None]])          # 1 x V x (2E + 1)
             else:
-                table = R = (emb * r).contiguous()                                      # V x E
-            c = {"R": R, "table": table[None], "C": out_w.t() @ R,
+                table = R[None]                                                         # 1 x V x E
+            c = {"R": R, "table": table, "C": out_w.t() @ R,
                  "c": out_b @ R if out_b is not None else R.new_zeros(self.hidden)}
             if self.cfg.weights == "logprobs":
                 c["s"] = R.sum(0)
@@ -156,10 +157,13 @@ class BackwardAttentionHead(nn.Module):
         return c
 
     def constant_bytes(self) -> int:
-        """Bytes of what constants() keeps for the base, each storage counted once (the residual
-        form's R is a view into its table): what the head adds to memory besides its parameters."""
-        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.constants().values()}
-        return sum(seen.values())
+        """Bytes of what constants() keeps for the base, each storage counted once, the base's own
+        tensors (the residual table's W_out and b blocks) not counted: what the head adds to memory
+        besides its parameters."""
+        base = {t.untyped_storage().data_ptr() for t in self._base.values() if t is not None}
+        tensors = [t for v in self.constants().values() for t in (v.parts if isinstance(v, ConcatTable) else [v])]
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(n for ptr, n in seen.items() if ptr not in base)
 
     def _token_constant(self, h: torch.Tensor, c: dict) -> torch.Tensor:
         """z (N x E) with Dot = (z * g) A_V^T / V: a function of h and the frozen base only."""
