@@ -5,11 +5,12 @@ random weights.
     python benchmarks/backward_head_constants.py --render     # the README table from the results file
 
 The head keeps R = diag(r) IE (V x E) and C = W_out^T R (E x E), plus c and s (E each); the residual
-form keeps the table [W_out, b, R] (V x (2E + 1)) instead of R. They are computed from the base's
-embedding and LM head in the base's dtype, so a bf16 base (the default on a GPU) halves them. The
-count is exact: the bytes of every storage `constants()` holds, each once (`constant_bytes`), on CPU.
-Default shape: Llama-3 8B (V = 128,256, E = 4,096, untied head). Peak host memory of the fp32
-residual case is ~11 GB (embedding, head, the table and one V x E temporary).
+form scores against [W_out, b, R] as column blocks, the base's own LM head included by reference (a
+zero bias column when the head has none). They are computed from the base's embedding and LM head
+in the base's dtype, so a bf16 base (the default on a GPU) halves them. The count is exact: the
+bytes of every storage `constants()` holds that is not the base's own, each once (`constant_bytes`),
+on CPU. Default shape: Llama-3 8B (V = 128,256, E = 4,096, untied head). Peak host memory of the
+fp32 case is ~7 GB (embedding, head and R).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from attnlab.precision import DTYPES  # noqa: E402
 
 def measure(vocab: int, hidden: int, dtype: torch.dtype, presets: list[str]) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    emb = (torch.randn(vocab, hidden, generator=g) * 0.02).to(dtype)
-    head = nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
-    head.weight.data = (torch.randn(vocab, hidden, generator=g) * 0.02).to(dtype)
+    emb = torch.empty(vocab, hidden, dtype=dtype).normal_(0, 0.02, generator=g)       # no fp32 temporary
+    head = nn.Linear(1, 1, bias=False).requires_grad_(False)
+    head.weight = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype).normal_(0, 0.02, generator=g),
+                               requires_grad=False)
     base = emb.numel() * emb.element_size()
     rows = []
     for preset in presets:
