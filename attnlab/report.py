@@ -136,12 +136,16 @@ def _per_seed(cells: list[dict], name: str) -> dict:
 
 
 def _pairs(cells, name, ref, set_name, key):
-    """Per-seed (a, b) per-example arrays of `key` for method `name` against `ref`: the same seed
-    when the reference was trained with it, else the reference's one (deterministic) evaluation."""
+    """Per-seed (a, b) per-example arrays of `key` for method `name` against `ref`, paired by seed:
+    seed s of `name` against seed s of `ref`. The one exception is a frozen reference, which is not
+    trained: its single (deterministic) evaluation is the same model for every seed. A trained
+    reference that did not run seed s gives no pair for s (never another seed's run: that would be
+    an unpaired comparison presented as a paired one), so the result covers only the shared seeds."""
     a, b = _per_seed(cells, name), _per_seed(cells, ref)
+    frozen = len(b) == 1 and next(iter(b.values())).get("type") == "frozen"
     out = []
     for seed, ca in sorted(a.items()):
-        cb = b.get(seed) or (next(iter(b.values())) if len(b) == 1 else None)
+        cb = next(iter(b.values())) if frozen else b.get(seed)
         if cb is None:
             continue
         pa, pb = ca.get("per_example", {}).get(set_name, {}), cb.get("per_example", {}).get(set_name, {})
@@ -158,7 +162,7 @@ def ppl_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
     if not pairs:
         return None
     r = paired_bootstrap_ppl_seeds([(a[0], a[1], b[0], b[1]) for _, a, b in pairs], n_boot=n_boot)
-    return {**r, "seeds": [s for s, *_ in pairs]}
+    return {**r, "seeds": [s for s, *_ in pairs], "of_seeds": len(_per_seed(cells, name))}
 
 
 def acc_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
@@ -169,7 +173,7 @@ def acc_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
     if not pairs:
         return None
     r = paired_bootstrap_diff_seeds([(a[0], b[0]) for _, a, b in pairs], n_boot=n_boot)
-    return {**r, "seeds": [s for s, *_ in pairs]}
+    return {**r, "seeds": [s for s, *_ in pairs], "of_seeds": len(_per_seed(cells, name))}
 
 
 def _noise(r: dict) -> bool:
@@ -186,6 +190,8 @@ def _fmt_change(r: dict | None, pct: bool) -> str:
     txt = f"{k * r['change']:+.1f}{unit} [{k * r['lo']:+.1f}, {k * r['hi']:+.1f}]"
     if r.get("seed_lo") is not None:
         txt += f" (seeds [{k * r['seed_lo']:+.1f}, {k * r['seed_hi']:+.1f}])"
+    if r.get("seeds") and len(r["seeds"]) < r.get("of_seeds", 0):  # a reference that ran fewer seeds
+        txt += f" (paired on seed{'s' * (len(r['seeds']) > 1)} {', '.join(map(str, r['seeds']))} only)"
     return txt + (" *within noise*" if _noise(r) else (" **better**" if (r["change"] < 0) == pct else " **worse**"))
 
 
@@ -193,11 +199,26 @@ def _set_names(results: dict) -> list[str]:
     return ["test"] + list(results.get("eval_sets", {}))
 
 
+def accuracy_interval(arrs: list, n_boot: int = 2000) -> tuple[float, float, str]:
+    """(lo, hi, how) of the answer accuracy of one method and decoding from per-seed 0/1 arrays on the
+    same problems: Wilson for one seed; for several, a bootstrap over problems with the seeds
+    averaged inside each problem (the problem is the unit: pooling S seeds x n problems as S·n
+    independent answers would be too narrow by up to √S)."""
+    from .stats import bootstrap_mean_seeds, wilson_interval
+
+    if len(arrs) == 1 or any(len(a) != len(arrs[0]) for a in arrs):
+        k, n = int(sum(sum(a) for a in arrs)), sum(len(a) for a in arrs)
+        return (*wilson_interval(k, n), "Wilson") if n else (float("nan"), float("nan"), "–")
+    r = bootstrap_mean_seeds(arrs, n_boot=n_boot)
+    return r["lo"], r["hi"], f"bootstrap over {r['n_examples']} problems, {len(arrs)} seeds averaged"
+
+
 def decoding_lines(results: dict, n_boot: int = 2000) -> list[str]:
-    """Per set with a decoding grid: answer accuracy per method and decoding (greedy, sampled), pooled
-    over seeds with its Wilson 95% interval, and the paired change against the frozen base's greedy
+    """Per set with a decoding grid: answer accuracy per method and decoding (greedy, sampled) over
+    seeds with its 95% interval (`accuracy_interval`: Wilson for one seed, a bootstrap over problems
+    with seeds averaged inside for several), and the paired change against the frozen base's greedy
     answers to the same problems (bootstrap over problems, seeds averaged)."""
-    from .stats import paired_bootstrap_diff_seeds, wilson_interval
+    from .stats import paired_bootstrap_diff_seeds
 
     lines = []
     for s in _set_names(results):
@@ -214,16 +235,18 @@ def decoding_lines(results: dict, n_boot: int = 2000) -> list[str]:
             continue
         ref = rows.get(("frozen", "greedy"))
         lines += ["", f"### Decoding on `{s}`", "",
-                  "Answer accuracy pooled over seeds [Wilson 95%]; change against the frozen base's greedy answers "
-                  "to the same problems [paired bootstrap 95%].", "",
-                  "| method | decoding | accuracy | [95% CI] | Δ vs frozen greedy (pp) |", "|---|---|---:|---|---|"]
+                  "Answer accuracy over seeds with its 95% interval (one seed: Wilson; several: a bootstrap over "
+                  "problems with the seeds averaged inside each problem, the problem being the unit); change "
+                  "against the frozen base's greedy answers to the same problems [paired bootstrap 95%].", "",
+                  "| method | decoding | accuracy | [95% CI] | interval | Δ vs frozen greedy (pp) |",
+                  "|---|---|---:|---|---|---|"]
         for (name, dec), arrs in rows.items():
             k, n = int(sum(sum(a) for a in arrs)), sum(len(a) for a in arrs)
-            lo, hi = wilson_interval(k, n) if n else (float("nan"), float("nan"))
+            lo, hi, how = accuracy_interval(arrs, n_boot)
             d = "–"
             if ref and (name, dec) != ("frozen", "greedy") and all(len(a) == len(ref[0]) for a in arrs):
                 d = _fmt_change(paired_bootstrap_diff_seeds([(a, ref[0]) for a in arrs], n_boot=n_boot), False)
-            lines.append(f"| {name} | {dec} | {k}/{n} = {k / max(n, 1):.3f} | [{lo:.3f}, {hi:.3f}] | {d} |")
+            lines.append(f"| {name} | {dec} | {k}/{n} = {k / max(n, 1):.3f} | [{lo:.3f}, {hi:.3f}] | {how} | {d} |")
     return lines
 
 
@@ -337,7 +360,9 @@ def curve_lines(results: dict) -> list[str]:
     steps = sorted({s for c in cells for s, _ in c["val_curve"]})
     lines = ["", "## Validation curves", "",
              "Validation loss (CE on the validation split) at each evaluation step of the trainings whose "
-             "weights were kept; *last Δ* is the relative change over the last interval.", "",
+             f"weights were kept; *last Δ* is the relative change over the last interval. Criterion: *still "
+             f"falling* when last Δ ≤ −{100 * STILL_FALLING:.1f}%, *rising* when ≥ +{100 * STILL_FALLING:.1f}%, "
+             f"*flat* in between (a flat end under cosine decay does not prove convergence).", "",
              "| method | seed | " + " | ".join(f"step {s}" for s in steps) + " | last Δ | |",
              "|---|---:|" + "---:|" * len(steps) + "---:|---|"]
     falling = []
