@@ -13,8 +13,10 @@ wastes no work gets close to it (goal: >= 80% of the bound).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--method", default="backward_head")
     ap.add_argument("--preset", default="residual")
+    ap.add_argument("--out", default=None, help="write the results as JSON here (with the command)")
     a = ap.parse_args()
     bb = attnlab.load_backbone(a.model)
     pad = bb.tokenizer.pad_token_id
@@ -70,6 +73,15 @@ def main():
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {live[0]:.1f} | {cached[0]:.2f} | {speed:.1f}× | {bound:.1f}× | {100 * speed / bound:.0f}% | "
           f"{t_build:.1f} | {diff:.2e} |")
+    if a.out:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from record import write_result
+
+        write_result(a.out, {"model": a.model, "method": a.method, "preset": a.preset if a.method == "backward_head"
+                             else None, "n": a.n, "batch_size": a.batch_size,
+                             "target_tokens": s.report["train_target_tokens"], "live_s": live[0], "cache_s": cached[0],
+                             "body_s": t_body, "build_s": t_build, "speedup": speed, "bound": bound,
+                             "of_bound": speed / bound, "max_loss_diff": diff})
 
 
 if __name__ == "__main__":

@@ -154,9 +154,11 @@ def main():
                       f"{r['maxdiff']:.1e} |")
                 rows.append(r)
     if a.out:
-        from attnlab.atomic import write_json_atomic
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from record import write_result
 
-        write_json_atomic(a.out, {"torch": torch.__version__, "rows": rows})
+        write_result(a.out, {"threads": int(os.environ.get("BENCH_THREADS", "2")), "repeat": a.repeat,
+                             "rounds": a.rounds, "rows": rows})
 
 
 if __name__ == "__main__":
