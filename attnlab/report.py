@@ -361,8 +361,9 @@ def curve_lines(results: dict) -> list[str]:
     lines = ["", "## Validation curves", "",
              "Validation loss (CE on the validation split) at each evaluation step of the trainings whose "
              f"weights were kept; *last Δ* is the relative change over the last interval. Criterion: *still "
-             f"falling* when last Δ ≤ −{100 * STILL_FALLING:.1f}%, *rising* when ≥ +{100 * STILL_FALLING:.1f}%, "
-             f"*flat* in between (a flat end under cosine decay does not prove convergence).", "",
+             f"falling* when last Δ ≤ −{100 * STILL_FALLING:.1f}%, *falling slowly* when it is between that and 0 "
+             f"(the last step is still the best), *rising* when ≥ +{100 * STILL_FALLING:.1f}%, *flat* otherwise "
+             f"(no gain over the last interval; under cosine decay even that does not prove convergence).", "",
              "| method | seed | " + " | ".join(f"step {s}" for s in steps) + " | last Δ | |",
              "|---|---:|" + "---:|" * len(steps) + "---:|---|"]
     falling = []
@@ -373,7 +374,8 @@ def curve_lines(results: dict) -> list[str]:
         still = change <= -STILL_FALLING
         if still:
             falling.append(f"{c['method']} seed {c['seed']}")
-        shape = "still falling" if still else "rising" if change >= STILL_FALLING else "flat"
+        shape = ("still falling" if still else "rising" if change >= STILL_FALLING
+                 else "falling slowly" if change < 0 else "flat")
         lines.append(f"| {c['method']} | {c['seed']} | " + " | ".join(f"{at[s]:.4f}" if s in at else "–" for s in steps)
                      + f" | {100 * change:+.2f}% | {shape} |")
     if falling:

@@ -251,12 +251,15 @@ def test_the_report_shows_validation_curves_and_says_which_arms_were_still_falli
              {"method": "lora", "seed": 0, "val_curve": [[16, 1.10], [32, 1.04], [48, 1.00], [64, 0.988]]},
              {"method": "fa", "seed": 0, "val_curve": [[16, 1.10], [32, 1.00], [48, 0.990], [64, 0.989]]},
              {"method": "fa", "seed": 1, "val_curve": [[16, 1.10], [32, 1.00]]},
-             {"method": "long", "seed": 0, "val_curve": [[32, 1.00], [64, 1.02]]}]
+             {"method": "long", "seed": 0, "val_curve": [[32, 1.00], [64, 1.02]]},
+             {"method": "flat", "seed": 0, "val_curve": [[16, 1.10], [32, 1.00], [64, 1.001]]}]
     lines = curve_lines({"cells": cells})
     text = "\n".join(lines)
     assert "| step 16 | step 32 | step 48 | step 64 |" in text
     assert "| lora | 0 | 1.1000 | 1.0400 | 1.0000 | 0.9880 | -1.20% | still falling |" in text
-    assert "| fa | 0 | 1.1000 | 1.0000 | 0.9900 | 0.9890 | -0.10% | flat |" in text
+    assert "| fa | 0 | 1.1000 | 1.0000 | 0.9900 | 0.9890 | -0.10% | falling slowly |" in text  # still its best
+    assert "| flat | 0 | 1.1000 | 1.0000 | – | 1.0010 | +0.10% | flat |" in text  # no gain over the last interval
+    assert "*flat* otherwise" in text  # the report states its criterion
     assert "| fa | 1 | 1.1000 | 1.0000 | – | – | -9.09% | still falling |" in text  # a shorter curve: gaps
     assert "| long | 0 | – | 1.0000 | – | 1.0200 | +2.00% | rising |" in text  # overfitting is not "flat"
     assert "**Still falling at the end** (≥ 0.5% over the last interval): lora seed 0, fa seed 1." in text
