@@ -281,6 +281,27 @@ def factorized_rows(root: Path) -> list[str]:
     return out
 
 
+def factorized_table(root: Path, arg: str = "") -> str:
+    """docs/factorized_attention.md: every arm and length of benchmarks/results/factorized_attention.json."""
+    d = _json(root, "benchmarks/results/factorized_attention.json")
+    ref = d["reference"]
+    lines = [f"Run: `{d['command']}` ({_threads(d)}; {d['conditions']['seconds'] / 60:.0f} min).", "",
+             f"| tokens | arm | step s (wall) | wall × {ref} | CPU s | **CPU × {ref}** | peak MiB | **memory × {ref}** |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        arm = r["arm"].replace("LoRA + ", "+ ") if r["arm"] != ref else ref
+        lines.append(f"| {r['tokens']} | {arm} | {r['step_s']:.2f} | {r['time_x']:.3f} | {r['cpu_s']:.2f} | "
+                     f"{r['cpu_x']:.3f} | {r['peak_MiB']:.0f} | {r['mem_x']:.3f} |")
+    return "\n".join(lines)
+
+
+def factorized_span(root: Path, arg: str) -> str:
+    """`ARM|KEY`: the smallest and largest KEY (cpu_x, mem_x) of ARM over the lengths, as 'a–b×'."""
+    arm, key = arg.split("|")
+    vals = [r[key] for r in _json(root, "benchmarks/results/factorized_attention.json")["rows"] if r["arm"] == arm]
+    return f"{min(vals):.2f}–{max(vals):.2f}×"
+
+
 def sparse_memory_rows(root: Path) -> list[str]:
     d = _json(root, "benchmarks/results/sparse_memory.json")
     lens = sorted({r["tokens"] for r in d["rows"]})
@@ -443,6 +464,7 @@ def benchmark_table(root: Path, arg: str = "") -> str:
 
 RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_range, "run_tables": run_tables,
              "run_change": run_change, "run_wall": run_wall, "gguf": gguf, "table": table, "bench_ratio": bench_ratio,
+             "factorized_table": factorized_table, "factorized_span": factorized_span,
              "benchmarks": benchmark_table, "feature_cache": feature_cache_table, "sparse_goal": sparse_goal,
              "sparse_table": sparse_table, "sparse_compare": sparse_compare, "sparse_text": sparse_text}
 
