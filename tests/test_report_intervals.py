@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from attnlab.report import acc_change, accuracy_interval, ppl_change
+from attnlab.report_intervals import acc_change, accuracy_interval, ppl_change
 from attnlab.stats import bootstrap_mean_seeds, wilson_interval
 
 

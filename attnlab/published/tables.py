@@ -148,7 +148,7 @@ def run_tables(root: Path, arg: str) -> str:
 def run_change(root: Path, arg: str) -> str:
     """`RESULTS_JSON|SET|METHOD[|acc]`: METHOD's change against the frozen base on SET, with its paired
     95% interval, exactly as the run's report prints it (perplexity; `acc`: answer accuracy)."""
-    from ..report import _fmt_change, acc_change, ppl_change
+    from ..report_intervals import _fmt_change, acc_change, ppl_change
 
     rel, set_name, method, *kind = arg.split("|")
     res = _json(root, rel)
