@@ -43,6 +43,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import write_result  # noqa: E402  (imported first: it notes the start time and load)
+
 E, V = 576, 49152
 VARIANTS = ["linear+cross_entropy", "linear_cross_entropy (options=None)", "linear_cross_entropy (chunked, auto)",
             "linear_cross_entropy (chunked, accurate)", "linear_cross_entropy (chunked, 256 rows)",
@@ -154,9 +157,6 @@ def main():
                       f"{r['maxdiff']:.1e} |")
                 rows.append(r)
     if a.out:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from record import write_result
-
         write_result(a.out, {"threads": int(os.environ.get("BENCH_THREADS", "2")), "repeat": a.repeat,
                              "rounds": a.rounds, "rows": rows})
 

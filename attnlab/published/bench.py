@@ -38,7 +38,7 @@ def backward_head_rows(root: Path) -> list[str]:
 
 
 def _fc(d: dict) -> str:
-    return (f"**{d['speedup']:.1f}×** ({d['live_s']:.1f} s → {d['cache_s']:.2f} s) of a bound of {d['bound']:.1f}× "
+    return (f"**{d['speedup']:.1f}×** ({d['live_s']:.1f} → {d['cache_s']:.2f} CPU s) of a bound of {d['bound']:.1f}× "
             f"(**{100 * d['of_bound']:.0f}%**), loss curves within {d['max_loss_diff']:.1e}")
 
 
@@ -46,15 +46,16 @@ def feature_cache_rows(root: Path) -> list[str]:
     res, pap, hft = (_json(root, f"benchmarks/results/feature_cache_{k}.json") for k in ("residual", "paper", "head_ft"))
     ok = min(x["of_bound"] for x in (res, pap, hft)) >= 0.8
     return [f"| Head-only epoch from the feature cache vs recomputing the base ({res['n']} problems, batch "
-            f"{res['batch_size']}) | `{res['command']}`, `--preset paper`, `--method head_ft` ({_threads(res)}) | "
-            f"backward head `residual` {_fc(res)}; `paper` {_fc(pap)}; head_ft {_fc(hft)} | ≥ 80% of the bound "
-            f"{_mark(ok)} |"]
+            f"{res['batch_size']}; this process's CPU time, one thread) | `{res['command']}`, `--preset paper`, "
+            f"`--method head_ft` ({_threads(res)}) | backward head `residual` {_fc(res)}; `paper` {_fc(pap)}; head_ft "
+            f"{_fc(hft)} | ≥ 80% of the bound {_mark(ok)} |"]
 
 
 def feature_cache_table(root: Path, arg: str = "") -> str:
-    """docs/backward_head.md: the feature-cache benchmark, one row per head."""
-    lines = ["| head | epoch from the base (live) s | epoch from the cache s | speed-up | bound (body + head) / head "
-             "| speed-up / bound | max loss-curve diff | command |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    """docs/backward_head.md: the feature-cache benchmark, one row per head (CPU time of the one thread)."""
+    lines = ["| head | epoch from the base (live), CPU s | epoch from the cache, CPU s | speed-up | bound (body + head) "
+             "/ head | speed-up / bound | max loss-curve diff | command (conditions) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for key, label in (("residual", "backward head, `residual`"), ("paper", "backward head, `paper` (d = E)"),
                        ("head_ft", "head_ft")):
         d = _json(root, f"benchmarks/results/feature_cache_{key}.json")
