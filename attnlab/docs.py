@@ -65,10 +65,16 @@ def render_text(text: str, root: Path = ROOT) -> str:
 def stale(root: Path = ROOT) -> list[str]:
     """One line per problem: a document whose rendered blocks differ from their results files, a
     results file without its command."""
+    from .errors import AttnlabError
+
     problems = []
     for doc in documents(root):
         text = doc.read_text()
-        new = render_text(text, root)
+        try:
+            new = render_text(text, root)
+        except AttnlabError as e:
+            problems.append(f"{doc.relative_to(root)}: cannot render: {e}")
+            continue
         if new != text:
             old_blocks, new_blocks = BLOCK.findall(text), BLOCK.findall(new)
             which = [e for (e, a), (_, b) in zip(old_blocks, new_blocks) if a != b]
@@ -98,7 +104,14 @@ def render(root: Path = ROOT) -> list[Path]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["render"]:
-        for p in render():
+        from .errors import AttnlabError
+
+        try:
+            changed = render()
+        except AttnlabError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for p in changed:
             print(f"rendered {p.relative_to(ROOT)}")
         return 0
     if argv[:1] == ["check"]:

@@ -52,3 +52,6 @@ def test_an_unknown_renderer_or_a_missing_results_file_is_one_clear_error(tmp_pa
         render_one("nope:x", tmp_path)
     with pytest.raises(DataError, match="missing.md: no such results file"):
         render_one("cell:missing.md|PPL|lora", tmp_path)
+    (tmp_path / "README.md").write_text("<!-- render:cell:missing.md|PPL|lora -->1<!-- /render -->\n")
+    assert docs.stale(tmp_path) == ["README.md: cannot render: missing.md: no such results file (a rendered block "
+                                    "names it)"]
