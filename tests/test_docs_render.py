@@ -55,3 +55,11 @@ def test_an_unknown_renderer_or_a_missing_results_file_is_one_clear_error(tmp_pa
     (tmp_path / "README.md").write_text("<!-- render:cell:missing.md|PPL|lora -->1<!-- /render -->\n")
     assert docs.stale(tmp_path) == ["README.md: cannot render: missing.md: no such results file (a rendered block "
                                     "names it)"]
+
+
+def test_a_table_of_chosen_rows_keeps_each_cell_as_the_report_prints_it(tmp_path):
+    (tmp_path / "r.md").write_text("| method | decoding | acc | Δ |\n|---|---|---:|---:|\n| m | greedy | 1/4 | – |\n"
+                                   "| m | T=1, top-k=off | 2/4 | +25 pp |\n")
+    out = render_one("table:r.md|acc;Δ|m>T=1, top-k=off=>m, sampled;m>greedy", tmp_path)
+    assert out.splitlines() == ["| arm | acc | Δ |", "|---|---:|---:|", "| m, sampled | 2/4 | +25 pp |",
+                                "| m>greedy | 1/4 | – |"]

@@ -60,7 +60,7 @@ def table_cell(text: str, column: str, row: str) -> str:
 
 
 def table(root: Path, arg: str) -> str:
-    """`FILE|COL;COL;...|ROW=LABEL;ROW=LABEL;...`: a table of the chosen rows (relabelled) and columns
+    """`FILE|COL;COL;...|ROW=>LABEL;ROW=>LABEL;...`: a table of the chosen rows (relabelled) and columns
     of a committed report, each cell as printed there (a column is looked up as in `table_cell`)."""
     rel, cols, rows = arg.split("|")
     text = _read(root, rel)
@@ -68,7 +68,7 @@ def table(root: Path, arg: str) -> str:
     lines = ["| arm | " + " | ".join(c.split("@")[0].split("#")[0] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for pair in rows.split(";"):
-        key, _, label = pair.partition("=")
+        key, _, label = pair.partition("=>")
         lines.append(f"| {label or key} | " + " | ".join(table_cell(text, c, key) for c in cols) + " |")
     return "\n".join(lines)
 
