@@ -62,4 +62,4 @@ def test_a_table_of_chosen_rows_keeps_each_cell_as_the_report_prints_it(tmp_path
                                    "| m | T=1, top-k=off | 2/4 | +25 pp |\n")
     out = render_one("table:r.md|acc;Δ|m>T=1, top-k=off=>m, sampled;m>greedy", tmp_path)
     assert out.splitlines() == ["| arm | acc | Δ |", "|---|---:|---:|", "| m, sampled | 2/4 | +25 pp |",
-                                "| m>greedy | 1/4 | – |"]
+                                "| m, greedy | 1/4 | – |"]

@@ -69,7 +69,7 @@ def table(root: Path, arg: str) -> str:
              "|---|" + "---:|" * len(cols)]
     for pair in rows.split(";"):
         key, _, label = pair.partition("=>")
-        lines.append(f"| {label or key} | " + " | ".join(table_cell(text, c, key) for c in cols) + " |")
+        lines.append(f"| {label or key.replace('>', ', ')} | " + " | ".join(table_cell(text, c, key) for c in cols) + " |")
     return "\n".join(lines)
 
 
