@@ -172,4 +172,4 @@ def gguf(root: Path, arg: str = "") -> str:
     return (f"`{d['file']}` ({d['package']}): {t.get('Q4_1', 0)} of its {d['tensors']} tensors, every attention and MLP "
             f"matrix, are 4-bit Q4_1, the token embedding (tied to the LM head) Q8_0, the {t.get('F32', 0)} norm "
             f"weights fp32. The file holds no higher-precision copy of the quantized matrices, so what the "
-            f"quantization costs cannot be measured offline (the original bf16 weights need the network)")
+            f"quantization costs cannot be measured offline (the unquantized weights need the network)")
