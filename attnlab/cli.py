@@ -64,26 +64,23 @@ def _load(a):
 
 
 def cmd_eval(a) -> int:
+    from .compare import check_new_file, evaluate_against_base, write_per_example
     from .data import build_splits
-    from .evaluate import answer_metrics, base_reference, generate, score
 
+    if a.per_example:
+        check_new_file(a.per_example)
     bb, plugin = _load(a)
     splits = build_splits(_data_cfg(a), bb.tokenizer)
-    reference = None
+    r = evaluate_against_base(bb, plugin, splits.eval, a.batch_size, a.generate, a.max_new_tokens,
+                              qa=splits.kind == "qa")
+    if a.per_example:
+        write_per_example(a.per_example, r["per_example"])
+    out = {"model": a.model, "plugin": a.plugin, "data": splits.report, "metrics": r["metrics"]}
     if plugin is not None:
-        plugin.detach()
-        reference = base_reference(bb.model, splits.eval, bb.tokenizer.pad_token_id, a.batch_size)
-        plugin.attach(bb.model)
-    metrics = score(bb.model, splits.eval, bb.tokenizer.pad_token_id, a.batch_size, reference=reference)
-    if a.generate and splits.kind == "qa":
-        ex = splits.eval[: a.generate]
-        st = {}
-        texts = generate(bb.model, bb.tokenizer, ex, a.max_new_tokens, a.batch_size, stats=st)
-        am = answer_metrics(texts, [e.answer for e in ex], finished=st.get("finished"))
-        am.pop("per_example", None)
-        metrics.update(am, n_cut_off=st.get("n_cut_off"))
-    metrics.pop("per_example", None)
-    print(json.dumps({"model": a.model, "plugin": a.plugin, "data": splits.report, "metrics": metrics}, indent=2))
+        out.update(base_metrics=r["base_metrics"], vs_base=r["vs_base"])
+    print(json.dumps(out, indent=2))
+    for v in r["vs_base"].values():
+        print(v["text"], file=sys.stderr)
     return 0
 
 
@@ -162,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a model (with or without a plug-in) on a dataset",
                        description="Cross-entropy, perplexity, next-token accuracy (and KL to the base when a "
-                       "plug-in is given) on N examples of the dataset's test split (the same hash split "
+                       "plug-in is given; then the frozen base is scored on the same examples too, and the change "
+                       "is printed with a paired 95% bootstrap interval over examples) on N examples of the dataset's test split (the same hash split "
                        "`attnlab run` holds out, so never a training problem); with --generate K, answer accuracy, "
                        "precision/recall/F1, median error and RMSE.")
     model_args(e)
@@ -170,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive, default=8)
     e.add_argument("--generate", type=_count, default=0, metavar="K", help="also generate for the first K examples")
     e.add_argument("--max-new-tokens", type=_positive, default=128)
+    e.add_argument("--per-example", metavar="PATH", default=None,
+                   help="write one JSON line per example (NLL, tokens, KL; the base's NLL with --plugin; outputs and "
+                        "correctness with --generate) to PATH, a new file")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="prompt in, text out, with or without a plug-in",

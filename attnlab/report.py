@@ -15,6 +15,8 @@ import math
 import statistics
 from pathlib import Path
 
+from .report_intervals import _fmt_change, _set_names, acc_change, decoding_lines, ppl_change
+
 # (key, label, lower is better?, format)
 METRICS = [
     ("cross_entropy", "CE", True, "{:.4f}"),
@@ -129,104 +131,6 @@ def _paired_lines(cells, baseline, summ) -> list[str]:
     return lines
 
 
-# --- differences with confidence intervals ------------------------------------------------------
-
-def _per_seed(cells: list[dict], name: str) -> dict:
-    return {c["seed"]: c for c in cells if c["method"] == name}
-
-
-def _pairs(cells, name, ref, set_name, key):
-    """Per-seed (a, b) per-example arrays of `key` for method `name` against `ref`: the same seed
-    when the reference was trained with it, else the reference's one (deterministic) evaluation."""
-    a, b = _per_seed(cells, name), _per_seed(cells, ref)
-    out = []
-    for seed, ca in sorted(a.items()):
-        cb = b.get(seed) or (next(iter(b.values())) if len(b) == 1 else None)
-        if cb is None:
-            continue
-        pa, pb = ca.get("per_example", {}).get(set_name, {}), cb.get("per_example", {}).get(set_name, {})
-        if all(k in pa and k in pb for k in key):
-            out.append((seed, [pa[k] for k in key], [pb[k] for k in key]))
-    return out
-
-
-def ppl_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
-    """Relative change of corpus perplexity of `name` against `ref` on one set, with its 95% CI."""
-    from .stats import paired_bootstrap_ppl_seeds
-
-    pairs = _pairs(cells, name, ref, set_name, ("nll", "n_tokens"))
-    if not pairs:
-        return None
-    r = paired_bootstrap_ppl_seeds([(a[0], a[1], b[0], b[1]) for _, a, b in pairs], n_boot=n_boot)
-    return {**r, "seeds": [s for s, *_ in pairs]}
-
-
-def acc_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
-    """Difference of answer accuracy (percentage points) of `name` against `ref`, with its 95% CI."""
-    from .stats import paired_bootstrap_diff_seeds
-
-    pairs = _pairs(cells, name, ref, set_name, ("correct",))
-    if not pairs:
-        return None
-    r = paired_bootstrap_diff_seeds([(a[0], b[0]) for _, a, b in pairs], n_boot=n_boot)
-    return {**r, "seeds": [s for s, *_ in pairs]}
-
-
-def _noise(r: dict) -> bool:
-    from .stats import within_noise
-
-    return within_noise(r["lo"], r["hi"]) or (r.get("seed_lo") is not None and within_noise(r["seed_lo"], r["seed_hi"]))
-
-
-def _fmt_change(r: dict | None, pct: bool) -> str:
-    if r is None:
-        return "–"
-    k = 100.0
-    unit = "%" if pct else " pp"
-    txt = f"{k * r['change']:+.1f}{unit} [{k * r['lo']:+.1f}, {k * r['hi']:+.1f}]"
-    if r.get("seed_lo") is not None:
-        txt += f" (seeds [{k * r['seed_lo']:+.1f}, {k * r['seed_hi']:+.1f}])"
-    return txt + (" *within noise*" if _noise(r) else (" **better**" if (r["change"] < 0) == pct else " **worse**"))
-
-
-def _set_names(results: dict) -> list[str]:
-    return ["test"] + list(results.get("eval_sets", {}))
-
-
-def decoding_lines(results: dict, n_boot: int = 2000) -> list[str]:
-    """Per set with a decoding grid: answer accuracy per method and decoding (greedy, sampled), pooled
-    over seeds with its Wilson 95% interval, and the paired change against the frozen base's greedy
-    answers to the same problems (bootstrap over problems, seeds averaged)."""
-    from .stats import paired_bootstrap_diff_seeds, wilson_interval
-
-    lines = []
-    for s in _set_names(results):
-        rows: dict[tuple[str, str], list] = {}
-        for c in results["cells"]:
-            ev = c["eval"] if s == "test" else c.get("eval_sets", {}).get(s, {})
-            greedy = c.get("per_example", {}).get(s, {}).get("correct")
-            if greedy is not None:
-                rows.setdefault((c["method"], "greedy"), []).append(greedy)
-            for x in ev.get("sampling") or []:
-                rows.setdefault((c["method"], f"T={x['temperature']:g}, top-k={x['top_k'] or 'off'}"), []).append(
-                    x["correct"])
-        if all(d == "greedy" for _, d in rows):
-            continue
-        ref = rows.get(("frozen", "greedy"))
-        lines += ["", f"### Decoding on `{s}`", "",
-                  "Answer accuracy pooled over seeds [Wilson 95%]; change against the frozen base's greedy answers "
-                  "to the same problems [paired bootstrap 95%].", "",
-                  "| method | decoding | accuracy | [95% CI] | Δ vs frozen greedy (pp) |", "|---|---|---:|---|---|"]
-        for (name, dec), arrs in rows.items():
-            k, n = int(sum(sum(a) for a in arrs)), sum(len(a) for a in arrs)
-            lo, hi = wilson_interval(k, n) if n else (float("nan"), float("nan"))
-            d = "–"
-            if ref and (name, dec) != ("frozen", "greedy") and all(len(a) == len(ref[0]) for a in arrs):
-                d = _fmt_change(paired_bootstrap_diff_seeds([(a, ref[0]) for a in arrs], n_boot=n_boot), False)
-            lines.append(f"| {name} | {dec} | {k}/{n} = {k / max(n, 1):.3f} | [{lo:.3f}, {hi:.3f}] | {d} |")
-    return lines
-
-
 def _set_title(results: dict, name: str) -> str:
     if name == "test":
         return "test (in-distribution)"
@@ -337,7 +241,10 @@ def curve_lines(results: dict) -> list[str]:
     steps = sorted({s for c in cells for s, _ in c["val_curve"]})
     lines = ["", "## Validation curves", "",
              "Validation loss (CE on the validation split) at each evaluation step of the trainings whose "
-             "weights were kept; *last Δ* is the relative change over the last interval.", "",
+             f"weights were kept; *last Δ* is the relative change over the last interval. Criterion: *still "
+             f"falling* when last Δ ≤ −{100 * STILL_FALLING:.1f}%, *falling slowly* when it is between that and 0 "
+             f"(the last step is still the best), *rising* when ≥ +{100 * STILL_FALLING:.1f}%, *flat* otherwise "
+             f"(no gain over the last interval; under cosine decay even that does not prove convergence).", "",
              "| method | seed | " + " | ".join(f"step {s}" for s in steps) + " | last Δ | |",
              "|---|---:|" + "---:|" * len(steps) + "---:|---|"]
     falling = []
@@ -348,7 +255,8 @@ def curve_lines(results: dict) -> list[str]:
         still = change <= -STILL_FALLING
         if still:
             falling.append(f"{c['method']} seed {c['seed']}")
-        shape = "still falling" if still else "rising" if change >= STILL_FALLING else "flat"
+        shape = ("still falling" if still else "rising" if change >= STILL_FALLING
+                 else "falling slowly" if change < 0 else "flat")
         lines.append(f"| {c['method']} | {c['seed']} | " + " | ".join(f"{at[s]:.4f}" if s in at else "–" for s in steps)
                      + f" | {100 * change:+.2f}% | {shape} |")
     if falling:

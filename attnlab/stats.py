@@ -201,6 +201,33 @@ def paired_bootstrap_diff(a, b, n_boot: int = 2000, alpha: float = 0.05, seed: i
     return paired_bootstrap_diff_seeds([(a, b)], n_boot=n_boot, alpha=alpha, seed=seed)
 
 
+def bootstrap_mean_seeds(runs, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """The mean of per-example values (e.g. 0/1 answer correctness) over several seeds' runs on the
+    same n examples, with an interval whose unit is the example.
+
+    runs: one array per seed, value i of each on example i. The statistic is the mean over seeds
+    of each seed's mean, A = mean_s mean_i x_si = mean_i x̄_i with x̄_i the example's mean over
+    seeds. Seeds are averaged inside an example, not pooled as S·n independent draws: the seeds
+    answer the same problems, so an easy problem is right in every seed, and pooling would count
+    it S times (an interval too narrow by up to √S). One resample draws n example indices with
+    replacement (the same for every seed) and recomputes A; lo, hi are its alpha/2 and 1 − alpha/2
+    quantiles. With one seed use `wilson_interval` (the exact-coverage choice for a proportion).
+
+    Returns {"value", "lo", "hi", "n_examples", "n_seeds", "n_boot"}."""
+    _check(n_boot, alpha)
+    arrs = [np.asarray(a, dtype=np.float64).reshape(-1) for a in runs]
+    if not arrs:
+        raise DataError("no runs to average")
+    n = arrs[0].size
+    if n == 0 or any(a.size != n for a in arrs):
+        raise DataError("every seed must be scored on the same, non-empty set of examples")
+    per_example = np.mean(arrs, axis=0)                           # x̄_i: the example's mean over seeds
+    idx = _rng(seed).integers(0, n, size=(n_boot, n))
+    lo, hi = _percentile(per_example[idx].mean(-1), alpha)
+    return {"value": float(per_example.mean()), "lo": lo, "hi": hi, "n_examples": n, "n_seeds": len(arrs),
+            "n_boot": n_boot}
+
+
 def within_noise(lo: float, hi: float) -> bool:
     """True when the interval [lo, hi] covers zero."""
     return lo <= 0.0 <= hi

@@ -15,7 +15,6 @@ second LM head, and not counted in the per-step peak.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import peak_bytes  # noqa: E402
+from record import write_result  # noqa: E402
 
 import attnlab  # noqa: E402
 from attnlab.data import build_splits  # noqa: E402
@@ -127,7 +127,8 @@ def main():
               f"{r.get('infer_x_base', 1):.2f} | {r['decode_tok_per_s']:.1f} | {r.get('decode_x_base', 1):.2f} | "
               f"{r['const_MiB']:.0f} |")
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=2))
+        write_result(a.out, {"model": a.model, "tokens": a.tokens, "prompts": a.prompts,
+                             "decode_tokens": a.decode_tokens, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ tensors created during the step (CPU: an allocator-level dispatch mode; CUDA: ma
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import peak_bytes  # noqa: E402
+from record import write_result  # noqa: E402
 
 import attnlab  # noqa: E402
 
@@ -116,7 +116,7 @@ def main():
         print(f"| {r['tokens']} | {r['arm']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['time_x']:.3f} | "
               f"{r['cpu_s']:.2f} | {r['cpu_x']:.3f} | {r['peak_MiB']:.0f} | {r['mem_x']:.3f} |")
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=2))
+        write_result(a.out, {"model": a.model, "repeat": a.repeat, "reference": ref, "rows": rows})
 
 
 if __name__ == "__main__":

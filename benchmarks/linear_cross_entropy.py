@@ -23,7 +23,8 @@ back to the OS and the resident set follows the live tensors); memory is the gro
 resident set (VmHWM, reset just before) over the resident set before the first step: inputs
 excluded, W's gradient included. The tensor tracker of
 attnlab.memory cannot be used here: it does not see inside the chunked custom op. Time is the
-median of `--repeat` steps after that one (fewer once they took 30 s); `--rounds` runs the variants again, interleaved, and
+median of `--repeat` steps after that one (wall `time_s`, and `cpu_s`, this process's CPU time: with
+BENCH_THREADS=1 the work done, whatever else shares the machine) (fewer once they took 30 s); `--rounds` runs the variants again, interleaved, and
 the smallest median is kept (the machine may be shared). `maxdiff` is the larger of the relative
 difference of the summed loss from the reference and the largest gradient difference relative to
 the reference gradient's largest entry, in the same process.
@@ -42,6 +43,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import write_result  # noqa: E402  (imported first: it notes the start time and load)
 
 E, V = 576, 49152
 VARIANTS = ["linear+cross_entropy", "linear_cross_entropy (options=None)", "linear_cross_entropy (chunked, auto)",
@@ -102,16 +106,18 @@ def worker(name, n, grad, repeat, budget=30.0):
     before = _status_mib("VmRSS")
     loss, g = step(fn, X, W, t)
     peak = _status_mib("VmHWM") - before
-    ts = []
+    ts, cs = [], []
     while len(ts) < repeat and (len(ts) < 1 or sum(ts) < budget):
-        s = time.perf_counter()
+        s, c = time.perf_counter(), time.process_time()
         step(fn, X, W, t)
         ts.append(time.perf_counter() - s)
+        cs.append(time.process_time() - c)
     loss, g = loss.clone(), g.clone()
     ref_loss, ref_g = step(ref, X, W, t)
     # relative: of the summed loss, and of the gradient against its largest entry
     maxdiff = max(float((loss - ref_loss).abs() / ref_loss.abs()), float((g - ref_g).abs().max() / ref_g.abs().max()))
-    return {"variant": name, "n": n, "grad": grad, "time_s": statistics.median(ts), "steps_timed": len(ts),
+    return {"variant": name, "n": n, "grad": grad, "time_s": statistics.median(ts),
+            "cpu_s": statistics.median(cs), "steps_timed": len(ts),
             "peak_mib": peak, "maxdiff": maxdiff, "loss": float(loss)}
 
 
@@ -154,9 +160,8 @@ def main():
                       f"{r['maxdiff']:.1e} |")
                 rows.append(r)
     if a.out:
-        from attnlab.atomic import write_json_atomic
-
-        write_json_atomic(a.out, {"torch": torch.__version__, "rows": rows})
+        write_result(a.out, {"threads": int(os.environ.get("BENCH_THREADS", "2")), "repeat": a.repeat,
+                             "rounds": a.rounds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python benchmarks/sparse_quality.py --length 2048 --train 12 --heldout 16 --gate-steps 2000 --metric-sequences 8
     python benchmarks/sparse_quality.py --length 4096 --train 6 --heldout 7 --gate-steps 2000
-    python benchmarks/sparse_quality.py --length 2048 --report      # tables, docs/img/sparse_quality_2048.png
+    python benchmarks/sparse_quality.py --length 2048 --report      # tables; the curves next to the JSON (.png)
+    python benchmarks/sparse_quality.py --length 2048 --report --publish   # ... and into docs/img/ (the docs' figure)
 
 (the runs in docs/sparse_attention.md, on one CPU thread: ~5 min per held-out sequence at 2048 tokens
 and ~20 at 4096, ~5 min per metric sequence; the teacher pass and gate training ~4-5 min per length)
@@ -125,7 +126,11 @@ def main(argv=None):
     ap.add_argument("--metric-sequences", type=int, default=0,
                     help="held-out sequences for attention MSE and gradient cosine (headline budgets; 0: skip)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_quality_<length>.json)")
-    ap.add_argument("--report", action="store_true", help="only print the tables and draw the curves from the JSON")
+    ap.add_argument("--report", action="store_true",
+                    help="only print the tables and draw the curves from the JSON (the PNG goes next to --out)")
+    ap.add_argument("--publish", action="store_true",
+                    help="with --report: also write the curves to docs/img/sparse_quality_<length>.png, the figure "
+                         "the docs show (never done otherwise: a run on other text must not replace it)")
     ap.add_argument("--metrics-only", action="store_true",
                     help="skip the curves: only attention MSE and gradient cosine (e.g. in a second process "
                          "with its own --out, once the main run has saved the gate)")
@@ -138,8 +143,14 @@ def main(argv=None):
         summarise(data)
         print(report(data))
         if data["points"].get("dense", {}).get("summary"):
-            plot(data, ROOT / "docs" / "img" / f"sparse_quality_{args.length}.png")
+            plot(data, out.with_suffix(".png"))
+            print(f"curves: {out.with_suffix('.png')}")
+            if args.publish:
+                plot(data, ROOT / "docs" / "img" / f"sparse_quality_{args.length}.png")
+                print(f"published: docs/img/sparse_quality_{args.length}.png")
         return
+    if args.publish:
+        raise SystemExit("--publish goes with --report (it publishes the curves of a finished JSON)")
     out.parent.mkdir(parents=True, exist_ok=True)
     state_dir = ROOT / "runs" / out.stem          # the gate belongs to its JSON: another --out, another gate
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -426,7 +437,9 @@ def plot(data: dict, path: Path) -> None:
     ax.set_yscale("symlog", linthresh=2)
     ax.set_ylim(bottom=lowest)
     n = data["points"].get("dense", {}).get("summary", {}).get("sequences", 0)
-    ax.set_title(f"held-out WikiText-2, {data['meta']['length']} tokens x {n} sequence{'s' * (n != 1)}, all 30 layers sparse\n"
+    text = data["meta"]["text"]
+    text = "WikiText-2 validation" if "wikitext-2" in text and text.endswith("valid.txt") else Path(text).name
+    ax.set_title(f"held-out {text}, {data['meta']['length']} tokens x {n} sequence{'s' * (n != 1)}, all 30 layers sparse\n"
                  "(shaded: 95% bootstrap interval over sequences)",
                  fontsize=10)
     ax.legend(fontsize=8)

@@ -104,3 +104,18 @@ def test_the_metrics_table_averages_only_the_sequences_every_selector_has_read()
                        "oracle:top_k=2": {"3": {"attention_mse": 1e-6, "grad_cosine": 0.99}}}
     text = sq.report(data)
     assert "sequences 3:" in text and "| quest | top_k=2 | 1 | 1e-05 | 0.9000 | 0.9000 | 0/1 |" in text
+
+
+def test_report_draws_the_curves_next_to_its_out_and_only_publish_touches_docs(tmp_path, monkeypatch):
+    import json
+
+    data = _data({"quest": lambda i: 0.0})
+    data["meta"].update(text="/elsewhere/other.txt")
+    out = tmp_path / "other_text.json"
+    out.write_text(json.dumps(data))
+    docs = tmp_path / "repo"
+    monkeypatch.setattr(sq, "ROOT", docs)            # the repository whose docs/img must stay untouched
+    sq.main(["--length", "2048", "--report", "--out", str(out)])
+    assert (tmp_path / "other_text.png").is_file() and not (docs / "docs").exists()
+    sq.main(["--length", "2048", "--report", "--out", str(out), "--publish"])
+    assert (docs / "docs" / "img" / "sparse_quality_2048.png").is_file()

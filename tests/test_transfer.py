@@ -202,7 +202,7 @@ def test_with_sweep_seeds_first_later_seeds_train_the_value_the_first_seed_chose
         load_config({**cfg, "sweep_seeds": "some"})
 
 
-def test_the_decoding_grid_table_pools_seeds_with_wilson_and_paired_intervals():
+def test_the_decoding_grid_table_averages_seeds_inside_problems_and_uses_wilson_for_one_seed():
     from attnlab.report import decoding_lines
 
     ref = [1, 0, 1, 0, 0, 0, 1, 0]
@@ -219,6 +219,11 @@ def test_the_decoding_grid_table_pools_seeds_with_wilson_and_paired_intervals():
     assert "| frozen | greedy | 3/8 = 0.375 |" in text and "| frozen | T=0.7, top-k=20 | 4/8 = 0.500 |" in text
     head_greedy = next(x for x in lines if x.startswith("| head | greedy |"))
     assert "15/16 = 0.938" in head_greedy and "+56.2 pp [+25.0, +87.5]" in head_greedy
+    # two seeds on 8 problems: per-problem means seven 1s and one 0.5, so a resample's mean is
+    # 1 - 0.5 c / 8 with c ~ Binomial(8, 1/8); P(c >= 3) = 0.067 > 0.025 > P(c >= 4) = 0.013: lo = 0.8125
+    # (Wilson on 15/16 pooled answers would claim [0.717, 0.989] from twice the problems there are)
+    assert "[0.812, 1.000] | bootstrap over 8 problems, 2 seeds averaged |" in head_greedy
+    assert "| Wilson |" in next(x for x in lines if x.startswith("| frozen | greedy |"))
     assert "*within noise*" in head_greedy  # over problems it is better; over two seeds' spread not yet
     assert "**worse**" in next(x for x in lines if x.startswith("| head | T=1, top-k=off |"))
 
@@ -246,12 +251,15 @@ def test_the_report_shows_validation_curves_and_says_which_arms_were_still_falli
              {"method": "lora", "seed": 0, "val_curve": [[16, 1.10], [32, 1.04], [48, 1.00], [64, 0.988]]},
              {"method": "fa", "seed": 0, "val_curve": [[16, 1.10], [32, 1.00], [48, 0.990], [64, 0.989]]},
              {"method": "fa", "seed": 1, "val_curve": [[16, 1.10], [32, 1.00]]},
-             {"method": "long", "seed": 0, "val_curve": [[32, 1.00], [64, 1.02]]}]
+             {"method": "long", "seed": 0, "val_curve": [[32, 1.00], [64, 1.02]]},
+             {"method": "flat", "seed": 0, "val_curve": [[16, 1.10], [32, 1.00], [64, 1.001]]}]
     lines = curve_lines({"cells": cells})
     text = "\n".join(lines)
     assert "| step 16 | step 32 | step 48 | step 64 |" in text
     assert "| lora | 0 | 1.1000 | 1.0400 | 1.0000 | 0.9880 | -1.20% | still falling |" in text
-    assert "| fa | 0 | 1.1000 | 1.0000 | 0.9900 | 0.9890 | -0.10% | flat |" in text
+    assert "| fa | 0 | 1.1000 | 1.0000 | 0.9900 | 0.9890 | -0.10% | falling slowly |" in text  # still its best
+    assert "| flat | 0 | 1.1000 | 1.0000 | – | 1.0010 | +0.10% | flat |" in text  # no gain over the last interval
+    assert "*flat* otherwise" in text  # the report states its criterion
     assert "| fa | 1 | 1.1000 | 1.0000 | – | – | -9.09% | still falling |" in text  # a shorter curve: gaps
     assert "| long | 0 | – | 1.0000 | – | 1.0200 | +2.00% | rising |" in text  # overfitting is not "flat"
     assert "**Still falling at the end** (≥ 0.5% over the last interval): lora seed 0, fa seed 1." in text

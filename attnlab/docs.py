@@ -1,0 +1,126 @@
+"""Published numbers are rendered from committed results files, not typed.
+
+    python -m attnlab.docs render     # rewrite every rendered block in README.md and docs/*.md
+    python -m attnlab.docs check      # exit 1 naming each block that differs, and each results file
+                                      # that does not say which command made it
+
+A rendered block is delimited by two HTML comments (invisible in the rendered Markdown):
+
+    <!-- render:NAME:ARG -->...<!-- /render -->
+
+NAME picks a renderer in `attnlab.published` (a function of the repository root and ARG that reads
+results files and returns Markdown); everything between the markers is replaced by its output. A
+one-line output stays inline (a number in a sentence); a multi-line one (a table, an included
+file) sits on its own lines between the markers. `check` renders into memory and compares, so a
+test (tests/test_docs_render.py) fails when a published number no longer matches its results file.
+
+Results files (`benchmarks/results/*.json`, `docs/results/*`) must carry the command that made
+them: a JSON file a top-level `command` (or `meta.command`), a Markdown report a line
+"Command: `...`".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"<!-- render:(?P<expr>.+?) -->(?P<body>.*?)<!-- /render -->", re.S)
+DOC_GLOBS = ("README.md", "docs/*.md")
+RESULT_GLOBS = ("benchmarks/results/*.json", "docs/results/*.json", "docs/results/*.md")
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    return sorted(p for g in DOC_GLOBS for p in root.glob(g))
+
+
+def results_files(root: Path = ROOT) -> list[Path]:
+    return sorted(p for g in RESULT_GLOBS for p in root.glob(g))
+
+
+def command_of(path: Path) -> str | None:
+    """The command recorded in a results file, or None when it records none."""
+    if path.suffix == ".json":
+        d = json.loads(path.read_text())
+        cmd = d.get("command") or (d.get("meta") or {}).get("command") if isinstance(d, dict) else None
+        return cmd if isinstance(cmd, str) and cmd.strip() else None
+    m = re.search(r"^Command: `([^`]+)`", path.read_text(), re.M)
+    return m.group(1) if m else None
+
+
+def render_text(text: str, root: Path = ROOT) -> str:
+    """`text` with every rendered block's body replaced by its renderer's output."""
+    from .published import render_one
+
+    def sub(m: re.Match) -> str:
+        out = render_one(m.group("expr").strip(), root)
+        body = out if "\n" not in out else f"\n{out.rstrip()}\n"
+        return f"<!-- render:{m.group('expr')} -->{body}<!-- /render -->"
+
+    return BLOCK.sub(sub, text)
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """One line per problem: a document whose rendered blocks differ from their results files, a
+    results file without its command."""
+    from .errors import AttnlabError
+
+    problems = []
+    for doc in documents(root):
+        text = doc.read_text()
+        try:
+            new = render_text(text, root)
+        except AttnlabError as e:
+            problems.append(f"{doc.relative_to(root)}: cannot render: {e}")
+            continue
+        if new != text:
+            old_blocks, new_blocks = BLOCK.findall(text), BLOCK.findall(new)
+            which = [e for (e, a), (_, b) in zip(old_blocks, new_blocks) if a != b]
+            problems.append(f"{doc.relative_to(root)}: rendered blocks differ from their results files: "
+                            f"{', '.join(which)} (run `python -m attnlab.docs render`)")
+    for path in results_files(root):
+        if command_of(path) is None:
+            problems.append(f"{path.relative_to(root)}: records no command (add a `command` field, or a "
+                            f"'Command: `...`' line to a report)")
+    return problems
+
+
+def render(root: Path = ROOT) -> list[Path]:
+    """Rewrite the rendered blocks of every document in place; returns the documents that changed."""
+    from .atomic import write_text_atomic
+
+    changed = []
+    for doc in documents(root):
+        text = doc.read_text()
+        new = render_text(text, root)
+        if new != text:
+            write_text_atomic(doc, new)
+            changed.append(doc)
+    return changed
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["render"]:
+        from .errors import AttnlabError
+
+        try:
+            changed = render()
+        except AttnlabError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for p in changed:
+            print(f"rendered {p.relative_to(ROOT)}")
+        return 0
+    if argv[:1] == ["check"]:
+        problems = stale()
+        print("\n".join(problems) if problems else "every rendered block matches its results file")
+        return 1 if problems else 0
+    print(__doc__.split("\n\n")[1])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

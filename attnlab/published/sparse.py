@@ -1,0 +1,122 @@
+"""Renderers over benchmarks/results/sparse_quality_<length>.json, summarised by the benchmark's own
+code (benchmarks/sparse_quality.py), so the docs quote exactly what its `--report` prints."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+from ..errors import DataError
+from .tables import _json, _mark, md_tables
+
+@functools.lru_cache(maxsize=None)
+def _sparse_module(root: Path):
+    spec = importlib.util.spec_from_file_location("sparse_quality_report", root / "benchmarks" / "sparse_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _quality(root: Path, length: str) -> dict:
+    """The JSON with its summaries recomputed from the per-sequence records by the benchmark's own
+    `summarise` (deterministic bootstrap), so nothing stored by an older version is quoted. Cached:
+    callers only read it."""
+    data = _json(root, f"benchmarks/results/sparse_quality_{length}.json")
+    _sparse_module(root).summarise(data)
+    return data
+
+
+def _ranges(xs: list[int]) -> str:
+    """[117, 118, 119, 121] -> '117–119, 121'."""
+    out, start = [], None
+    for i, x in enumerate(xs):
+        start = x if start is None else start
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(x) if x == start else f"{start}–{x}")
+            start = None
+    return ", ".join(out)
+
+
+def measured_on(data: dict, root: Path) -> str:
+    """Which text and which of its sequences a sparse-quality result was read on."""
+    m = data["meta"]
+    seqs = [int(i) for i in _sparse_module(root).complete(data)]
+    name = "WikiText-2 validation" if "wikitext-2" in m["text"] and m["text"].endswith("valid.txt") else m["text"]
+    return (f"{name} text ({Path(m['text']).name}), {len(seqs)} held-out sequences of {m['length']} tokens "
+            f"(sequences {_ranges(seqs)} of its {m['sequences']}; other text gives other numbers)")
+
+
+def _ci(s: dict) -> str:
+    lo, hi = s.get("ppl_change_lo"), s.get("ppl_change_hi")
+    return f"{100 * s['ppl_change']:+.1f}%" + (f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if lo is not None else "")
+
+
+def _budget(b: dict) -> str:
+    """{'window': 256, 'sinks': 4} -> '256 + 4 sinks'; {'top_k': 2} -> 'top-2'; {'mass': 0.5} -> 'mass 0.5'."""
+    names = {"top_k": "top-{}", "window": "{}", "sinks": "+ {} sinks"}
+    return " ".join(names.get(k, k + " {}").format(v) for k, v in b.items())
+
+
+def sparse_goal(root: Path, arg: str) -> str:
+    """`LENGTH`: each selector's densest budget at density ≤ 0.25 (≥ 75% block sparsity) and its
+    perplexity change against dense, from sparse_quality_LENGTH.json."""
+    data = _quality(root, arg)
+    best = {}
+    for p in data["points"].values():
+        s = p.get("summary")
+        if s and p["selector"] != "dense" and s["density"] <= 0.25 and (
+                p["selector"] not in best or s["density"] > best[p["selector"]][1]["density"]):
+            best[p["selector"]] = (p["budget"], s)
+    parts = [f"{sel} {_budget(b)} ({s['density']:.2f}) {_ci(s)}"
+             for sel, (b, s) in sorted(best.items(), key=lambda kv: kv[1][1]["ppl_change"])]
+    return "; ".join(parts)
+
+
+def sparse_table(root: Path, arg: str) -> str:
+    """`LENGTH|FIRST_COLUMN`: the table of benchmarks/sparse_quality.py's report (from its JSON) whose
+    header starts with FIRST_COLUMN (`selector`: every budget; `A`: equal-density comparisons)."""
+    length, first = arg.split("|")
+    text = _sparse_module(root).report(_quality(root, length))
+    for header, rows in md_tables(text):
+        if header[0] == first:
+            lines = text.splitlines()
+            start = lines.index("| " + " | ".join(header) + " |")
+            return "\n".join(lines[start:start + len(rows) + 2])
+    raise DataError(f"sparse_quality_{length}.json's report has no table starting with {first!r}")
+
+
+def sparse_compare(root: Path, arg: str) -> str:
+    """`LENGTH|A|B|DENSITY`: A against B at equal density, with both intervals and the sign count."""
+    length, a, b, dens = arg.split("|")
+    c = next(c for c in _quality(root, length)["comparisons"]
+             if (c["a"], c["b"]) == (a, b) and abs(c["density"] - float(dens)) < 1e-9)
+    noise = c["lo"] <= 0 <= c["hi"] or c["t_lo"] <= 0 <= c["t_hi"]
+    return (f"{100 * c['change']:+.1f}% [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] (t-interval "
+            f"[{100 * c['t_lo']:+.1f}, {100 * c['t_hi']:+.1f}]; better on {c['a_better_on']}/{c['sequences']}"
+            f"{'; within noise' if noise else ''})")
+
+
+def sparse_text(root: Path, arg: str) -> str:
+    """`LENGTH`: which text and sequences the sparse quality numbers were measured on."""
+    return measured_on(_quality(root, arg), root)
+
+
+def sparse_quality_rows(root: Path) -> list[str]:
+    out = []
+    for length in ("2048", "4096"):
+        data = _quality(root, length)
+        n = data["points"]["dense"]["summary"]["sequences"]
+        cmds = data["meta"].get("commands") or [data["meta"]["command"]]
+        ok = any(p["summary"]["density"] <= 0.25 and p["summary"]["ppl_change"] <= 0.02
+                 for p in data["points"].values() if p.get("summary") and p["selector"] != "dense")
+        out.append(f"| Sparse at ≥ 75% block sparsity (density ≤ 0.25), perplexity vs dense, {length} tokens, measured on "
+                   f"{measured_on(data, root)} (95% bootstrap over sequences) | "
+                   + "; ".join(f"`{c}`" for c in cmds) + f" | {sparse_goal(root, length)} | ≤ +2% {_mark(ok)} |")
+    cmp = " ".join(f"{length}: learned vs quest at density {dens}: {sparse_compare(root, f'{length}|learned|quest|{dens}')}."
+                   for length, dens in (("2048", "0.25"), ("2048", "0.4"), ("4096", "0.15")))
+    out.append(f"| Learned gate vs Quest at equal density (same runs, interpolated per sequence) | "
+               f"`python benchmarks/sparse_quality.py --length 2048 --report` (and `--length 4096`) | {cmp} | beats Quest "
+               f"{_mark(False)} |")
+    return out

@@ -1,0 +1,65 @@
+"""Every published number is rendered from a committed results file that says how it was made."""
+
+import json
+
+import pytest
+
+from attnlab import docs
+from attnlab.errors import DataError
+from attnlab.published import md_tables, render_one, table_cell
+
+
+def test_every_rendered_block_matches_its_results_file_and_every_results_file_has_its_command():
+    problems = docs.stale()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_fails_on_a_hand_edited_number_and_on_a_results_file_without_a_command(tmp_path):
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "r.md").write_text("# r\n\n| method | PPL |\n|---|---:|\n| lora | 3.50 |\n")
+    (tmp_path / "README.md").write_text(
+        "LoRA reads <!-- render:cell:docs/results/r.md|PPL|lora -->3.40<!-- /render --> here.\n")
+    problems = docs.stale(tmp_path)
+    assert any("README.md" in p and "cell:docs/results/r.md|PPL|lora" in p for p in problems)
+    assert any("docs/results/r.md: records no command" in p for p in problems)
+    assert docs.render(tmp_path) == [tmp_path / "README.md"]
+    assert "<!-- render:cell:docs/results/r.md|PPL|lora -->3.50<!-- /render -->" in (tmp_path / "README.md").read_text()
+    (tmp_path / "docs" / "results" / "r.md").write_text("# r\n\nCommand: `attnlab run r.yaml`\n\n| method | PPL |\n"
+                                                        "|---|---:|\n| lora | 3.50 |\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "b.json").write_text(json.dumps({"rows": []}))
+    assert [p.split(":")[0] for p in docs.stale(tmp_path)] == ["benchmarks/results/b.json"]
+
+
+def test_an_included_file_is_the_file_and_a_multi_line_block_sits_on_its_own_lines(tmp_path):
+    (tmp_path / "c.yaml").write_text("a: 1\nb: [2, 3]\n")
+    text = docs.render_text("x\n<!-- render:include:c.yaml -->old<!-- /render -->\n", tmp_path)
+    assert text == "x\n<!-- render:include:c.yaml -->\n```yaml\na: 1\nb: [2, 3]\n```\n<!-- /render -->\n"
+
+
+def test_cells_are_found_by_column_name_occurrence_and_row_keys():
+    text = ("| method | decoding | acc | Δ | acc |\n|---|---|---:|---:|---:|\n"
+            "| **m** | greedy | 0.1 | +1 | 0.3 |\n| `m` | T=1 | 0.2 | +2 | 0.4 |\n")
+    assert md_tables(text)[0][0] == ["method", "decoding", "acc", "Δ", "acc"]
+    assert table_cell(text, "acc", "m") == "0.1"
+    assert table_cell(text, "acc#2", "m>T=1") == "0.4"
+    with pytest.raises(DataError, match="no table"):
+        table_cell(text, "acc", "other")
+
+
+def test_an_unknown_renderer_or_a_missing_results_file_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="unknown renderer 'nope'"):
+        render_one("nope:x", tmp_path)
+    with pytest.raises(DataError, match="missing.md: no such results file"):
+        render_one("cell:missing.md|PPL|lora", tmp_path)
+    (tmp_path / "README.md").write_text("<!-- render:cell:missing.md|PPL|lora -->1<!-- /render -->\n")
+    assert docs.stale(tmp_path) == ["README.md: cannot render: missing.md: no such results file (a rendered block "
+                                    "names it)"]
+
+
+def test_a_table_of_chosen_rows_keeps_each_cell_as_the_report_prints_it(tmp_path):
+    (tmp_path / "r.md").write_text("| method | decoding | acc | Δ |\n|---|---|---:|---:|\n| m | greedy | 1/4 | – |\n"
+                                   "| m | T=1, top-k=off | 2/4 | +25 pp |\n")
+    out = render_one("table:r.md|acc;Δ|m>T=1, top-k=off=>m, sampled;m>greedy", tmp_path)
+    assert out.splitlines() == ["| arm | acc | Δ |", "|---|---:|---:|", "| m, sampled | 2/4 | +25 pp |",
+                                "| m, greedy | 1/4 | – |"]
