@@ -205,12 +205,15 @@ def section_rng(a, device, dtype) -> dict:
 
 
 def section_pytest(a, device, dtype) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-rs", "-p", "no:cacheprovider"]  # -q: pyproject
+    # -p no:logging: torch's DEBUG trace would otherwise bury the failures; -rfEs names each one
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-rfEs", "--tb=line", "-p", "no:cacheprovider",
+           "-p", "no:logging"]  # -q: pyproject
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.pytest_timeout)
-    tail = p.stdout.strip().splitlines()[-15:]
-    summary = [line for line in tail if re.search(r"\d+ (passed|failed|skipped|deselected|error)", line)]
+    lines = p.stdout.strip().splitlines()
+    summary = [line for line in lines if re.search(r"\d+ (passed|failed|skipped|deselected|error)", line)]
+    failures = [line for line in lines if line.startswith(("FAILED", "ERROR")) or re.match(r"^/?\S+\.py:\d+: ", line)]
     return {"command": " ".join(cmd[1:]), "returncode": p.returncode, "summary": summary[-1] if summary else "",
-            "tail": tail}
+            "failures": failures[:40], "tail": lines[-15:]}
 
 
 SECTIONS = {"train": section_train, "sparse": section_sparse, "rng": section_rng, "pytest": section_pytest}
