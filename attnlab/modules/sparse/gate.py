@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+
 POOLS = 3   # max, min, mean
 
 
@@ -49,13 +50,6 @@ def unrope(x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, float] 
         return x
     inv_freq, scaling = rope
     return rotary(x, pos, inv_freq.to(x.device), sign=-1.0) / scaling
-
-
-def key_stats(k: torch.Tensor, nfull: int, bs: int) -> torch.Tensor:
-    """k (B, Hkv, Tk, D) -> (B, Hkv, nfull, 3D): max, min and mean of each complete block."""
-    b, hkv, _, d = k.shape
-    blocks = k[:, :, :nfull * bs].reshape(b, hkv, nfull, bs, d)
-    return torch.cat([blocks.amax(3), blocks.amin(3), blocks.mean(3)], -1)
 
 
 class BlockGate(nn.Module):
