@@ -70,9 +70,10 @@ class BlockGate(nn.Module):
         rows = q.view(b, hkv, hq // hkv, r, d).transpose(2, 3).reshape(b, hkv, r, -1)   # heads side by side
         return rotary(rows @ self.wq, pos, self.inv_freq)
 
-    def keys(self, stats: torch.Tensor) -> torch.Tensor:
-        """stats (B, Hkv, nfull, 3D) -> (B, Hkv, nfull, gate_dim), rotated to each block's start."""
-        pos = torch.arange(stats.shape[2], device=stats.device) * self.block_size
+    def keys(self, stats: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """stats (B, Hkv, n, 3D) of blocks first .. first+n-1 -> (B, Hkv, n, gate_dim), rotated to
+        each block's start."""
+        pos = torch.arange(first, first + stats.shape[2], device=stats.device) * self.block_size
         return rotary(stats @ self.wk, pos, self.inv_freq)
 
     def scores(self, qg: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:

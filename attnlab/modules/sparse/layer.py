@@ -71,7 +71,7 @@ class SparseLayer(nn.Module):
         with torch.no_grad():   # a selection is discrete; only the gate's own loss has a gradient
             sel = self.select(q.detach(), k.detach(), p, base, scale)
         scores = None
-        if self.collect_gate_loss and cfg.variant == "learned" and bool(p.candidates().any()):
+        if self.collect_gate_loss and cfg.variant == "learned" and p.has_candidates:
             scores = self.gate_scores(q, k, p)
         kernel = cfg.kernel if cfg.kernel != "auto" else ("flex" if q.device.type == "cuda" else "gather")
         decoding = self.pages is not None and p.tq == 1 and p.qoff > 0 and (base is None or bool(base.all()))

@@ -14,6 +14,8 @@ patched layer (SparseLayer.pages), keyed off the keys it is given:
     a reordered beam or a cropped cache is caught and recomputed, never silently reused);
   - otherwise it is rebuilt from the given keys (correct, just not incremental).
 `computed` counts the blocks whose statistics were computed, for tests of "once per block".
+Without gradients (decoding), the gate's keys of the stored blocks are kept too, while the gate's
+weights are unchanged (their version counters), so a step projects only the newly completed blocks.
 """
 
 from __future__ import annotations
@@ -33,8 +35,26 @@ class Pages:
         self.n = 0
         self.computed = 0
 
+        self.keys: torch.Tensor | None = None                # (B, Hkv, nk, gate_dim): the gate's keys
+        self.keys_of: tuple | None = None                    # (gate, its weights' versions) they belong to
+
     def reset(self) -> None:
         self.parts, self.probe, self.n = None, None, 0
+        self.keys, self.keys_of = None, None
+
+    def gate_keys(self, gate, stats: torch.Tensor) -> torch.Tensor:
+        """gate.keys(stats) for the stored blocks' stats; outside autograd, the keys of blocks already
+        projected by the same, unchanged gate are reused."""
+        if torch.is_grad_enabled():
+            return gate.keys(stats)
+        owner = (id(gate), gate.wk._version, gate.wk.data_ptr())
+        if self.keys is None or self.keys_of != owner or self.keys.shape[2] > stats.shape[2] \
+                or self.keys.shape[:2] != stats.shape[:2]:
+            self.keys, self.keys_of = gate.keys(stats[:, :, :0]), owner
+        done = self.keys.shape[2]
+        if stats.shape[2] > done:
+            self.keys = torch.cat([self.keys, gate.keys(stats[:, :, done:], first=done)], 2)
+        return self.keys
 
     def _matches(self, k: torch.Tensor, p: Pattern) -> bool:
         if self.n == 0 or p.qoff == 0 or self.n > p.nfull:

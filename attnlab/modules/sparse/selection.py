@@ -48,14 +48,14 @@ def real_rows(p: Pattern, base) -> torch.Tensor | None:
     return base[:, 0, r, r + p.qoff]
 
 
-def gate_scores(gate: BlockGate, q, p: Pattern, stats, rope, block: bool, real=None) -> torch.Tensor:
+def gate_scores(gate: BlockGate, q, p: Pattern, stats, rope, block: bool, real=None, pages: Pages | None = None) -> torch.Tensor:
     """The gate's scores (B, Hkv, R, nfull) from q (B, Hq, Tq, D) after RoPE and the complete key
     blocks' stats (B, Hkv, nfull, 3D): per row (R = Tq) or per query block (R = nq, the mean over
     its real rows' gate queries)."""
     gq = gate.queries(unrope(q, p.qpos, rope), p.qpos)                       # (B, Hkv, Tq, gate_dim)
     if block:
         gq = pool_queries(gq, p, "mean", real)                               # (B, Hkv, nq, gate_dim)
-    return gate.scores(gq, gate.keys(stats))
+    return gate.scores(gq, pages.gate_keys(gate, stats) if pages is not None else gate.keys(stats))
 
 
 @torch.no_grad()
@@ -70,7 +70,7 @@ def select(cfg: SparseConfig, q, k, p: Pattern, base, scale, pages: Pages | None
     block = per_block(cfg, p)
     rows = p.nq if block else tq
     real = real_rows(p, base) if block else None
-    if not bool(p.candidates().any()):   # too short: only the fixed blocks
+    if not p.has_candidates:             # too short: only the fixed blocks
         scores = q.new_zeros(b, hkv, 1, rows, p.nfull)
     elif cfg.oracle:                     # the dense attention mass per row and block
         mass = row_block_stats(q, k, p, base, scale)[0][..., :p.nfull].view(b, hkv, hq // hkv, tq, p.nfull)
@@ -85,5 +85,5 @@ def select(cfg: SparseConfig, q, k, p: Pattern, base, scale, pages: Pages | None
         if cfg.variant == "quest":
             scores = quest_block_scores(q, *meta, p, real) if block else quest_row_scores(q, *meta)
         else:
-            scores = gate_scores(gate, q, p, meta[0], rope, block, real)[:, :, None]
+            scores = gate_scores(gate, q, p, meta[0], rope, block, real, pages)[:, :, None]
     return p.row_selection(scores, top_k=cfg.top_k, mass=cfg.mass, threshold=cfg.threshold, per_block=block)
