@@ -6,18 +6,18 @@
 SmolLM2-135M's shape with random weights (timings do not depend on the weights; the learned gate is
 the untrained, seeded one: its top_k chooses as many blocks as a trained one), CPU fp32, batch 1.
 Density ~0.25 at every length: quest and learned with granularity block, top_k 6 over blocks of
-64 tokens at 4096 and 128 at 8192 (blocks of bs*4096/T... i.e. the same number of blocks); the window
-T/8 keys (+4 sinks). The density each row reports is the fraction of causal pairs kept.
+64 tokens at 4096 and 128 at 8192 (the same number of blocks); the window T/8 keys (+4 sinks). The density each row reports is the fraction of causal pairs kept.
   1. attention: the attention function alone (SparseLayer, selection included) on one layer's q, k, v
      of the random model at length T, forward (no grad) and forward + backward, timed interleaved
      (every variant once per round, `--repeat` rounds, median) in wall and process CPU seconds; beside
      each sparse variant its ideal: ONE dense SDPA call (non-causal, no mask) of the T queries
      against n = kept pairs / T keys, i.e. the same number of (query, key) pairs with no selection,
      gather or mask.
-  2. body: `attnlab.profile.profile` on the first `--layers` layers (inference with attention_seconds,
-     training step with peak memory), dense SDPA and the three variants.
-  3. decode: `attnlab.profile.profile` mode decode on the whole 30-layer model: one generated token with
-     a KV cache of each --decode-lengths context (dense SDPA, quest, learned).
+  2. body: the training step (forward + backward) of the first `--layers` layers, as `attnlab profile`
+     times it, interleaved like 1 (wall and CPU), and its peak memory (attnlab.memory).
+  3. decode: one generated token of the whole 30-layer model with a KV cache of each --decode-lengths
+     context, as `attnlab profile --modes decode` times it, interleaved (dense SDPA, quest, learned).
+The machine is shared: the CPU seconds of this process are the steadier number; `load` in the meta.
 Writes --out (JSON, the command inside) and prints the tables.
 """
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from attnlab.modules import attach  # noqa: E402
 from attnlab.modules.attention import register  # noqa: E402
-from attnlab.profile import build_model, profile  # noqa: E402
+from attnlab.profile import build_model  # noqa: E402
 
 TOP_K = 6
 
@@ -119,8 +119,83 @@ def attention_rows(model, T: int, repeat: int) -> list[dict]:
     return rows
 
 
-def spec(name: str, opts: dict) -> str:
-    return opts["variant"] + ":" + ",".join(f"{k}={v}" for k, v in opts.items() if k != "variant")
+def interleaved(fns: dict, repeat: int, setup=None) -> dict[str, tuple[float, float]]:
+    """name -> (median wall s, median CPU s) over `repeat` rounds, every fn once per round in turn;
+    setup(name) -> a context manager entered around each call and its untimed warm-up."""
+    import contextlib
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            with (setup(name) if setup else contextlib.nullcontext()):
+                fn()                                            # warm-up (pages, first-call costs)
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append((time.perf_counter() - t, time.process_time() - c))
+    return {name: (statistics.median(t for t, _ in ts), statistics.median(c for _, c in ts)) for name, ts in times.items()}
+
+
+def attached(model, opts_by_name: dict):
+    """setup for interleaved(): the named variant's plug-in attached around the call (dense: none)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def setup(name):
+        plugin = attach(model, "sparse", **opts_by_name[name]) if opts_by_name.get(name) else None
+        try:
+            yield plugin
+        finally:
+            if plugin is not None:
+                plugin.detach()
+    return setup
+
+
+def body_rows(model, T: int, repeat: int) -> list[dict]:
+    """Training step of the body (forward + backward through every layer's attention): time and peak."""
+    from attnlab.memory import peak_bytes
+    body, emb = model.model, model.get_input_embeddings()
+    ids = torch.randint(0, emb.weight.shape[0], (1, T), generator=torch.Generator().manual_seed(T))
+
+    def step():
+        x = emb(ids).detach().requires_grad_(True)
+        body(inputs_embeds=x, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
+
+    opts = {"dense-sdpa": None, **options(T)}
+    setup = attached(model, opts)
+    timings = interleaved({name: step for name in opts}, repeat, setup)
+    rows = []
+    for name in opts:
+        with setup(name):
+            peak = peak_bytes(step) / 2**20
+        row = {"part": "body", "tokens": T, "layers": model.config.num_hidden_layers, "variant": name,
+               "mode": "training", "wall_s": timings[name][0], "cpu_s": timings[name][1], "peak_MiB": peak}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def decode_rows(model, T: int, repeat: int) -> list[dict]:
+    """One generated token of the whole model with a KV cache of T tokens (prefilled once, by dense
+    SDPA: the cache's contents do not change the timing; each plug-in builds its page store in its
+    untimed warm-up step), cropped back after each step."""
+    from attnlab.profile import _prefilled
+    ids = torch.randint(0, model.config.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(T))
+    cache = _prefilled(model, ids[:, :T])
+
+    def step():
+        with torch.no_grad():
+            model(input_ids=ids[:, T:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.crop(-1)
+
+    opts = {"dense-sdpa": None, "quest": options(T)["quest"], "learned": options(T)["learned"]}
+    timings = interleaved({name: step for name in opts}, repeat, attached(model, opts))
+    rows = []
+    for name in opts:
+        row = {"part": "decode", "tokens": T, "layers": model.config.num_hidden_layers, "variant": name,
+               "mode": "decode", "wall_s": timings[name][0], "cpu_s": timings[name][1],
+               "tokens_per_s_cpu": 1 / timings[name][1], "options": opts[name]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -134,28 +209,31 @@ def main(argv=None):
     args = ap.parse_args(argv)
     started = time.time()
     meta = {"command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), "python"] + sys.argv),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_before": os.getloadavg()}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": os.getloadavg()}
     rows = []
+
+    def save():
+        meta.update(seconds=time.time() - started, load_after=os.getloadavg())
+        tmp = Path(args.out).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        os.replace(tmp, args.out)
+
     if "attention" in args.parts:
         model = build_model("smollm2-135m", random_weights=True, layers=1)
         for T in args.lengths:
             rows += attention_rows(model, T, args.repeat)
+            save()
     if "body" in args.parts:
         model = build_model("smollm2-135m", random_weights=True, layers=args.layers)
         for T in args.lengths:
-            variants = ["dense-sdpa"] + [spec(n, o) for n, o in options(T).items()]
-            for r in profile(model, variants, [T], ("inference", "training"), repeat=args.repeat):
-                rows.append({"part": "body", "layers": args.layers, **r})
-    if "decode" in args.parts and args.decode_lengths:
+            rows += body_rows(model, T, args.repeat)
+            save()
+    if "decode" in args.parts:
         model = build_model("smollm2-135m", random_weights=True)
         for T in args.decode_lengths:
-            opts = options(T)
-            variants = ["dense-sdpa", spec("quest", opts["quest"]), spec("learned", opts["learned"])]
-            for r in profile(model, variants, [T], ("decode",), repeat=args.repeat):
-                rows.append({"part": "decode", "layers": model.config.num_hidden_layers, **r})
-    meta.update(seconds=time.time() - started, load_after=os.getloadavg())
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            rows += decode_rows(model, T, args.repeat)
+            save()
+    save()
     print(json.dumps(meta))
 
 

@@ -27,6 +27,8 @@ def decode_attention(q, k, v, p: Pattern, sel: Selection, scale: float) -> tuple
     idx, valid = sel.idx[..., 0, :], sel.valid[..., 0, :]                   # (B|1, Hkv|1, S, K)
     s, kk = idx.shape[2], idx.shape[3]
     idx, valid = idx.expand(b, hkv, s, kk), valid.expand(b, hkv, s, kk)
+    if kk >= 3 and bool(valid.all()):
+        return _whole_blocks(q, k, v, p, idx, scale), b * hq * (kk * bs - (-tk % bs))
     pos = (idx[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)   # (B, Hkv, S, K*bs)
     ok = (valid[..., None].expand(-1, -1, -1, -1, bs).flatten(-2)) & (pos < tk)
     base = (torch.arange(b * hkv, device=q.device) * tk).view(b, hkv, 1, 1)
@@ -36,3 +38,26 @@ def decode_attention(q, k, v, p: Pattern, sel: Selection, scale: float) -> tuple
     qs = q.reshape(b, hkv, s, hq // hkv // s, d)
     out = F.scaled_dot_product_attention(qs, kc, vc, attn_mask=ok[:, :, :, None], scale=scale)
     return out.reshape(b, 1, hq, d), b * hq * kk * bs
+
+
+def _whole_blocks(q, k, v, p: Pattern, idx, scale):
+    """Every slot real (the fixed blocks 0, i-1, i first, as decode_top_k orders them): the complete
+    blocks' rows are taken from the cache with one index_select each for K and V, the partial last
+    block (when Tk is not a multiple of bs) is appended as it is, and SDPA needs no mask."""
+    b, hq, _, d = q.shape
+    hkv, tk, bs = k.shape[1], k.shape[2], p.bs
+    s = idx.shape[2]
+    partial = tk % bs
+    if partial:                                      # slot 2 is the diagonal block i = nfull: appended
+        idx = torch.cat([idx[..., :2], idx[..., 3:]], -1)
+    heads = (torch.arange(b * hkv, device=q.device) * tk).view(b, hkv, 1, 1, 1)
+    pos = (heads + idx[..., None] * bs + torch.arange(bs, device=q.device)).view(-1)   # rows of (B*Hkv*Tk, D)
+
+    def gather(x):
+        blocks = x.reshape(-1, d).index_select(0, pos).view(b, hkv, s, -1, d)          # (B, Hkv, S, K'*bs, D)
+        if partial:
+            blocks = torch.cat([blocks, x[:, :, None, tk - partial:].expand(b, hkv, s, partial, d)], 3)
+        return blocks
+
+    out = F.scaled_dot_product_attention(q.view(b, hkv, s, hq // hkv // s, d), gather(k), gather(v), scale=scale)
+    return out.reshape(b, 1, hq, d)

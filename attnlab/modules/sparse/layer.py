@@ -42,9 +42,22 @@ class SparseLayer(nn.Module):
         self.collect_gate_loss = False
         self.recorder = None              # teacher.Recorder while the cached teacher runs
         self.capture: dict | None = None  # capture_attention()
-        self.last_sparsity: torch.Tensor | None = None
+        self._sparsity: torch.Tensor | None = None
+        self._counts: tuple | None = None  # (pattern, selection) of the last forward: sparsity on demand
         self.last_pairs_scored: int | None = None
         self.last_gate_loss: torch.Tensor | None = None
+
+    @property
+    def last_sparsity(self) -> torch.Tensor | None:
+        """Fraction of causal pairs the last forward skipped (counted when asked: not per decode step)."""
+        if self._counts is not None:
+            kept, total = self._counts[0].pair_counts(self._counts[1])
+            self._sparsity, self._counts = 1 - kept / total, None
+        return self._sparsity
+
+    @last_sparsity.setter
+    def last_sparsity(self, value) -> None:
+        self._sparsity, self._counts = value, None
 
     # -- which key blocks each query computes (selection.py) --------------------------------------
     def select(self, q, k, p: Pattern, base, scale) -> Selection:
@@ -89,8 +102,7 @@ class SparseLayer(nn.Module):
             out = flex_attention_kernel(q, k, v, p, keep, base, scale, rows)
             self.last_pairs_scored = None
 
-        kept, total = p.pair_counts(sel)
-        self.last_sparsity = 1 - kept / total
+        self._counts = (p, sel)
         if self.collect_gate_loss and cfg.variant == "learned":
             self.last_gate_loss = self.gate_loss(q, k, p, base, scale, scores)
         if self.capture is not None:

@@ -86,4 +86,17 @@ def select(cfg: SparseConfig, q, k, p: Pattern, base, scale, pages: Pages | None
             scores = quest_block_scores(q, *meta, p, real) if block else quest_row_scores(q, *meta)
         else:
             scores = gate_scores(gate, q, p, meta[0], rope, block, real, pages)[:, :, None]
+    if p.tq == 1 and cfg.mass is None and cfg.threshold is None and p.has_candidates:
+        return decode_top_k(scores, p, cfg.top_k)
     return p.row_selection(scores, top_k=cfg.top_k, mass=cfg.mass, threshold=cfg.threshold, per_block=block)
+
+
+def decode_top_k(scores: torch.Tensor, p: Pattern, top_k: int) -> Selection:
+    """Pattern.row_selection for one query row with candidates (its block i >= 3), in few operations:
+    the candidates are the contiguous blocks 1 .. i-2, so top_k of scores (B, Hkv, S, 1, nfull) there,
+    after the fixed blocks 0, i-1, i; every slot is real."""
+    i = (p.tk - 1) // p.bs
+    top = scores[..., 1:i - 1].topk(min(top_k, i - 2), dim=-1).indices + 1
+    fixed = torch.tensor([0, i - 1, i], device=scores.device).expand(*top.shape[:-1], 3)
+    idx = torch.cat([fixed, top], -1)
+    return Selection(idx, torch.ones_like(idx, dtype=torch.bool), per_block=False)
