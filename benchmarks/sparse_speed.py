@@ -36,10 +36,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from attnlab.modules import attach  # noqa: E402
 from attnlab.modules.attention import register  # noqa: E402
 from attnlab.profile import build_model  # noqa: E402
+from sparse_kernel import timed  # noqa: E402
 
 TOP_K = 6
 
@@ -66,18 +68,6 @@ def record_qkv(model, T: int):
         model.model(input_ids=ids, use_cache=False)
     model.config._attn_implementation = "sdpa"
     return kept["qkv"]
-
-
-def timed(fn, backward: bool):
-    def run():
-        if backward:
-            fn().sum().backward()
-        else:
-            with torch.no_grad():
-                fn()
-    t, c = time.perf_counter(), time.process_time()
-    run()
-    return time.perf_counter() - t, time.process_time() - c
 
 
 def attention_rows(model, T: int, repeat: int) -> list[dict]:

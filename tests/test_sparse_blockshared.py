@@ -191,15 +191,3 @@ def test_page_store_recomputes_for_a_different_sequence(tiny_llama):
     assert pages.computed == 5 and all(torch.equal(a, b) for a, b in zip(first, again))
     other = pages.get(torch.cat([k2, k2[:, :, :1]], 2), Pattern(1, 21, 4, "cpu"))
     assert pages.computed == 10 and all(torch.equal(a, b) for a, b in zip(other, minmax(k2, 5, 4)))
-
-
-@pytest.mark.parametrize("variant", ["quest", "learned"])
-def test_cached_generation_with_row_selection_equals_no_cache(tiny, variant):
-    plugin = attach(tiny.model, variant=variant, top_k=1, granularity="row")
-    prompt = ids(26, batch=1, seed=3)
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
-    with torch.no_grad():
-        cached = tiny.model.generate(prompt, **kw)
-        uncached = tiny.model.generate(prompt, use_cache=False, **kw)
-    assert torch.equal(cached, uncached)
-    plugin.detach()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .blocksparse import _attend, _attend_backward, _blocked, _fused
+from .blocksparse import _blocked, attend, attend_backward
 from .patterns import Pattern, Selection
 
 CHUNK_BYTES = 16 * 2**20     # gathered K/V (and a mask when padded) per chunk of query blocks
@@ -146,12 +146,7 @@ class BlockShared(torch.autograd.Function):
             kc = kb.index_select(0, flat).view(-1, 1, u * bs, d)
             vc = vb.index_select(0, flat).view(-1, 1, u * bs, d)
             mask = _tail(sh, u, valid, q.dtype, q.device)
-            if _fused(q):
-                oc, lc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    qc, kc.expand(-1, g, -1, -1), vc.expand(-1, g, -1, -1), 0.0, False, attn_mask=mask,
-                    scale=sh.scale)
-            else:
-                oc, lc = _attend(qc, kc, vc, mask, sh.scale)
+            oc, lc = attend(qc, kc, vc, mask, sh.scale)
             c = c1 - c0
             out.view(b, nq, bs, hkv, g, d)[:, c0:c1] = oc.view(b, hkv, c, g, bs, d).permute(0, 2, 4, 1, 3, 5)
             lse[:, :, c0:c1] = lc.view(b, hkv, c, g, bs)
@@ -180,12 +175,7 @@ class BlockShared(torch.autograd.Function):
             oc, doc = _orows(op, sh, c0, c1), _orows(dop, sh, c0, c1)
             lc = lse[:, :, c0:c1].reshape(-1, g, bs)
             mask = _tail(sh, u, valid, q.dtype, q.device)
-            if _fused(q):
-                dqc, dkc, dvc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    doc, qc, kc.expand(-1, g, -1, -1), vc.expand(-1, g, -1, -1), oc, lc, 0.0, False,
-                    attn_mask=mask, scale=sh.scale)
-            else:
-                dqc, dkc, dvc = _attend_backward(doc, qc, kc, vc, oc, lc, mask, sh.scale)
+            dqc, dkc, dvc = attend_backward(doc, qc, kc, vc, oc, lc, mask, sh.scale)
             c = c1 - c0
             dq.view(b, hkv, g, nq, bs, d)[:, :, :, c0:c1] = dqc.view(b, hkv, c, g, bs, d).transpose(2, 3)
             dkb.index_add_(0, flat, dkc.sum(1).reshape(-1, bs, d))

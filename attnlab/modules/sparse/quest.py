@@ -31,7 +31,7 @@ import torch
 from .patterns import Pattern
 from .pooling import minmax, pool_queries
 
-QUEST_CHUNK = 2**22      # elements of the (query blocks x key blocks x D) box-bound transient
+QUEST_CHUNK = 2**17      # elements of the (query blocks x key blocks x D) box-bound transient (cache-sized)
 
 
 def quest_row_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -56,10 +56,15 @@ def quest_block_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: P
     qa = pool_queries(q, p, "max", real).view(b, hkv, g, p.nq, 1, d)
     qb = pool_queries(q, p, "min", real).view(b, hkv, g, p.nq, 1, d)
     lo, hi = lo[:, :, None, None], hi[:, :, None, None]                          # (B, Hkv, 1, 1, nfull, D)
-    out = q.new_empty(b, hkv, 1, p.nq, nfull)
+    out = q.new_zeros(b, hkv, 1, p.nq, nfull)          # only candidates (j <= i-2) are computed and read
     step = max(1, QUEST_CHUNK // max(1, b * hq * nfull * d))
     for i0 in range(0, p.nq, step):
-        a, c = qa[:, :, :, i0:i0 + step], qb[:, :, :, i0:i0 + step]
-        top = torch.maximum(torch.maximum(a * hi, a * lo), torch.maximum(c * hi, c * lo)).sum(-1)
-        out[:, :, 0, i0:i0 + step] = top.amax(2)
+        i1 = min(p.nq, i0 + step)
+        j1 = min(nfull, p.qb0 + i1 - 2)
+        if j1 <= 0:
+            continue
+        a, c = qa[:, :, :, i0:i1], qb[:, :, :, i0:i1]
+        h, m = hi[..., :j1, :], lo[..., :j1, :]
+        top = torch.maximum(torch.maximum(a * h, a * m), torch.maximum(c * h, c * m)).sum(-1)
+        out[:, :, 0, i0:i1, :j1] = top.amax(2)
     return out
