@@ -188,6 +188,43 @@ def decode_rows(model, T: int, repeat: int) -> list[dict]:
     return rows
 
 
+def tables(rows: list[dict]) -> str:
+    """Markdown tables of the rows: ratios of CPU seconds (wall in brackets) to dense SDPA and to
+    the variant's ideal, measured in the same run."""
+    def ref(r, name):
+        return next(x for x in rows if x["part"] == r["part"] and x["tokens"] == r["tokens"]
+                    and x["mode"] == r["mode"] and x["variant"] == name)
+
+    out = ["| tokens | mode | variant | density | work | × SDPA (CPU) | × SDPA (wall) | × ideal (CPU) |",
+           "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in (x for x in rows if x["part"] == "attention" and not x["variant"].startswith("ideal")):
+        d = ref(r, "dense-sdpa")
+        ideal = f"{r['cpu_s'] / ref(r, 'ideal (' + r['variant'] + ')')['cpu_s']:.2f}" if r["variant"] != "dense-sdpa" else "–"
+        out.append(f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['density']:.2f} | {r['work']:.2f} | "
+                   f"{r['cpu_s'] / d['cpu_s']:.2f} | {r['wall_s'] / d['wall_s']:.2f} | {ideal} |")
+    for r in (x for x in rows if x["part"] == "attention" and x["variant"].startswith("ideal")):
+        d = ref(r, "dense-sdpa")
+        out.append(f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['density']:.2f} | {r['work']:.2f} | "
+                   f"{r['cpu_s'] / d['cpu_s']:.2f} | {r['wall_s'] / d['wall_s']:.2f} | 1 |")
+    body = [x for x in rows if x["part"] == "body"]
+    if body:
+        out += ["", "| tokens | body layers | variant | step × SDPA (CPU) | step × SDPA (wall) | peak MiB | peak × SDPA |",
+                "|---:|---:|---|---:|---:|---:|---:|"]
+        for r in body:
+            d = ref(r, "dense-sdpa")
+            out.append(f"| {r['tokens']} | {r['layers']} | {r['variant']} | {r['cpu_s'] / d['cpu_s']:.2f} | "
+                       f"{r['wall_s'] / d['wall_s']:.2f} | {r['peak_MiB']:.0f} | {r['peak_MiB'] / d['peak_MiB']:.3f} |")
+    dec = [x for x in rows if x["part"] == "decode"]
+    if dec:
+        out += ["", "| context | variant | ms per token (CPU) | tokens/s × dense (CPU) | tokens/s × dense (wall) |",
+                "|---:|---|---:|---:|---:|"]
+        for r in dec:
+            d = ref(r, "dense-sdpa")
+            out.append(f"| {r['tokens']} | {r['variant']} | {r['cpu_s'] * 1e3:.1f} | {d['cpu_s'] / r['cpu_s']:.2f} | "
+                       f"{d['wall_s'] / r['wall_s']:.2f} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
@@ -196,7 +233,11 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--parts", nargs="+", default=["attention", "body", "decode"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_speed.json"))
+    ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.report:
+        print(tables(json.loads(Path(args.report).read_text())["rows"]))
+        return
     started = time.time()
     meta = {"command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), "python"] + sys.argv),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": os.getloadavg()}
@@ -225,6 +266,7 @@ def main(argv=None):
             save()
     save()
     print(json.dumps(meta))
+    print(tables(rows))
 
 
 if __name__ == "__main__":
