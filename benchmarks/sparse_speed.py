@@ -76,10 +76,8 @@ def attention_rows(model, T: int, repeat: int) -> list[dict]:
     scale = q.shape[-1] ** -0.5
     fns = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)}
     info = {"dense-sdpa": {"density": 1.0, "work": 1.0}}
-    plugins = []
     for name, opts in options(T).items():
         plugin = attach(model, "sparse", **opts)
-        plugins.append(plugin)
         layer = plugin.layers()[0]
         fns[name] = lambda layer=layer: layer(q, k, v, None, scale)
         with torch.no_grad():
@@ -106,6 +104,31 @@ def attention_rows(model, T: int, repeat: int) -> list[dict]:
                    "cpu_s": statistics.median(c for _, c in times[name]), **info[name]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+def flex_rows(model, T: int, repeat: int) -> list[dict]:
+    """Inference only (FlexAttention has no CPU backward): the quest layer with kernel flex (compiled
+    once; the compile is the warm-up) against the same selection on the gather kernel and dense SDPA."""
+    q, k, v = record_qkv(model, T)
+    scale = q.shape[-1] ** -0.5
+    fns = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)}
+    for kernel in ("flex", "gather"):
+        plugin = attach(model, "sparse", **options(T)["quest"], kernel=kernel)
+        fns[f"quest ({kernel})"] = lambda layer=plugin.layers()[0]: layer(q, k, v, None, scale)
+        plugin.detach()
+    start = time.time()
+    with torch.no_grad():
+        fns["quest (flex)"]()
+    compile_s = time.time() - start
+    rows = []
+    with torch.no_grad():
+        timings = interleaved(fns, repeat)
+    for name, (wall, cpu) in timings.items():
+        row = {"part": "flex", "tokens": T, "variant": name, "mode": "inference", "wall_s": wall, "cpu_s": cpu,
+               **({"first_call_s": compile_s} if name == "quest (flex)" else {})}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -206,6 +229,12 @@ def tables(rows: list[dict]) -> str:
         d = ref(r, "dense-sdpa")
         out.append(f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['density']:.2f} | {r['work']:.2f} | "
                    f"{r['cpu_s'] / d['cpu_s']:.2f} | {r['wall_s'] / d['wall_s']:.2f} | 1 |")
+    flex = [x for x in rows if x["part"] == "flex"]
+    if flex:
+        out += ["", "| tokens | variant | × SDPA (CPU) | × SDPA (wall) |", "|---:|---|---:|---:|"]
+        for r in flex:
+            d = ref(r, "dense-sdpa")
+            out.append(f"| {r['tokens']} | {r['variant']} | {r['cpu_s'] / d['cpu_s']:.2f} | {r['wall_s'] / d['wall_s']:.2f} |")
     body = [x for x in rows if x["part"] == "body"]
     if body:
         out += ["", "| tokens | body layers | variant | step × SDPA (CPU) | step × SDPA (wall) | peak MiB | peak × SDPA |",
@@ -231,7 +260,9 @@ def main(argv=None):
     ap.add_argument("--decode-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--layers", type=int, default=2, help="body layers for part 2")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--parts", nargs="+", default=["attention", "body", "decode"])
+    ap.add_argument("--parts", nargs="+", default=["attention", "body", "decode"],
+                    choices=["attention", "body", "decode", "flex"], help="flex: compiled FlexAttention inference "
+                    "against the gather kernel (not in the default: the first compile takes minutes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_speed.json"))
     ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON")
     args = ap.parse_args(argv)
@@ -258,6 +289,11 @@ def main(argv=None):
         model = build_model("smollm2-135m", random_weights=True, layers=args.layers)
         for T in args.lengths:
             rows += body_rows(model, T, args.repeat)
+            save()
+    if "flex" in args.parts:
+        model = build_model("smollm2-135m", random_weights=True, layers=1)
+        for T in args.lengths:
+            rows += flex_rows(model, T, args.repeat)
             save()
     if "decode" in args.parts:
         model = build_model("smollm2-135m", random_weights=True)
