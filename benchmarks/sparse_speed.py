@@ -229,28 +229,20 @@ def tables(rows: list[dict]) -> str:
         d = ref(r, "dense-sdpa")
         out.append(f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['density']:.2f} | {r['work']:.2f} | "
                    f"{r['cpu_s'] / d['cpu_s']:.2f} | {r['wall_s'] / d['wall_s']:.2f} | 1 |")
-    flex = [x for x in rows if x["part"] == "flex"]
-    if flex:
-        out += ["", "| tokens | variant | × SDPA (CPU) | × SDPA (wall) |", "|---:|---|---:|---:|"]
-        for r in flex:
-            d = ref(r, "dense-sdpa")
-            out.append(f"| {r['tokens']} | {r['variant']} | {r['cpu_s'] / d['cpu_s']:.2f} | {r['wall_s'] / d['wall_s']:.2f} |")
-    body = [x for x in rows if x["part"] == "body"]
-    if body:
-        out += ["", "| tokens | body layers | variant | step × SDPA (CPU) | step × SDPA (wall) | peak MiB | peak × SDPA |",
-                "|---:|---:|---|---:|---:|---:|---:|"]
-        for r in body:
-            d = ref(r, "dense-sdpa")
-            out.append(f"| {r['tokens']} | {r['layers']} | {r['variant']} | {r['cpu_s'] / d['cpu_s']:.2f} | "
-                       f"{r['wall_s'] / d['wall_s']:.2f} | {r['peak_MiB']:.0f} | {r['peak_MiB'] / d['peak_MiB']:.3f} |")
-    dec = [x for x in rows if x["part"] == "decode"]
-    if dec:
-        out += ["", "| context | variant | ms per token (CPU) | tokens/s × dense (CPU) | tokens/s × dense (wall) |",
-                "|---:|---|---:|---:|---:|"]
-        for r in dec:
-            d = ref(r, "dense-sdpa")
-            out.append(f"| {r['tokens']} | {r['variant']} | {r['cpu_s'] * 1e3:.1f} | {d['cpu_s'] / r['cpu_s']:.2f} | "
-                       f"{d['wall_s'] / r['wall_s']:.2f} |")
+    def section(part, header, cells):
+        chosen = [x for x in rows if x["part"] == part]
+        if chosen:
+            out.extend(["", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)])
+            out.extend("| " + " | ".join(cells(r, ref(r, "dense-sdpa"))) + " |" for r in chosen)
+
+    section("flex", ["tokens", "variant", "× SDPA (CPU)", "× SDPA (wall)"],
+            lambda r, d: [str(r["tokens"]), r["variant"], f"{r['cpu_s'] / d['cpu_s']:.2f}", f"{r['wall_s'] / d['wall_s']:.2f}"])
+    section("body", ["tokens", "body layers", "variant", "step × SDPA (CPU)", "step × SDPA (wall)", "peak MiB", "peak × SDPA"],
+            lambda r, d: [str(r["tokens"]), str(r["layers"]), r["variant"], f"{r['cpu_s'] / d['cpu_s']:.2f}",
+                          f"{r['wall_s'] / d['wall_s']:.2f}", f"{r['peak_MiB']:.0f}", f"{r['peak_MiB'] / d['peak_MiB']:.3f}"])
+    section("decode", ["context", "variant", "ms per token (CPU)", "tokens/s × dense (CPU)", "tokens/s × dense (wall)"],
+            lambda r, d: [str(r["tokens"]), r["variant"], f"{r['cpu_s'] * 1e3:.1f}", f"{d['cpu_s'] / r['cpu_s']:.2f}",
+                          f"{d['wall_s'] / r['wall_s']:.2f}"])
     return "\n".join(out)
 
 
@@ -280,26 +272,14 @@ def main(argv=None):
         tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         os.replace(tmp, args.out)
 
-    if "attention" in args.parts:
-        model = build_model("smollm2-135m", random_weights=True, layers=1)
-        for T in args.lengths:
-            rows += attention_rows(model, T, args.repeat)
-            save()
-    if "body" in args.parts:
-        model = build_model("smollm2-135m", random_weights=True, layers=args.layers)
-        for T in args.lengths:
-            rows += body_rows(model, T, args.repeat)
-            save()
-    if "flex" in args.parts:
-        model = build_model("smollm2-135m", random_weights=True, layers=1)
-        for T in args.lengths:
-            rows += flex_rows(model, T, args.repeat)
-            save()
-    if "decode" in args.parts:
-        model = build_model("smollm2-135m", random_weights=True)
-        for T in args.decode_lengths:
-            rows += decode_rows(model, T, args.repeat)
-            save()
+    parts = {"attention": (1, args.lengths, attention_rows), "body": (args.layers, args.lengths, body_rows),
+             "flex": (1, args.lengths, flex_rows), "decode": (None, args.decode_lengths, decode_rows)}
+    for part, (layers, lengths, measure) in parts.items():
+        if part in args.parts:
+            model = build_model("smollm2-135m", random_weights=True, layers=layers)
+            for T in lengths:
+                rows += measure(model, T, args.repeat)
+                save()
     save()
     print(json.dumps(meta))
     print(tables(rows))
