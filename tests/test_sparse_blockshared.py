@@ -184,8 +184,8 @@ def test_decode_steps_equal_a_full_recomputation_with_row_selection(tiny, varian
 
 
 def test_page_store_recomputes_for_a_different_sequence(tiny_llama):
-    # A cached step whose keys are not the stored sequence's (a new prompt of the same length) is
-    # caught by the probe and recomputed, never silently reused.
+    # A cached step whose keys are not the stored sequence's (a new prompt of the same length, a
+    # batch whose rows were reordered) is caught by the blocks' last keys and recomputed.
     k1, k2 = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
     pages = Pages("quest")
     first = pages.get(k1, Pattern(20, 20, 4, "cpu"))
@@ -193,3 +193,7 @@ def test_page_store_recomputes_for_a_different_sequence(tiny_llama):
     assert pages.computed == 5 and all(torch.equal(a, b) for a, b in zip(first, again))
     other = pages.get(torch.cat([k2, k2[:, :, :1]], 2), Pattern(1, 21, 4, "cpu"))
     assert pages.computed == 10 and all(torch.equal(a, b) for a, b in zip(other, minmax(k2, 5, 4)))
+    rows = torch.cat([k1, k2])                                                 # a batch of two, then its rows swapped
+    pages.get(rows, Pattern(20, 20, 4, "cpu"))
+    swapped = pages.get(torch.cat([rows.flip(0), rows.flip(0)[:, :, :1]], 2), Pattern(1, 21, 4, "cpu"))
+    assert pages.computed == 20 and all(torch.equal(a, b) for a, b in zip(swapped, minmax(rows.flip(0), 5, 4)))

@@ -10,9 +10,16 @@ patched layer (SparseLayer.pages), keyed off the keys it is given:
   - a call whose queries start at position 0 (a prefill, a forward without cache) starts afresh;
   - a later call (queries at qoff > 0: the cache holds the earlier keys) continues the store when it
     matches: same batch, heads, device and dtype, at most as many blocks as now complete, and the
-    last stored block's last key equal to the given key at that position (so a different sequence,
-    a reordered beam or a cropped cache is caught and recomputed, never silently reused);
+    last key of EVERY stored block equal to the given key at that position (so a different
+    sequence, a reordered batch or beam, or a cropped cache is caught and recomputed);
   - otherwise it is rebuilt from the given keys (correct, just not incremental).
+What the check cannot see: a cache edited in place (not by appending) so that a block changes
+only at positions other than its last, with the block's last key unchanged. From the second layer
+on, a key depends on every earlier token, so any earlier change reaches the block's last key; in
+the FIRST layer a key depends on its own token and position only, so there such an edit would go
+unnoticed. Appending generation (greedy, sampling) never does this; beam search reorders whole
+rows, which is caught unless two beams share every block's last token yet differ elsewhere in a
+block (then the first layer would reuse the other beam's statistics: a known gap, not tested).
 `computed` counts the blocks whose statistics were computed, for tests of "once per block".
 Without gradients (decoding), the gate's keys of the stored blocks are kept too, while the gate's
 weights are unchanged (their version counters), so a step projects only the newly completed blocks.
@@ -31,7 +38,7 @@ class Pages:
     def __init__(self, kind: str):
         self.kind = kind                    # "quest": (lo, hi); "learned": stats before RoPE
         self.parts: tuple[torch.Tensor, ...] | None = None   # each (B, Hkv, n, E)
-        self.probe: torch.Tensor | None = None              # (B, Hkv, D): key at position n*bs - 1
+        self.probe: torch.Tensor | None = None              # (B, Hkv, n, D): each stored block's last key
         self.n = 0
         self.computed = 0
 
@@ -59,7 +66,7 @@ class Pages:
     def _matches(self, k: torch.Tensor, p: Pattern) -> bool:
         if self.n == 0 or p.qoff == 0 or self.n > p.nfull:
             return False
-        probe = k[:, :, self.n * p.bs - 1]
+        probe = k[:, :, p.bs - 1:self.n * p.bs:p.bs]
         return (self.probe.shape == probe.shape and self.probe.device == probe.device
                 and self.probe.dtype == probe.dtype and torch.equal(self.probe, probe))
 
@@ -83,5 +90,5 @@ class Pages:
             b, h, _, d = k.shape
             width = d if self.kind == "quest" else 3 * d
             return tuple(k.new_zeros(b, h, 0, width) for _ in range(2 if self.kind == "quest" else 1))
-        self.probe = k[:, :, self.n * p.bs - 1].clone()
+        self.probe = k[:, :, p.bs - 1:self.n * p.bs:p.bs].clone()
         return self.parts
