@@ -49,10 +49,12 @@ class Shared:
 
 
 def supported(p: Pattern, sel: Selection, base) -> bool:
+    """Whether this kernel applies: a per-block selection, queries aligned to blocks, no model mask."""
     return sel.per_block and base is None and p.qoff % p.bs == 0
 
 
 def plan(q, k, p: Pattern, sel: Selection, scale: float) -> Shared:
+    """Each query block's blocks ordered padding first, diagonal last, and the chunks of query blocks."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     idx = sel.idx[:, :, 0].expand(b, hkv, -1, -1)                      # (B, Hkv, nq, K)
