@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                     help="dense-eager, dense-sdpa, or VARIANT[:key=value,...] of the sparse attention "
                     f"(window, learned, quest, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
-    pr.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
+    pr.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training", "decode"],
+                    help="decode: one generated token with a KV cache of each --lengths context")
     pr.add_argument("--layers", type=int, help="profile only the first N transformer layers (default: all)")
     pr.add_argument("--batch", type=int, default=1)
     pr.add_argument("--repeat", type=int, default=3, help="timed calls per measurement, after one warm-up")

@@ -5,8 +5,12 @@ model's transformer body (the LM head is the same for every variant and is left 
   - inference: one forward pass without gradients;
   - training: forward + backward, gradients flowing through every layer's attention (the input
     embeddings require grad, so no parameter gradients are needed to exercise the backward);
-  - attention time: the time spent inside the attention functions during the inference forward,
-    isolated with torch.profiler (every variant runs through a labelled wrapper).
+  - decode: one generated token of the whole model (LM head included, logits of that token only)
+    with a KV cache holding `length` tokens (prefilled untimed by the same variant; the cache is
+    cropped back after each timed step); a sparse plug-in reads its page metadata (pages.py);
+  - attention time: the time spent inside the attention functions during the inference forward
+    (decode: during the step), isolated with torch.profiler (every variant runs through a labelled
+    wrapper).
 Peak memory is the tensors created during the call: on CUDA torch.cuda.max_memory_allocated, on CPU
 an allocator-level dispatch mode (attnlab.memory). Timings: median of `repeat` after one warm-up
 (which also triggers any compilation). Weights do not change timings, so `random_weights` profiles
@@ -183,9 +187,18 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
                     x = emb(ids).detach().requires_grad_(True)
                     body(inputs_embeds=x, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
 
+                state = {}
+
+                def decode_step():
+                    with torch.no_grad():
+                        model(input_ids=ids[:, -1:], past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+                    state["cache"].crop(-1)   # back to T tokens
+
                 for mode in modes:
                     row = {"variant": v.name, "tokens": T, "mode": mode, "batch": batch}
-                    fn = forward if mode == "inference" else train_step
+                    fn = {"inference": forward, "training": train_step, "decode": decode_step}[mode]
+                    if mode == "decode":
+                        state["cache"] = _prefilled(model, ids)
                     if mode == "training" and v.kind == "dense-eager" and _eager_train_bytes(model, T) > 0.7 * _available_bytes():
                         row["skipped"] = (f"needs ~{_eager_train_bytes(model, T) / 2**30:.1f} GiB for the eager "
                                           f"attention maps; {_available_bytes() / 2**30:.1f} GiB free")
@@ -203,12 +216,13 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
                         row["peak_note"] = "not measurable on CPU for compiled FlexAttention"
                     else:
                         row["peak_MiB"] = peak_bytes(fn) / 2**20
-                    if mode == "inference":
+                    if mode in ("inference", "decode"):
                         row["attention_seconds"] = _attention_seconds(fn)
                     if v.kind in ("window", "learned", "quest"):  # performer skips nothing: it approximates
                         row["sparsity"] = plugin.sparsity()
                         if v.options.get("kernel", "auto") != "flex":   # pairs scored / causal pairs
-                            causal = batch * model.config.num_attention_heads * len(plugin.layers()) * T * (T + 1) / 2
+                            pairs = T + 1 if mode == "decode" else T * (T + 1) / 2
+                            causal = batch * model.config.num_attention_heads * len(plugin.layers()) * pairs
                             row["work"] = plugin.pairs_scored() / causal
                     rows.append(row)
                     log(f"[profile] {v.name} T={T} {mode}: {row['seconds'] * 1e3:.1f} ms, "
@@ -222,6 +236,12 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
                 plugin.detach()
             model.config._attn_implementation = base_impl
     return rows
+
+
+def _prefilled(model: nn.Module, ids: torch.Tensor):
+    """A KV cache holding ids (B, T), filled by the model as it is now (untimed)."""
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
 
 
 def _ratio(rows, row, key, ref_kind):
@@ -239,7 +259,7 @@ def markdown(rows: list[dict], title: str) -> str:
              "× eager / × SDPA: the same quantity relative to dense eager / dense SDPA at that length; "
              "sparsity: causal (query, key) pairs skipped; work: pairs the kernel scored (whole tiles, masked "
              "pairs included) ÷ causal pairs.", ""]
-    for mode in ("inference", "training"):
+    for mode in ("inference", "training", "decode"):
         sel = [r for r in rows if r["mode"] == mode]
         if not sel:
             continue
@@ -276,7 +296,7 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     paths = []
     for key, label, fname in (("seconds", "seconds per call", "profile_time.png"),
                               ("peak_MiB", "peak MiB", "profile_memory.png")):
-        modes = [m for m in ("inference", "training") if any(r["mode"] == m for r in rows)]
+        modes = [m for m in ("inference", "training", "decode") if any(r["mode"] == m for r in rows)]
         fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             for name in dict.fromkeys(r["variant"] for r in rows):

@@ -75,6 +75,8 @@ def options(selector: str, budget: dict, kernel: str) -> dict:
 def attach(model, selector: str, budget: dict, args, gate_state):
     """The selector at this budget on every layer; the learned ones with the distilled gate."""
     opts = options(selector, budget, args.kernel)
+    if opts["variant"] in ("quest", "learned"):
+        opts["granularity"] = args.granularity
     if selector.startswith("learned"):
         opts["gate_dim"] = args.gate_dim
     plugin = attnlab.attach(model, "sparse", **opts)
@@ -119,6 +121,9 @@ def main(argv=None):
     ap.add_argument("--selectors", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     ap.add_argument("--kernel", default="masked", help="the kernels compute the same function (tested); "
                     "masked is the fastest on CPU for per-row selections; work is counted with gather")
+    ap.add_argument("--granularity", default="row", choices=["row", "block"],
+                    help="quest/learned selection per row (the committed v2 results) or per query block "
+                         "(results go to ..._block.json unless --out)")
     ap.add_argument("--gate-rows", type=int, default=512, help="cached rows per sequence and layer")
     ap.add_argument("--gate-steps", type=int, default=2000)
     ap.add_argument("--gate-lr", type=float, default=3e-3)
@@ -135,7 +140,8 @@ def main(argv=None):
                     help="skip the curves: only attention MSE and gradient cosine (e.g. in a second process "
                          "with its own --out, once the main run has saved the gate)")
     args = ap.parse_args(argv)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"sparse_quality_{args.length}.json")
+    suffix = "_block" if args.granularity == "block" else ""
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"sparse_quality_{args.length}{suffix}.json")
     if args.report:
         data = load(out)
         if not data.get("points"):

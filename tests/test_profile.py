@@ -70,3 +70,13 @@ def test_profile_restores_the_model_when_a_variant_is_bad():
         parse_variant("dense-flash")
     with pytest.raises(ValueError, match="random weights are available"):
         build_model("openai-community/gpt2-medium", random_weights=True)
+
+
+def test_decode_mode_times_one_cached_token_and_the_sparse_step_reads_fewer_keys():
+    model = build_model("tiny-llama")
+    rows = profile(model, ["dense-sdpa", "quest:block_size=16,top_k=1"], [256], modes=("decode",), repeat=1,
+                   log=lambda *_: None)
+    by = {r["variant"]: r for r in rows}
+    assert all(r["mode"] == "decode" and r["seconds"] > 0 and "attention_seconds" in r for r in rows)
+    assert by["quest:block_size=16,top_k=1"]["work"] < 0.3          # 4 blocks of 16 of the 257 keys
+    assert model.config._attn_implementation == "sdpa"

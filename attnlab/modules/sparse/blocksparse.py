@@ -97,12 +97,7 @@ class BlockSparse(torch.autograd.Function):
             flat = _flat_blocks(plan, bi, hi, c0, c1)
             qc = _rows(q[bi, hi * g:(hi + 1) * g], plan, c0, c1, 0.0)                 # (C, G, bs, D)
             kc, vc = _gather(kb[bi, hi], flat, c1 - c0), _gather(vb[bi, hi], flat, c1 - c0)
-            if _fused(q):
-                oc, lc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    qc, kc.expand(-1, g, -1, -1), vc.expand(-1, g, -1, -1), 0.0, False, attn_mask=mask,
-                    scale=plan.scale)
-            else:
-                oc, lc = _attend(qc, kc, vc, mask, plan.scale)
+            oc, lc = attend(qc, kc, vc, mask, plan.scale)
             r0, r1, before = _row_range(plan, c0, c1)[:3]
             out[bi, r0:r1, hi * g:(hi + 1) * g] = oc.transpose(1, 2).reshape(-1, g, d)[before:before + r1 - r0]
             lse[bi, hi * g:(hi + 1) * g, r0:r1] = lc.transpose(0, 1).reshape(g, -1)[:, before:before + r1 - r0]
@@ -128,12 +123,7 @@ class BlockSparse(torch.autograd.Function):
             doc = _rows(dout[bi, :, heads].transpose(0, 1), plan, c0, c1, 0.0)
             oc = _rows(out[bi, :, heads].transpose(0, 1), plan, c0, c1, 0.0)
             lc = _rows(lse[bi, heads, :, None], plan, c0, c1, torch.inf)[..., 0]
-            if _fused(q):
-                dqc, dkc, dvc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    doc, qc, kc.expand(-1, g, -1, -1), vc.expand(-1, g, -1, -1), oc, lc, 0.0, False,
-                    attn_mask=mask, scale=plan.scale)
-            else:
-                dqc, dkc, dvc = _attend_backward(doc, qc, kc, vc, oc, lc, mask, plan.scale)
+            dqc, dkc, dvc = attend_backward(doc, qc, kc, vc, oc, lc, mask, plan.scale)
             r0, r1, before = _row_range(plan, c0, c1)[:3]
             dq[bi, heads, r0:r1] += dqc.transpose(0, 1).reshape(g, -1, d)[:, before:before + r1 - r0]
             dkb[bi, hi].index_add_(0, flat, dkc.sum(1).reshape(-1, bs, d))   # a block may serve several query blocks
@@ -236,7 +226,25 @@ def _row_blocks(plan: Plan, bi: int, hi: int, blocks, c0: int, c1: int) -> torch
     return hit.gather(-1, blocks.view(c, 1, 1, u).expand(c, s, qt, u))
 
 
-# --- the same in plain torch (devices without the fused CPU kernel) -------------------------------
+# --- one chunk: the fused CPU flash kernel, or the same in plain torch ---------------------------
+
+def attend(q, k, v, mask, scale):
+    """q (N, G, R, D) against k, v (N, 1, C, D) (shared by the G heads) with an additive mask
+    broadcastable to (N, G, R, C) -> o (N, G, R, D), lse (N, G, R)."""
+    if _fused(q):
+        g = q.shape[1]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k.expand(-1, g, -1, -1), v.expand(-1, g, -1, -1), 0.0, False, attn_mask=mask, scale=scale)
+    return _attend(q, k, v, mask, scale)
+
+
+def attend_backward(do, q, k, v, o, lse, mask, scale):
+    """The gradients dq (N, G, R, D), dk, dv (N, G, C, D) of attend(), from its o and lse."""
+    if _fused(q):
+        g = q.shape[1]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k.expand(-1, g, -1, -1), v.expand(-1, g, -1, -1), o, lse, 0.0, False, attn_mask=mask, scale=scale)
+    return _attend_backward(do, q, k, v, o, lse, mask, scale)
 
 def _attend(q, k, v, mask, scale):
     s = (q @ k.transpose(-1, -2)) * scale + mask

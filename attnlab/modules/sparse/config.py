@@ -9,6 +9,7 @@ from ..base import PluginError
 
 VARIANTS = ("window", "learned", "quest", "performer", "dense")
 KERNELS = ("auto", "flex", "gather", "masked")
+GRANULARITIES = ("block", "row")
 
 
 @dataclass
@@ -24,6 +25,9 @@ class SparseConfig:
     mass: float | None = None            #   learned: the fewest whose softmax mass over the candidates
                                          #   reaches `mass` (density adapts per row), or
     threshold: float | None = None       #   learned: those whose softmax probability is >= threshold
+    granularity: str = "block"           # learned / quest: one choice per query block (block: every row of a
+                                         # block sees the same blocks; work = density) or per query row (row);
+                                         # a decoding step is one row: row-wise (selection.py)
     gate_dim: int = 32                   # learned: width of the gate's query and key projections (even)
     features: int = 64                   # performer: random features
     train_modules: list[str] = field(default_factory=list)  # e.g. ["model.layers.5.mlp"]
@@ -43,6 +47,8 @@ class SparseConfig:
             raise PluginError(f"unknown sparse variant '{self.variant}'; use one of: {', '.join(VARIANTS)}")
         if self.kernel not in KERNELS:
             raise PluginError(f"unknown sparse kernel '{self.kernel}'; use one of: {', '.join(KERNELS)}")
+        if self.granularity not in GRANULARITIES:
+            raise PluginError(f"unknown sparse granularity '{self.granularity}'; use one of: {', '.join(GRANULARITIES)}")
         for name, low in (("window", 1), ("sinks", 0), ("block_size", 1), ("top_k", 0), ("gate_dim", 1),
                           ("features", 1)):
             value = getattr(self, name)

@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+
 POOLS = 3   # max, min, mean
 
 
@@ -51,13 +52,6 @@ def unrope(x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, float] 
     return rotary(x, pos, inv_freq.to(x.device), sign=-1.0) / scaling
 
 
-def key_stats(k: torch.Tensor, nfull: int, bs: int) -> torch.Tensor:
-    """k (B, Hkv, Tk, D) -> (B, Hkv, nfull, 3D): max, min and mean of each complete block."""
-    b, hkv, _, d = k.shape
-    blocks = k[:, :, :nfull * bs].reshape(b, hkv, nfull, bs, d)
-    return torch.cat([blocks.amax(3), blocks.amin(3), blocks.mean(3)], -1)
-
-
 class BlockGate(nn.Module):
     def __init__(self, head_dim: int, hkv: int, groups: int, gate_dim: int, block_size: int, seed: int,
                  theta: float = 10000.0):
@@ -76,9 +70,10 @@ class BlockGate(nn.Module):
         rows = q.view(b, hkv, hq // hkv, r, d).transpose(2, 3).reshape(b, hkv, r, -1)   # heads side by side
         return rotary(rows @ self.wq, pos, self.inv_freq)
 
-    def keys(self, stats: torch.Tensor) -> torch.Tensor:
-        """stats (B, Hkv, nfull, 3D) -> (B, Hkv, nfull, gate_dim), rotated to each block's start."""
-        pos = torch.arange(stats.shape[2], device=stats.device) * self.block_size
+    def keys(self, stats: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """stats (B, Hkv, n, 3D) of blocks first .. first+n-1 -> (B, Hkv, n, gate_dim), rotated to
+        each block's start."""
+        pos = torch.arange(first, first + stats.shape[2], device=stats.device) * self.block_size
         return rotary(stats @ self.wk, pos, self.inv_freq)
 
     def scores(self, qg: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:

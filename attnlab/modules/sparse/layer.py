@@ -6,13 +6,16 @@ import torch
 from torch import nn
 
 from ..attention import inner_attention
+from . import blockshared
 from .blocksparse import block_sparse_attention
 from .config import SparseConfig
-from .gate import BlockGate, gate_kl, key_stats, unrope
+from .decode import decode_attention
+from .gate import BlockGate, gate_kl
 from .kernels import flex_attention_kernel, masked_attention
+from .pages import Pages
 from .patterns import Pattern, Selection, normalise_mask, scatter_blocks
 from .performer import orthogonal_features, performer_chunked, performer_features, performer_weights, repeat_kv
-from .quest import quest_scores
+from .selection import gate_scores, select
 from .teacher import dense_probs, gate_target, row_block_stats
 
 ATTR = "attnlab_sparse"
@@ -34,44 +37,38 @@ class SparseLayer(nn.Module):
         if config.variant == "performer":
             self.register_buffer("features", orthogonal_features(config.features, head_dim, 2000 + layer_idx),
                                  persistent=False)
+        self.pages = Pages(config.variant) if config.variant in ("quest", "learned") else None   # pages.py
         self.force_dense = False          # dense_reference()
         self.collect_gate_loss = False
         self.recorder = None              # teacher.Recorder while the cached teacher runs
         self.capture: dict | None = None  # capture_attention()
-        self.last_sparsity: torch.Tensor | None = None
+        self._sparsity: torch.Tensor | None = None
+        self._counts: tuple | None = None  # (pattern, selection) of the last forward: sparsity on demand
         self.last_pairs_scored: int | None = None
         self.last_gate_loss: torch.Tensor | None = None
 
-    # -- which key blocks each query row computes ------------------------------------------------
-    def select(self, q, k, p: Pattern, base, scale) -> tuple[Selection, torch.Tensor | None]:
-        """The selection, and (learned) the gate's scores (B, Hkv, Tq, nfull) it chose by."""
-        cfg = self.config
-        if cfg.variant == "window":
-            return p.window_selection(), None
-        b, hq, tq, _ = q.shape
-        hkv = k.shape[1]
-        scores = None
-        if not bool(p.candidates().any()):   # too short: only the fixed blocks
-            chosen = q.new_zeros(b, hkv, 1, tq, p.nfull)
-        elif cfg.oracle:   # the row's own dense attention mass per block: per query head for quest
-            mass = row_block_stats(q, k, p, base, scale)[0][..., :p.nfull].view(b, hkv, hq // hkv, tq, p.nfull)
-            mass = mass if cfg.variant == "quest" else mass.sum(2, keepdim=True)
-            chosen = mass.clamp_min(torch.finfo(mass.dtype).tiny).log()
-        elif cfg.variant == "quest":
-            chosen = quest_scores(q, k, p)
-        else:
-            scores = self.gate_scores(q, k, p)
-            chosen = scores.detach()[:, :, None]
-        sel = p.row_selection(chosen, top_k=cfg.top_k, mass=cfg.mass, threshold=cfg.threshold)
-        return sel, scores
+    @property
+    def last_sparsity(self) -> torch.Tensor | None:
+        """Fraction of causal pairs the last forward skipped (counted when asked: not per decode step)."""
+        if self._counts is not None:
+            kept, total = self._counts[0].pair_counts(self._counts[1])
+            self._sparsity, self._counts = 1 - kept / total, None
+        return self._sparsity
+
+    @last_sparsity.setter
+    def last_sparsity(self, value) -> None:
+        self._sparsity, self._counts = value, None
+
+    # -- which key blocks each query computes (selection.py) --------------------------------------
+    def select(self, q, k, p: Pattern, base, scale) -> Selection:
+        """The selection of this layer's variant at the call's granularity."""
+        return select(self.config, q, k, p, base, scale, self.pages, getattr(self, "gate", None), self.rope)
 
     def gate_scores(self, q, k, p: Pattern) -> torch.Tensor:
-        """(B, Hkv, Tq, nfull): the learned gate's scores from the rows' own queries and the complete
-        key blocks, both taken back to before the model's RoPE. It reads detached q and k, so its
-        loss trains the gate only."""
-        kpre = unrope(k.detach(), torch.arange(p.tk, device=k.device), self.rope)
-        qpre = unrope(q.detach(), p.qpos, self.rope)
-        return self.gate.scores(self.gate.queries(qpre, p.qpos), self.gate.keys(key_stats(kpre, p.nfull, p.bs)))
+        """(B, Hkv, Tq, nfull): the learned gate's scores per row, from the rows' own queries and the
+        complete key blocks (both before the model's RoPE; detached, so its loss trains the gate only)."""
+        stats = self.pages.get(k.detach(), p, self.rope)[0]
+        return gate_scores(self.gate, q.detach(), p, stats, self.rope, block=False)
 
     # -- the forward --------------------------------------------------------------------------------
     def forward(self, q, k, v, attention_mask, scale):
@@ -85,12 +82,17 @@ class SparseLayer(nn.Module):
             return self.performer(q, k, v, p, base, scale)
 
         with torch.no_grad():   # a selection is discrete; only the gate's own loss has a gradient
-            sel, _ = self.select(q.detach(), k.detach(), p, base, scale)
+            sel = self.select(q.detach(), k.detach(), p, base, scale)
         scores = None
-        if self.collect_gate_loss and cfg.variant == "learned" and bool(p.candidates().any()):
+        if self.collect_gate_loss and cfg.variant == "learned" and p.has_candidates:
             scores = self.gate_scores(q, k, p)
         kernel = cfg.kernel if cfg.kernel != "auto" else ("flex" if q.device.type == "cuda" else "gather")
-        if kernel == "masked":
+        decoding = self.pages is not None and p.tq == 1 and p.qoff > 0 and (base is None or bool(base.all()))
+        if kernel == "gather" and decoding:
+            out, self.last_pairs_scored = decode_attention(q, k, v, p, sel, scale)
+        elif kernel == "gather" and blockshared.supported(p, sel, base) and cfg.variant != "window":
+            out, self.last_pairs_scored = blockshared.block_shared_attention(q, k, v, p, sel, scale)
+        elif kernel == "masked":
             out = masked_attention(q, k, v, p.full_mask(sel, base, g), scale)
             self.last_pairs_scored = q.shape[0] * q.shape[1] * p.tq * p.tk
         elif kernel == "gather":
@@ -100,8 +102,7 @@ class SparseLayer(nn.Module):
             out = flex_attention_kernel(q, k, v, p, keep, base, scale, rows)
             self.last_pairs_scored = None
 
-        kept, total = p.pair_counts(sel)
-        self.last_sparsity = 1 - kept / total
+        self._counts = (p, sel)
         if self.collect_gate_loss and cfg.variant == "learned":
             self.last_gate_loss = self.gate_loss(q, k, p, base, scale, scores)
         if self.capture is not None:

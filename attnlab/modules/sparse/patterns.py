@@ -52,6 +52,7 @@ class Pattern:
         self.qpos = torch.arange(self.qoff, tk, device=device)
         self.qblocks = torch.arange(self.qb0, self.qb0 + self.nq, device=device)   # global ids
         self.rowblock = self.qpos // bs             # (tq,) the block of each query row
+        self.has_candidates = (tk - 1) // bs >= 3   # the last row's block i has candidates 1 .. i-2
 
     def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """The token-level rule: causal, and for window the band plus the sinks."""

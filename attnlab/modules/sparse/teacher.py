@@ -27,7 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .gate import gate_kl, key_stats, unrope
+from .gate import gate_kl, unrope
+from .pooling import key_stats
 from .patterns import Pattern
 
 TEACHER_ROWS = 256   # query rows (per head) per chunk of the teacher's dense attention
