@@ -7,7 +7,7 @@ Sections, each timed and recorded on its own (one failing does not lose the othe
   train     one training step of every method on a random 1B-shaped base (random:llama-1b) in bf16:
             time of a warm step (the first one, compilation included, apart) and
             torch.cuda.max_memory_allocated; LoRA also with gradient_checkpointing.
-  sparse    the sparse attention's `flex` kernel against the base's dense SDPA, the model's body at
+  sparse    quest and learned (block-shared, density ~0.25) on the `flex` kernel against the base's dense SDPA, the body at
             8k and 32k tokens: forward, and forward + backward (gradient into the input
             embeddings, so every layer's attention backward runs); time, peak memory, density
             (kept fraction of the causal query-key pairs).
@@ -139,6 +139,12 @@ def _measure(fn, repeat: int) -> dict:
     return {"first_s": round(first, 3), "median_s": round(statistics.median(times), 4), "peak_MiB": _peak_mib()}
 
 
+def sparse_top_k(tokens: int, block: int = 64, density: float = 0.25) -> int:
+    """top_k for a causal density near `density`: a query block sees on average half the key blocks,
+    and about 3 more (block 0, its neighbour and itself) are always kept."""
+    return max(1, round(density * tokens / block / 2) - 3)
+
+
 def section_sparse(a, device, dtype) -> dict:
     bb = _base(a, device, dtype)
     rows = []
@@ -146,9 +152,11 @@ def section_sparse(a, device, dtype) -> dict:
         ids = torch.randint(3, 256, (1, T), generator=torch.Generator().manual_seed(T)).to(device)
         for mode in ("forward", "train"):
             back = mode == "train"
-            for kind in ("sdpa", a.kernel):
-                plugin = attach(bb.model, "sparse", variant="learned", top_k=4, kernel=a.kernel) if kind != "sdpa" else None
+            for variant in ("sdpa", "quest", "learned"):
+                plugin = None
                 try:
+                    if variant != "sdpa":
+                        plugin = attach(bb.model, "sparse", variant=variant, top_k=sparse_top_k(T), kernel=a.kernel)
                     row = _measure(lambda: _body_run(bb.model, ids, back), a.repeat)
                     row["density"] = round(1 - float(plugin.sparsity()), 4) if plugin is not None else 1.0
                 except Exception as e:  # noqa: BLE001
@@ -156,10 +164,12 @@ def section_sparse(a, device, dtype) -> dict:
                 finally:
                     if plugin is not None:
                         plugin.detach()
-                rows.append({"tokens": T, "mode": mode, "kernel": kind, **row})
+                kernel = "sdpa" if variant == "sdpa" else a.kernel
+                rows.append({"tokens": T, "mode": mode, "variant": variant, "kernel": kernel, **row})
                 print(f"[gpu_check] sparse {rows[-1]}", flush=True)
     return {"base": a.base, "layers": bb.model.config.num_hidden_layers, "dtype": str(dtype),
-            "variant": "learned top_k=4, block 64 (untrained gate)", "rows": rows}
+            "variant": "quest and learned (untrained gate), block-shared selection, 64-token blocks, "
+                       "top_k for density ~0.25 (sparse_top_k)", "rows": rows}
 
 
 class _Stop(Exception):

@@ -19,5 +19,6 @@ def test_the_gpu_check_dry_run_runs_every_section_on_cpu(tmp_path):
     # checkpointing changes memory and time, never the numbers
     assert train["lora"]["loss"] == train["lora+checkpointing"]["loss"]
     kernels = {(row["mode"], row["kernel"]) for row in r["sections"]["sparse"]["rows"] if "error" not in row}
+    assert {row.get("variant") for row in r["sections"]["sparse"]["rows"]} == {"sdpa", "quest", "learned"}
     assert kernels == {("forward", "sdpa"), ("forward", "gather"), ("train", "sdpa"), ("train", "gather")}
     assert r["sections"]["rng"]["bit_identical"] and r["sections"]["rng"]["resumed_from"] == 2

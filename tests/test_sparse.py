@@ -350,6 +350,29 @@ def test_flex_kernel_equals_the_masked_reference(tiny_llama):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.skipif(_flex_unavailable() is not None, reason=str(_flex_unavailable()))
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_flex_without_padding_skips_mask_mod_on_full_tiles_and_equals_the_reference(tiny_llama, monkeypatch, tiles):
+    # no padding: tiles below the diagonal whose blocks are all kept are "full" (no mask_mod); tiles=2
+    # is what CUDA training uses (BlockMask tiles of 128 over 64-token blocks), forced here on the CPU
+    from attnlab.modules.sparse import kernels
+    monkeypatch.setattr(kernels, "tile_factor", lambda *a: tiles)
+    m = tiny_llama.model
+    x, mask = ids(64), torch.ones(2, 64, dtype=torch.long)
+    for variant, opts in (("quest", dict(top_k=2)), ("learned", dict(top_k=2)), ("window", {})):
+        flex = logits_with(m, x, mask, variant=variant, kernel="flex", block_size=8, **opts)
+        masked = logits_with(m, x, mask, variant=variant, kernel="masked", block_size=8, **opts)
+        assert gap(flex, masked) <= 1e-5, variant
+
+
+def test_tiles_pool_blocks_with_any_or_all_and_count_edge_blocks_as_not_kept():
+    from attnlab.modules.sparse.kernels import tile_blocks
+    kept = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    assert tile_blocks(kept, 2, any).tolist() == [[True, True], [True, True]]
+    assert tile_blocks(kept, 2, all).tolist() == [[True, False], [False, False]]
+    assert torch.equal(tile_blocks(kept, 1, all), kept)
+
+
 def test_oracle_selection_beats_or_ties_the_untrained_gate_on_block_mass():
     # The oracle keeps, per query block, the candidate blocks with the most dense attention mass,
     # so it drops the least mass; on this input its attention-matrix error is no worse than the gate's.

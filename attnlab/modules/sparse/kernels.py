@@ -73,6 +73,28 @@ def static_padded(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def tile_blocks(kept: torch.Tensor, r: int, pool=any) -> torch.Tensor:
+    """(..., n, m) kept blocks pooled over r x r into tiles of r blocks (`any` or `all` of them;
+    blocks past the edge count as not kept)."""
+    if r == 1:
+        return kept
+    *lead, n, m = kept.shape
+    kept = F.pad(kept, (0, -m % r, 0, -n % r))
+    tiles = kept.view(*lead, kept.shape[-2] // r, r, kept.shape[-1] // r, r)
+    return tiles.any(-1).any(-2) if pool is any else tiles.all(-1).all(-2)
+
+
+def tile_factor(bs: int, cuda: bool, training: bool) -> int:
+    """How many selection blocks one BlockMask tile spans (1 but for CUDA training with bs < 128)."""
+    return 128 // bs if cuda and training and bs < 128 and 128 % bs == 0 else 1
+
+
+def kv_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BlockMask's (num_blocks, indices) of a (B, H, n, m) boolean: the kept blocks first."""
+    order = torch.sort(kept.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    return kept.sum(-1).to(torch.int32), order.to(torch.int32)
+
+
 def flex_attention_kernel(q, k, v, p: Pattern, keep, base, scale, rows=None):
     """FlexAttention with a BlockMask of the kept blocks (B|1, Hkv|1, nq, nb); mask_mod does the
     token-level rule and, for per-row selections, each row's own blocks `rows` (B, Hkv, S, Tq, nb).
@@ -110,13 +132,25 @@ def flex_attention_kernel(q, k, v, p: Pattern, keep, base, scale, rows=None):
         return ok
 
     if p.qoff == 0:  # query tiles line up with the selection blocks: build the BlockMask from them
+        # On CUDA, FlexAttention's backward tiles are 128 wide (sm90, head dim 64..128), and its
+        # lowering finds no kernel for a BlockMask of smaller blocks: a training forward gets tiles
+        # of 128 (OR of the blocks inside; mask_mod keeps the exact block rule).
+        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        r = tile_factor(bs, cuda, training)
         keep_h = keep.repeat_interleave(g, dim=1)
-        order = torch.sort(keep_h.to(torch.uint8), dim=-1, descending=True, stable=True).indices
-        block_mask = BlockMask.from_kv_blocks(keep_h.sum(-1).to(torch.int32), order.to(torch.int32),
-                                              BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(tq, tk))
+        any_kept, all_kept = tile_blocks(keep_h, r, any), tile_blocks(keep_h, r, all)
+        # A tile strictly below the diagonal whose blocks are all kept needs no mask_mod (a "full"
+        # block of the BlockMask); only with no row-, window- or padding rule inside it.
+        n = any_kept.shape[-1]
+        below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
+        full = all_kept & below if rows is None and window is None and base is None else torch.zeros_like(all_kept)
+        partial = any_kept & ~full
+        block_mask = BlockMask.from_kv_blocks(*kv_lists(partial), *kv_lists(full), BLOCK_SIZE=bs * r,
+                                              mask_mod=mask_mod, seq_lengths=(tq, tk))
+        options = {"BLOCK_M": min(bs, 64), "BLOCK_N": min(bs, 64)} if cuda and bs * r < 128 else None
     else:            # decoding: few queries, evaluate the rule directly
         block_mask = create_block_mask(mask_mod, b, hq, tq, tk, device=q.device, BLOCK_SIZE=128 if cuda else bs)
-    options = {"BLOCK_M": min(bs, 64), "BLOCK_N": min(bs, 64)} if cuda and bs < 128 else None
+        options = {"BLOCK_M": min(bs, 64), "BLOCK_N": min(bs, 64)} if cuda and bs < 128 else None
     try:
         out = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=g > 1,
                               kernel_options=options)
