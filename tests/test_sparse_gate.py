@@ -75,3 +75,13 @@ def test_distil_gates_refuses_what_has_no_gate(tiny_llama):
     with pytest.raises(attnlab.modules.PluginError, match="attach variant 'learned'"):
         plugin.distil_gates([torch.arange(40)])
     plugin.detach()
+
+
+def test_the_gate_loss_is_taken_in_fp32_from_half_precision_scores():
+    # the GPU check found -1e9 overflowing fp16 in the candidate mask (tests/test_cuda.py sparse-fp16)
+    from attnlab.modules.sparse.gate import gate_kl
+    scores = torch.randn(1, 2, 4, 4).half()
+    target = torch.eye(4).expand(1, 2, 4, 4).half()
+    cand = torch.ones(4, 4, dtype=torch.bool).tril()
+    loss = gate_kl(scores, target, cand)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

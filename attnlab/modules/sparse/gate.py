@@ -83,7 +83,9 @@ class BlockGate(nn.Module):
 
 def gate_kl(scores: torch.Tensor, target: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     """Mean over rows with candidates of KL(target || softmax over the candidates of scores).
-    scores, target (..., R, nfull), cand (R, nfull) or broadcastable; target rows sum to 1 or 0."""
+    scores, target (..., R, nfull), cand (R, nfull) or broadcastable; target rows sum to 1 or 0.
+    Taken in fp32 whatever the base's dtype (-1e9 does not even fit in fp16)."""
+    scores, target = scores.float(), target.float()
     log_gate = scores.masked_fill(~cand, -1e9).log_softmax(-1).masked_fill(~cand, 0.0)
     rows = target.sum(-1) > 0
     kl = (torch.xlogy(target, target) - target * log_gate).sum(-1)
