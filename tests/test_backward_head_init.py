@@ -113,6 +113,10 @@ def test_the_trainer_refits_the_start_on_the_training_data_once_and_not_on_resum
     train(tiny_llama.model, other, s.train, TrainConfig(steps=1, **cfg), pad_id=pad, features=cache)
     assert len(calls) == 2
     other.detach()
+    live = attach(tiny_llama.model, "backward_head", preset="paper", init="base")   # no cache: the body runs
+    train(tiny_llama.model, live, s.train, TrainConfig(steps=1, **cfg), pad_id=pad)
+    assert len(calls) == 4 and calls[3].shape == (sum(e.n_target for e in s.train[:8]), 64)
+    live.detach()
 
 
 def test_init_base_outside_the_paper_form_is_a_clear_error(tiny_llama):
