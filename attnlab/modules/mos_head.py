@@ -23,7 +23,7 @@ with d = E (995,904) and r = 432 / 216 do the same at K = 2 / 4.
 Cost: one frozen LM-head product per component, forward and backward (K times an LM-head LoRA
 step). The training loss takes each component's per-token log-probability of the target with
 F.linear_cross_entropy in 256-row chunks (the same fused loss as head_ft: no N x V tensor kept
-for the backward, and no gradient for the frozen decoder), then mixes the K of them in fp32.
+for the backward), then mixes the K of them in fp32.
 """
 
 from __future__ import annotations
