@@ -10,8 +10,8 @@ bottleneck); a mixture of K softmaxes does not have that limit. For a final hidd
 
 Differences from the published form, and why. Yang et al. train the decoder with the model and
 use c_k = tanh(W_k h): a context bounded in [-1, 1]^E. Here the decoder is the frozen base's and
-h is its final hidden state, whose coordinates are not bounded that way, so tanh(W_k h) cannot
-reproduce the base's logits h W_outᵀ + b for any W_k: the published form could only start away
+h is its final hidden state, whose coordinates are not bounded that way, so a saturating tanh(W_k h)
+cannot reproduce the base's logits h W_outᵀ + b in general: the published form could only start away
 from the base. The skip `h +` makes the contexts h plus a bounded tanh correction, and
 W_k = A_k B_k (rank r) with A_k = 0 at the start (LoRA's trick) makes every c_k = h exactly, so
 every component is the base's softmax and the mixture *is* the base distribution for any prior
