@@ -175,6 +175,15 @@ def _train_mode(plugin: Plugin, on: bool) -> None:
         m.train(on)
 
 
+@torch.no_grad()
+def _start_hidden(model, examples, features, pad_id, dev, n=64):
+    """The base's final hidden states at the target positions of the first n training examples."""
+    if features is not None:
+        return features.batch(list(range(min(n, len(features)))), device=dev)[0]
+    chunk = examples[:n // 8]  # the body runs here: fewer examples
+    return target_hidden(model, {k: v.to(dev) for k, v in collate(chunk, pad_id).items()})[0].float()
+
+
 def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainConfig,
           out_dir: str | os.PathLike | None = None, pad_id: int = 0, accelerator=None,
           features=None, val_fn=None, run_fingerprint: dict | None = None, log=print) -> TrainResult:
@@ -231,6 +240,8 @@ def train(model: nn.Module, plugin: Plugin, examples: list[Example], cfg: TrainC
         st = _resume(out, plugin, opt, cfg, run_fingerprint, log, main=accelerator.is_main_process,
                      processes=accelerator.num_processes)
         accelerator.wait_for_everyone()
+    if st.step == 0:  # a fresh run (not resumed): the plug-in may initialise itself from the data
+        plugin.on_train_start(lambda: _start_hidden(model, examples, features, pad_id, accelerator.device))
     history = st.history
     tokens, seconds = st.tokens, st.elapsed_s
     bar = tqdm(total=cfg.steps, initial=st.step, disable=not cfg.progress or not accelerator.is_main_process,

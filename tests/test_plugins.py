@@ -20,7 +20,7 @@ def _perturb(plugin):
 
 # every registered method, in the configuration that starts from the base function
 AT_INIT = {"frozen": {}, "lora": {}, "head_ft": {}, "backward_head": {"preset": "residual"}, "factorized": {},
-           "sparse": {"variant": "dense"}}
+           "sparse": {"variant": "dense"}, "mos_head": {"n_components": 3, "rank": 8}}
 
 
 def test_every_method_is_covered():
@@ -51,7 +51,7 @@ def test_lora_defaults_per_family():
     assert pg.num_trainable() == 2 * 4 * ((64 + 192) + (64 + 64) + (256 + 64))
 
 
-@pytest.mark.parametrize("method", ["lora", "head_ft", "backward_head", "factorized"])
+@pytest.mark.parametrize("method", ["lora", "head_ft", "backward_head", "factorized", "mos_head"])
 def test_training_changes_only_the_plugin(tiny, method):
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     s = tiny_splits(tiny, n_train=8)
@@ -68,7 +68,7 @@ def test_training_changes_only_the_plugin(tiny, method):
         assert torch.equal(p, before[n]), f"base weight {n} changed"
 
 
-@pytest.mark.parametrize("method", ["lora", "head_ft", "backward_head", "factorized"])
+@pytest.mark.parametrize("method", ["lora", "head_ft", "backward_head", "factorized", "mos_head"])
 def test_save_load_roundtrip_and_fingerprint(tiny, method, tmp_path):
     plugin = attach(tiny.model, method, **AT_INIT[method])
     _perturb(plugin)

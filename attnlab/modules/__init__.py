@@ -19,11 +19,12 @@ from .factorized import Factorized, FactorizedConfig
 from .frozen import Frozen, FrozenConfig
 from .head_ft import HeadFineTune, HeadFTConfig
 from .lora import LoRA, LoRAConfig
+from .mos_head import MoSConfig, MoSHead, MoSHeadPlugin
 from .sparse import SparseAttention, SparseConfig
 from .switch import PluginSet
 
 METHODS: dict[str, type[Plugin]] = {cls.method: cls for cls in (Frozen, LoRA, HeadFineTune, BackwardHead, Factorized,
-                                                              SparseAttention)}
+                                                              SparseAttention, MoSHeadPlugin)}
 
 
 def register_method(cls: type[Plugin], replace: bool = False) -> type[Plugin]:
@@ -133,4 +134,5 @@ __all__ = ["Plugin", "PluginError", "METHODS", "attach", "load_plugin", "make_co
            "attached", "disabled",
            "BackwardHead", "BackwardHeadConfig", "BackwardAttentionHead", "PluginSet",
            "Factorized", "FactorizedConfig", "patch", "unpatch", "SparseAttention", "SparseConfig",
-           "Frozen", "FrozenConfig", "LoRA", "LoRAConfig", "HeadFineTune", "HeadFTConfig"]
+           "Frozen", "FrozenConfig", "LoRA", "LoRAConfig", "HeadFineTune", "HeadFTConfig",
+           "MoSHeadPlugin", "MoSConfig", "MoSHead"]

@@ -29,6 +29,13 @@ Other variants a careful researcher compares: several heads (a mixture of their 
 on the query, and a non-linear (GELU MLP) projection. The MLP cannot be reassociated: it builds the
 K (and Vv) tables once per optimizer step (see on_step_start / on_step_end).
 The training loss comes from chunked_ce, which never stores more than the N x V scores.
+
+Initialisation (`init`): "uniform" (0.02-std weights: the scores start near zero, the uniform
+distribution, loss ~ ln V) or, for the `paper` form, "base": W_V, W_Q, W_K and the gain chosen so
+that the scores are as close to the base's logits as the RMSNorm'd rows allow (derived in
+backward_head_init.py; exact is out of reach because the head scales each vocabulary row by its
+own inverse RMS). Fitted data-free at construction, then again on the first training hidden states
+at the start of a fresh training run (`BackwardHead.on_train_start`).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..chunked_ce import ConcatTable, mixture_cross_entropy, mixture_log_probs
+from .backward_head_init import INITS, check_base_start, fit_base_start
 from .base import Plugin, PluginError
 
 WEIGHTS = ("logits", "probs", "logprobs")
@@ -60,8 +68,13 @@ class BackwardHeadConfig:
     dropout: float = 0.0             # on the query
     chunk_size: int = 8192           # vocabulary rows per step of the chunked loss
     init_std: float = 0.02
+    init: str = "uniform"            # "base": the paper head starts at (near) the base's logits
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got '{self.init}'")
+        if self.init == "base":
+            check_base_start(self)
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got '{self.weights}'")
         if self.projection not in PROJECTIONS:
@@ -128,6 +141,8 @@ class BackwardAttentionHead(nn.Module):
                     nn.init.zeros_(m.bias)
         # Small random weights: the scores start near zero, i.e. near the uniform distribution (loss ~ ln V).
         self.to(device=embedding.device, dtype=embedding.dtype)
+        if cfg.init == "base":
+            fit_base_start(self)   # data-free (uniform token weights) until the trainer refits it
         self._const = None      # (base version key, constants of the base): see constants()
         self._cache = None      # (version key, tables) for inference (MLP variant)
         self._step = None       # (leaf tables, graph tables) during an optimizer step
@@ -352,6 +367,11 @@ class BackwardHead(Plugin):
 
     def _training_modules(self):
         return [self._head]  # its query dropout
+
+    def on_train_start(self, hidden_fn):
+        """init: base: refit the start with the token weights of the training data's hidden states."""
+        if self.config.init == "base":
+            fit_base_start(self._head, hidden_fn())
 
     def on_step_start(self):
         self._head.on_step_start()

@@ -172,7 +172,12 @@ class Plugin:
         write_dir(path, write, replace=True)
         return path
 
-    # -- training hooks: the trainer calls these around each optimizer step ----------------------
+    # -- training hooks: the trainer calls these once at a fresh start and around each step ------
+    def on_train_start(self, hidden_fn) -> None:
+        """Once, before the first step of a fresh (not resumed) training run: a data-dependent
+        initialisation. `hidden_fn()` returns the base's final hidden states (N x E) at the target
+        positions of the first training examples."""
+
     def on_step_start(self) -> None:
         """Before the micro-batches of an optimizer step (e.g. precompute what they all share)."""
 
