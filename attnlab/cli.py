@@ -59,7 +59,7 @@ def _load(a):
     from .modules import load_plugin
 
     bb = load_backbone(a.model, trust_remote_code=a.trust_remote_code)
-    plugin = load_plugin(bb.model, a.plugin) if a.plugin else None
+    plugin = load_plugin(bb.model, a.plugin, allow_missing_body_hash=a.allow_missing_body_hash) if a.plugin else None
     return bb, plugin
 
 
@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of a saved plug-in or head (plugin.safetensors + attnlab_plugin.json)")
         q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
 
+    def body_hash_arg(q):
+        q.add_argument("--allow-missing-body-hash", action="store_true",
+                       help="load a plug-in that does not record its base's body hash (checks sizes and embedding only)")
+
     def data_args(q, n):
         q.add_argument("--dataset", default="arithmetic", help="dataset_name (see `attnlab data preview --list`)")
         q.add_argument("--path", help="local data file for the dataset")
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "`attnlab run` holds out, so never a training problem); with --generate K, answer accuracy, "
                        "precision/recall/F1, median error and RMSE.")
     model_args(e)
+    body_hash_arg(e)
     data_args(e, 64)
     e.add_argument("--batch-size", type=_positive, default=8)
     e.add_argument("--generate", type=_count, default=0, metavar="K", help="also generate for the first K examples")
@@ -176,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a continuation. The prompt is wrapped in the model's chat template "
                        "when it has one (use --raw to send it as is). Greedy unless --sample.")
     model_args(g)
+    body_hash_arg(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)

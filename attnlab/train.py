@@ -387,7 +387,7 @@ def _read_checkpoint(ckpt: Path) -> dict:
     """state.json of a checkpoint whose files all match its manifest, else DamagedFile."""
     if not (ckpt / "state.json").is_file():
         raise DamagedFile(f"{ckpt / 'state.json'} is missing")
-    verify_dir(ckpt)
+    verify_dir(ckpt, required=("state.json", "plugin.safetensors", "optimizer.safetensors"))
     try:
         state = json.loads((ckpt / "state.json").read_text())
         int(state["step"])
