@@ -30,12 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from . import __version__
 from .atomic import write_json_atomic
 from .backbone import fingerprint_hash, load_backbone
-from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, eval_config,
+from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, eval_config, read_yaml,
                      reject_unknown)
 from .data import build_splits
 from .data.arithmetic import check_options as check_arithmetic
@@ -73,23 +72,14 @@ class NonFiniteResult(AttnlabError, ValueError):
 
 # --- the config --------------------------------------------------------------------------------
 
-def _read_yaml(p: Path):
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); "
-                          f"check indentation and colons") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not UTF-8 text") from None
+_read_yaml = read_yaml   # refuses anchors and aliases before anything is built (attnlab/config.py)
 
 
 def _check_data(opts: dict, where: str) -> None:
     """Every data block's schema, and the generator's own options where it is the source."""
     full = data_config(opts, where)
+    if full["n_eval"] < 1:  # found here, not after the model has loaded
+        raise ConfigError(f"{where}.n_eval: {full['n_eval']} leaves no test examples to score; expected >= 1")
     for d in (full, {**full, **(full.get("fallback") or {})}):
         if d.get("dataset_name") == "arithmetic":
             try:
@@ -130,7 +120,7 @@ def load_config(path_or_dict) -> dict:
         raise ConfigError(f"{where}: expected a mapping (key: value lines) at top level, got a {type(raw).__name__}")
     reject_unknown(where, raw, TOP_KEYS)
     cfg = {**copy.deepcopy(DEFAULTS), **raw}
-    _import_methods(cfg["imports"])
+    _check_imports(cfg["imports"])
     cfg["name"] = as_name("name", cfg["name"] if cfg["name"] is not None else "experiment")
     cfg["model"] = as_str("model", cfg["model"])
     if cfg.get("out_dir") is not None:
@@ -169,6 +159,7 @@ def load_config(path_or_dict) -> dict:
     cfg["train"] = {**DEFAULTS["train"], **as_mapping("train", raw.get("train"))}
     train_points(cfg["train"], "train")
     cfg["eval"] = eval_config(raw.get("eval"), "eval")
+    _import_methods(cfg["imports"])  # user code: runs only once everything above is valid
     methods = cfg["methods"]
     if not isinstance(methods, list) or not methods:
         raise ConfigError(f"methods: expected a non-empty list of {{name: ..., method: ...}} entries; "
@@ -200,16 +191,26 @@ def load_config(path_or_dict) -> dict:
     return cfg
 
 
-def _import_methods(modules) -> None:
-    """Import the `imports:` modules (installed or on the path), which register their methods."""
+def _check_imports(modules) -> None:
     if not isinstance(modules, list) or not all(isinstance(x, str) and x for x in modules):
         raise ConfigError(f"imports: expected a list of module names, e.g. [my_methods.logit_bias], got {modules!r}")
+
+
+def _import_methods(modules) -> None:
+    """Import the `imports:` modules (installed or on the path), which register their methods.
+    This runs their code, like trust_remote_code: load_config calls it only after every other
+    section is valid, and any exception it raises is one line naming the module."""
+    _check_imports(modules)
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as e:
             raise ConfigError(f"imports: cannot import '{name}' ({type(e).__name__}: {e}); install the package that "
                               f"defines it, or fix the name") from None
+        except (Exception, SystemExit) as e:  # the module's own code failed: one line naming it
+            text = " ".join(str(e).split())[:200]
+            raise ConfigError(f"imports: importing '{name}' raised {type(e).__name__}"
+                              f"{': ' + text if text else ''}; fix that module (imports: runs its code)") from None
 
 
 def _options(m: dict) -> dict:
