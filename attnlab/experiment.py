@@ -25,7 +25,6 @@ import json
 import math
 import platform
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -39,9 +38,10 @@ from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, 
 from .data import build_splits
 from .data.arithmetic import check_options as check_arithmetic
 from .data.sources import SourceUnavailable
-from .errors import AttnlabError, ConfigError, UnsafePath
+from .errors import AttnlabError, ConfigError
 from .evaluate import answer_metrics, base_reference, generate, score
 from .modules import METHODS, make_config
+from .runfolder import MARKER, inside, lexical, prepare_run_folder, unlock  # noqa: F401  (MARKER: re-exported)
 from .train import NonFiniteLoss, TrainConfig, train
 
 DEFAULTS = {
@@ -61,7 +61,6 @@ DEFAULTS = {
 }
 TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
 SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
-MARKER = ".attnlab-run"                        # a run folder attnlab created (only those are deleted)
 CARD_METRICS = ("cross_entropy", "perplexity", "next_token_accuracy", "kl_base_model", "top1_agreement", "accuracy",
                 "f1")                          # the numbers a saved plug-in's model card shows, per set
 
@@ -224,43 +223,29 @@ def seed_everything(seed: int) -> None:
 
 # --- the run folder: everything is written inside it ----------------------------------------------
 
-def run_folder(cfg: dict, out_root) -> Path:
-    return (Path(cfg["out_dir"]) if cfg.get("out_dir") else Path(out_root) / cfg["name"]).expanduser().resolve()
-
-
-def prepare_run_folder(out: Path, fresh: bool) -> None:
-    """Create (or, with `fresh`, recreate) the run folder. Refuses to write into, or delete, a
-    folder attnlab did not create, the current folder, one of its parents, home or root."""
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
-    if out == out.parent or out == home or (fresh and (out == cwd or out in cwd.parents)):
-        raise UnsafePath(f"the run folder {out} is {'root' if out == out.parent else 'your home' if out == home else 'the current folder or one of its parents'}; "
-                         f"choose a new folder with out_dir or --out")
-    if out.exists():
-        if not out.is_dir():
-            raise UnsafePath(f"the run folder {out} is a file; choose a new folder with out_dir or --out")
-        marked = (out / MARKER).is_file()
-        if not marked and any(out.iterdir()):
-            raise UnsafePath(f"{out} exists and was not created by attnlab run (no {MARKER} file); choose a new or "
-                             f"empty folder (out_dir / --out), or delete it yourself")
-        if fresh and marked:
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
-        (out / MARKER).write_text("created by `attnlab run`; `attnlab run --fresh` may delete this folder\n")
-
-
-def inside(root: Path, *parts: str) -> Path:
-    """root/parts..., refused if it would leave root."""
-    p = root.joinpath(*parts).resolve()
-    if p != root and root not in p.parents:
-        raise UnsafePath(f"{'/'.join(parts)} would be written outside the run folder {root}")
-    return p
+def run_folder(cfg: dict, out_root, resolve: bool = True) -> Path:
+    p = lexical(cfg["out_dir"] if cfg.get("out_dir") else Path(out_root).expanduser() / cfg["name"])
+    return p.resolve() if resolve else p
 
 
 # --- running --------------------------------------------------------------------------------------
 
 def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: list[str] | None = None,
                    log=print) -> dict:
+    """Run the config (see `_run_experiment`), holding the run folder's lock until it returns."""
+    held = len(_LOCKS)
+    try:
+        return _run_experiment(config, out_root, fresh, only_methods, log)
+    finally:
+        while len(_LOCKS) > held:
+            unlock(_LOCKS.pop())
+
+
+_LOCKS: list[int] = []   # run-folder locks this process holds (attnlab.runfolder)
+
+
+def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: list[str] | None = None,
+                    log=print) -> dict:
     """Run the config; returns the results dict also written to <run folder>/results.json.
 
     With `datasets:` the whole run happens once per dataset, in <run folder>/<label>/, and
@@ -282,7 +267,8 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
                               f"{', '.join(names)}")
     out = run_folder(cfg, out_root)
     if proc.is_main_process:
-        prepare_run_folder(out, fresh)
+        _LOCKS.append(prepare_run_folder(out, fresh, cfg["name"], link=run_folder(cfg, out_root, resolve=False),
+                                         log=log))
     proc.wait_for_everyone()
     t_start = time.perf_counter()
     labels = list(cfg["datasets"]) if cfg["datasets"] else [None]
