@@ -32,7 +32,7 @@ import torch
 
 from . import __version__
 from .atomic import write_json_atomic
-from .backbone import fingerprint_hash, load_backbone
+from .backbone import check_length, fingerprint_hash, load_backbone
 from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, eval_config, read_yaml,
                      reject_unknown)
 from .data import build_splits
@@ -278,6 +278,7 @@ def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: 
     t = time.perf_counter()
     bb = load_backbone(cfg["model"], device=str(proc.device) if torch.cuda.is_available() else None)
     log(f"[attnlab] loaded {cfg['model']} ({bb.info['n_params'] / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
+    _check_lengths(cfg, bb.model)
     per = {}
     for label in labels:
         one = copy.deepcopy(cfg)
@@ -306,6 +307,15 @@ def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: 
     log(f"[attnlab] wrote {out / 'report.md'} in {results['wall_time_s']:.0f}s total")
     proc.wait_for_everyone()  # the others return once the report is on disk
     return results
+
+
+def _check_lengths(cfg: dict, model) -> None:
+    """Every max_length of the config fits the model's positions (one line naming the key)."""
+    blocks = [("data", cfg["data"])] + [(f"datasets.{k}", v) for k, v in (cfg["datasets"] or {}).items()] \
+        + [(f"eval_sets.{k}", v) for k, v in cfg["eval_sets"].items()]
+    for where, opts in blocks:
+        n = opts.get("max_length", cfg["data"].get("max_length", 256))
+        check_length(model, as_int(f"{where}.max_length", n), f"{where}.max_length")
 
 
 def _process():
