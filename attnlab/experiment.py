@@ -342,6 +342,11 @@ class EvalSet:
 def _eval_set(bb, name, examples, kind, report, ev, log, overrides=None) -> EvalSet:
     ev = {**ev, **(overrides or {})}
     gen = examples[: ev["n_generate"]] if ev["generate"] else []
+    if kind == "qa" and gen and not any(e.answer is not None and str(e.answer).strip() for e in examples):
+        gen = []  # nothing to score generations against: teacher-forced metrics only, said in the report
+        report.setdefault("notes", []).append(f"`{name}`: the data has no answers, so answer metrics (accuracy, "
+                                              f"F1, errors) are skipped; perplexity and KL are scored")
+        log(f"[attnlab] {name}: {report['notes'][-1]}")
     if kind == "lm":  # continue the opening of each held-out text
         gen = [dataclasses.replace(e, prompt_len=min(ev["prompt_tokens"], len(e.input_ids) - 1)) for e in gen]
     t = time.perf_counter()
@@ -643,7 +648,7 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             "eval": results["test"], "eval_sets": {k: v for k, v in results.items() if k != "test"},
             "per_example": per_example, "eval_seconds": round(eval_s, 2), "samples": samples}
     log(f"[attnlab] {m['name']} seed {seed}: test ppl {results['test']['perplexity']:.3f}"
-        + (f", accuracy {results['test']['accuracy']:.3f}" if "accuracy" in results["test"] else "")
+        + (f", accuracy {results['test']['accuracy']:.3f}" if results["test"].get("accuracy") is not None else "")
         + "".join(f"; {k} ppl {v['perplexity']:.3f}" for k, v in results.items() if k != "test")
         + f" (train {tr.seconds:.0f}s, eval {eval_s:.0f}s)")
     if _process().is_main_process:
