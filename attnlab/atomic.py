@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,13 +39,14 @@ class WriteFailed(AttnlabError, OSError):
 def write_failed(path, e: BaseException) -> WriteFailed:
     """One line for a failed write: the file, the reason, and that rerunning resumes."""
     name = getattr(e, "filename", None) or path
-    reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else " ".join(str(e).split())[:160]
-    if "No space" in reason or getattr(e, "errno", None) == errno.ENOSPC:
-        fix = "free disk space"
-    elif getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make the folder writable"
-    else:
-        fix = "fix the cause"
+    code = getattr(e, "errno", None)
+    if code is None:  # writers that wrap the OSError (safetensors: "... (os error 28)")
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    reason = os.strerror(code) if code else " ".join(str(e).split())[:160]
+    fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)", errno.EACCES: "make it writable",
+           errno.EPERM: "make it writable", errno.EROFS: "write to a writable disk",
+           errno.EFBIG: "raise the file size limit (ulimit -f)"}.get(code, "fix the cause")
     return WriteFailed(f"could not write {name} ({reason or type(e).__name__}); {fix} and rerun the same command: "
                        f"finished work is kept and the run resumes from its last checkpoint")
 
@@ -147,7 +149,7 @@ def write_dir(target: str | os.PathLike, write, replace: bool = False, keep_prev
     except AttnlabError:
         raise
     except Exception as e:  # OSError, and what writers make of it (safetensors raises its own error type)
-        if isinstance(e, OSError) or "No space" in str(e) or "too large" in str(e) or "os error" in str(e):
+        if isinstance(e, OSError) or "os error" in str(e):
             raise write_failed(target, e) from None
         raise
     finally:
