@@ -113,6 +113,9 @@ def cmd_generate(a) -> int:
 
     if not a.prompt.strip():
         raise ConfigError("--prompt: the prompt is empty; give the text to continue")
+    if a.sample and not a.temperature > 0 or a.top_k < 0:
+        raise ConfigError(f"--temperature {a.temperature} / --top-k {a.top_k}: sampling needs a temperature > 0 and "
+                          f"a top-k >= 0 (0: off)")
     bb, _ = _load(a)
     tok = bb.tokenizer
     text = prompt_text(tok, a.prompt) if not a.raw else a.prompt

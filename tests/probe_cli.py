@@ -99,6 +99,10 @@ CASES: list[Case] = [
          "{tmp}/prof"], "--lengths: 2048 is past the 512 positions", writes_nothing="{tmp}/prof"),
     # flags checked before the model loads
     Case("generate --prompt empty", ["generate", "--model", "tiny-gpt2", "--prompt", ""], "--prompt: the prompt is empty"),
+    Case("generate --sample --temperature 0", ["generate", "--model", "tiny-gpt2", "--prompt", "hi", "--sample",
+         "--temperature", "0"], "sampling needs a temperature > 0"),
+    Case("generate --top-k -1", ["generate", "--model", "tiny-gpt2", "--prompt", "hi", "--top-k", "-1"],
+         "a top-k >= 0"),
     Case("generate --max-new-tokens 0", ["generate", "--model", "tiny-gpt2", "--prompt", "hi", "--max-new-tokens",
          "0"], "--max-new-tokens", argparse=True),
     Case("profile --layers 0", ["profile", "--layers", "0"], "--layers", argparse=True),
