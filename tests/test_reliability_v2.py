@@ -15,16 +15,7 @@ import pytest
 from attnlab.errors import AttnlabError, ConfigError, UnsafePath
 from attnlab.experiment import load_config, run_experiment
 
-TINY = {
-    "name": "tiny",
-    "model": "tiny-gpt2",
-    "seeds": [0],
-    "data": {"dataset_name": "arithmetic", "n_train": 4, "n_val": 2, "n_eval": 2, "max_length": 400},
-    "train": {"steps": 1, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "progress": False},
-    "eval": {"batch_size": 4, "generate": False},
-    "methods": [{"name": "lora", "method": "lora", "r": 2}],
-}
-quiet = {"log": lambda *_: None}
+from .test_reliability import TINY, quiet  # the tiny config the reliability tests share
 
 
 def _user_files(folder):
