@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import write_dir
+from .atomic import remove_stale_temps, write_dir
 from .errors import AttnlabError
 
 EMBEDDED = "smollm2-135m"
@@ -187,6 +187,7 @@ def _embedded(dtype):
 
     target = cache_dir() / "models" / EMBEDDED
     if not (target / "config.json").is_file():
+        remove_stale_temps(target.parent, target.name)  # what an interrupted conversion left (marked temps only)
         gguf = embedded_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import remove_stale_temps, verify_dir, write_dir
+from .atomic import remove_stale_temps, verify_dir, write_dir, write_failed
 from .config import apply_rules, as_bool, as_float, as_int, as_mapping, reject_unknown
 from .data import IGNORE, Example, collate
 from .errors import AttnlabError, ConfigError, DamagedFile
@@ -320,9 +320,12 @@ class _nullcontext:
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:  # a torn last line is dropped on resume
+        raise write_failed(path, e) from None
 
 
 # --- checkpoints: safetensors + JSON + a checksum manifest, written atomically -------------------
