@@ -43,6 +43,16 @@ class _NoAliasLoader(yaml.SafeLoader):
                               f"allowed in attnlab configs (line {mark.line + 1}); write the values out")
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # a key given twice would silently keep only the last value
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"{self.name}: the key {key!r} appears twice in one mapping (line "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep)
+
 
 def read_yaml(p) -> object:
     """The YAML document at `p` (plain data only: no tags, anchors or aliases), or ConfigError."""

@@ -72,7 +72,7 @@ def prepare_run_folder(out: Path, fresh: bool, name: str | None = None, link: Pa
         if not out.is_dir():
             raise UnsafePath(f"the run folder {out} is a file; choose a new folder with out_dir or --out")
         owner = marker_name(out)
-        if owner is None and any(out.iterdir()):
+        if owner is None and any(p.name != LOCK for p in out.iterdir()):  # a lock alone: a run that just began
             raise UnsafePath(f"{out} exists and was not created by attnlab run (no {MARKER} file); choose a new or "
                              f"empty folder (out_dir / --out), or delete it yourself")
         if owner is not None and name is not None and owner != name:

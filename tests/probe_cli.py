@@ -128,6 +128,13 @@ CASES: list[Case] = [
          writes_nothing="{tmp}/runs"),
     Case("imports: a module that raises", ["run", "{config}", "--out", "{tmp}/runs"],
          "imports: importing 'boom_methods' raised ZeroDivisionError", _imports_raise, writes_nothing="{tmp}/runs"),
+    Case("yaml key given twice", ["run", "{config}", "--out", "{tmp}/runs"], "the key 'train' appears twice",
+         _config(RUN.format(max_length=400) + "train: {steps: 5}\n"), writes_nothing="{tmp}/runs"),
+    # data files
+    Case("data path a device", ["data", "preview", "--dataset", "local", "--path", "/dev/zero"],
+         "is not a regular file"),
+    Case("csv field past the csv limit", ["data", "preview", "--dataset", "local", "--path", "{tmp}/big.csv"],
+         "not readable as CSV", lambda tmp: (tmp / "big.csv").write_text('a,b\n"' + "x" * 200_000 + '",1\n') and {}),
     # plug-in folders
     Case("plug-in without manifest", ["eval", "--model", "tiny-gpt2", "--plugin", "{plugin}", "--n", "2"],
          "has no manifest.json", _plugin("no_manifest")),

@@ -60,6 +60,9 @@ def read_local(path: str | os.PathLike) -> Iterator:
         raise DataError(f"data path {p} is a folder; give a file (.jsonl, .json, .csv, .parquet or .txt)")
     if not p.exists():
         raise SourceUnavailable(f"data file not found: {p} (check `path:` in the data config)")
+    if not p.is_file():
+        raise DataError(f"data path {p} is not a regular file (a device or pipe); give a .jsonl, .json, .csv, "
+                        f".parquet or .txt file")
     ext = p.suffix.lower()
     if ext == ".jsonl":
         with open(p, "rb") as f:
@@ -101,6 +104,8 @@ def read_local(path: str | os.PathLike) -> Iterator:
         raise DataError(f"{p}: invalid JSON at line {e.lineno} ({e.msg})") from None
     except RecursionError:
         raise DataError(f"{p}: JSON nested too deeply to be data") from None
+    except csv.Error as e:
+        raise DataError(f"{p}: not readable as CSV ({e}); check the file's quoting") from None
 
 
 TEXT_EXTENSIONS = (".txt", ".md", ".text", ".raw", "")
