@@ -40,8 +40,8 @@ from .data.arithmetic import check_options as check_arithmetic
 from .data.sources import SourceUnavailable
 from .errors import AttnlabError, ConfigError
 from .evaluate import answer_metrics, base_reference, generate, score
-from .modules import METHODS, make_config
 from .runfolder import MARKER, inside, lexical, prepare_run_folder, unlock  # noqa: F401  (MARKER: re-exported)
+from .modules import METHODS, make_config
 from .train import NonFiniteLoss, TrainConfig, train
 
 DEFAULTS = {
