@@ -12,7 +12,8 @@ seeds and the budgets; see configs/quickstart.yaml. Per (method, seed):
 
 Each (method, seed) writes its result.json atomically and each training run checkpoints, so a
 stopped run resumes where it was. Everything is written inside the run folder, which carries a
-marker file; `--fresh` deletes only a folder that has it.
+marker naming the config and is locked while a run uses it; `--fresh` cleans only what attnlab
+wrote there (attnlab/runfolder.py).
 """
 
 from __future__ import annotations
