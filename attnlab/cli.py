@@ -68,10 +68,12 @@ def cmd_run(a) -> int:
 
 
 def _load(a):
-    from .backbone import load_backbone
+    from .backbone import check_length, load_backbone
     from .modules import load_plugin
 
     bb = load_backbone(a.model, trust_remote_code=a.trust_remote_code)
+    if getattr(a, "max_length", None) is not None:
+        check_length(bb.model, a.max_length, "--max-length")
     plugin = load_plugin(bb.model, a.plugin, allow_missing_body_hash=a.allow_missing_body_hash) if a.plugin else None
     return bb, plugin
 
@@ -80,10 +82,7 @@ def cmd_eval(a) -> int:
     from .data import build_splits
     from .evaluate import answer_metrics, base_reference, generate, score
 
-    from .backbone import check_length
-
     bb, plugin = _load(a)
-    check_length(bb.model, a.max_length, "--max-length")
     splits = build_splits(_data_cfg(a), bb.tokenizer)
     reference = None
     if plugin is not None:
@@ -247,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dense-eager, dense-sdpa, or VARIANT[:key=value,...] of the sparse attention "
                     f"(window, learned, quest, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
     pr.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
-    pr.add_argument("--layers", type=_positive, help="profile only the first N transformer layers (default: all)")
-    pr.add_argument("--batch", type=_positive, default=1)
-    pr.add_argument("--repeat", type=_positive, default=3, help="timed calls per measurement, after one warm-up")
+    pr.add_argument("--layers", type=int, help="profile only the first N transformer layers (default: all)")
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--repeat", type=int, default=3, help="timed calls per measurement, after one warm-up")
     pr.add_argument("--random-weights", action="store_true",
                     help="a model of the same shape with random weights (timings do not depend on weights)")
     pr.add_argument("--out", default="runs/profile", help="output folder (default: runs/profile)")
@@ -288,6 +287,11 @@ def cmd_profile(a) -> int:
 
     from .backbone import check_length
 
+    from .errors import ConfigError
+
+    for flag, n in (("--layers", a.layers), ("--batch", a.batch), ("--repeat", a.repeat)):
+        if n is not None and n < 1:
+            raise ConfigError(f"{flag}: {n} is not allowed; expected a number >= 1")
     _folder_arg(a.out, "--out")
     dev = "cuda" if torch.cuda.is_available() else None
     model = build_model(a.model, random_weights=a.random_weights, layers=a.layers, device=dev)
