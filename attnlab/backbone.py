@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import write_dir
+from .atomic import remove_stale_temps, write_dir
 from .errors import AttnlabError
 
 EMBEDDED = "smollm2-135m"
@@ -150,6 +150,25 @@ def _body_hash(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def max_positions(model) -> int | None:
+    """How many positions the model reads (max_position_embeddings, GPT-2's n_positions, ...);
+    None when its config does not say."""
+    cfg = getattr(model, "config", model)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_length(model, n: int, flag: str) -> None:
+    """Refuse a length past the model's positions in one line naming the flag or key."""
+    limit = max_positions(model)
+    if limit is not None and n > limit:
+        name = getattr(model, "_attnlab_spec", None) or "the model"
+        raise BackboneError(f"{flag}: {n} is past the {limit} positions {name} reads; use at most {limit}")
+
+
 def decoder(model: nn.Module) -> nn.Module:
     """The transformer body (everything before the LM head): model.model, model.transformer, ..."""
     return getattr(model, model.base_model_prefix)
@@ -182,6 +201,7 @@ def _embedded(dtype):
 
     target = cache_dir() / "models" / EMBEDDED
     if not (target / "config.json").is_file():
+        remove_stale_temps(target.parent, target.name)  # what an interrupted conversion left (marked temps only)
         gguf = embedded_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

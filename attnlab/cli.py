@@ -36,8 +36,20 @@ def _positive(text: str) -> int:
 
 
 def _count(text: str) -> int:
-    n = _positive(text) if text.strip() != "0" else 0
-    return n
+    try:
+        return _positive(text) if text.strip() != "0" else 0
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected a whole number >= 0") from None
+
+
+def _folder_arg(path: str, flag: str) -> None:
+    """An output folder given on the command line must not be an existing file (checked first)."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    if Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"{flag}: {path} is a file; give a folder (new or one attnlab wrote)")
 
 
 def cmd_run(a) -> int:
@@ -46,6 +58,7 @@ def cmd_run(a) -> int:
     from .experiment import run_folder
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods is not None else None
+    _folder_arg(a.out, "--out")
     res = run_experiment(a.config, out_root=a.out, fresh=a.fresh, only_methods=methods)
     from .experiment import _process
     if _process().is_main_process:  # under `accelerate launch`, one report, not one per process
@@ -55,11 +68,13 @@ def cmd_run(a) -> int:
 
 
 def _load(a):
-    from .backbone import load_backbone
+    from .backbone import check_length, load_backbone
     from .modules import load_plugin
 
     bb = load_backbone(a.model, trust_remote_code=a.trust_remote_code)
-    plugin = load_plugin(bb.model, a.plugin) if a.plugin else None
+    if getattr(a, "max_length", None) is not None:
+        check_length(bb.model, a.max_length, "--max-length")
+    plugin = load_plugin(bb.model, a.plugin, allow_missing_body_hash=a.allow_missing_body_hash) if a.plugin else None
     return bb, plugin
 
 
@@ -89,10 +104,27 @@ def cmd_generate(a) -> int:
 
     from .data import prompt_text
 
+    from .backbone import max_positions
+    from .errors import ConfigError
+
+    if not a.prompt.strip():
+        raise ConfigError("--prompt: the prompt is empty; give the text to continue")
+    if a.sample and not a.temperature > 0 or a.top_k < 0:
+        raise ConfigError(f"--temperature {a.temperature} / --top-k {a.top_k}: sampling needs a temperature > 0 and "
+                          f"a top-k >= 0 (0: off)")
     bb, _ = _load(a)
     tok = bb.tokenizer
     text = prompt_text(tok, a.prompt) if not a.raw else a.prompt
     ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    limit, n = max_positions(bb.model), ids["input_ids"].shape[1]
+    if limit is not None and a.max_new_tokens >= limit:
+        raise ConfigError(f"--max-new-tokens: {a.max_new_tokens} leaves no room for the prompt in the {limit} "
+                          f"positions {a.model} reads; use at most {limit - 1}")
+    if limit is not None and n + a.max_new_tokens > limit:  # keep the end of the prompt: it is what is continued
+        keep = limit - a.max_new_tokens
+        ids = {k: v[:, n - keep:] for k, v in ids.items()}
+        print(f"[attnlab] the prompt is {n} tokens; cut {n - keep} from the left so that it and --max-new-tokens "
+              f"{a.max_new_tokens} fit the {limit} positions {a.model} reads", file=sys.stderr)
     if a.seed is not None:
         torch.manual_seed(a.seed)
     kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, pad_token_id=tok.pad_token_id)
@@ -150,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of a saved plug-in or head (plugin.safetensors + attnlab_plugin.json)")
         q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
 
+    def body_hash_arg(q):
+        q.add_argument("--allow-missing-body-hash", action="store_true",
+                       help="load a plug-in that does not record its base's body hash (checks sizes and embedding only)")
+
     def data_args(q, n):
         q.add_argument("--dataset", default="arithmetic", help="dataset_name (see `attnlab data preview --list`)")
         q.add_argument("--path", help="local data file for the dataset")
@@ -164,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "`attnlab run` holds out, so never a training problem); with --generate K, answer accuracy, "
                        "precision/recall/F1, median error and RMSE.")
     model_args(e)
+    body_hash_arg(e)
     data_args(e, 64)
     e.add_argument("--batch-size", type=_positive, default=8)
     e.add_argument("--generate", type=_count, default=0, metavar="K", help="also generate for the first K examples")
@@ -177,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a continuation. The prompt is wrapped in the model's chat template "
                        "when it has one (use --raw to send it as is). Greedy unless --sample.")
     model_args(g)
+    body_hash_arg(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=_positive, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k filtering")
@@ -204,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "each sparse attention variant; torch.profiler isolates the attention time. Writes "
                         "profile.md, profile.json and PNG plots to --out.")
     pr.add_argument("--model", default="smollm2-135m")
-    pr.add_argument("--lengths", type=int, nargs="+", default=LENGTHS, help=f"default: {LENGTHS}")
+    pr.add_argument("--lengths", type=_positive, nargs="+", default=LENGTHS, help=f"default: {LENGTHS}")
     pr.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                     help="dense-eager, dense-sdpa, or VARIANT[:key=value,...] of the sparse attention "
                     f"(window, learned, quest, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
@@ -229,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--limit", type=float, help="examples per task (< 1: a fraction); for quick checks")
     le.add_argument("--batch-size", type=_positive, default=1,
                     help="default 1 (sparse attention: keep 1 for generative tasks, they left-pad)")
-    le.add_argument("--num-fewshot", type=int, help="override the tasks' few-shot count")
+    le.add_argument("--num-fewshot", type=_count, help="override the tasks' few-shot count")
     le.add_argument("--max-gen-toks", type=_positive, help="cap generated tokens (generative tasks)")
     le.add_argument("--include-path", action="append", default=[], help="another folder of lm-eval task yamls")
     le.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
@@ -249,8 +287,18 @@ def cmd_profile(a) -> int:
 
     from .profile import build_model, profile, write
 
+    from .backbone import check_length
+
+    from .errors import ConfigError
+
+    for flag, n in (("--layers", a.layers), ("--batch", a.batch), ("--repeat", a.repeat)):
+        if n is not None and n < 1:
+            raise ConfigError(f"{flag}: {n} is not allowed; expected a number >= 1")
+    _folder_arg(a.out, "--out")
     dev = "cuda" if torch.cuda.is_available() else None
     model = build_model(a.model, random_weights=a.random_weights, layers=a.layers, device=dev)
+    for n in a.lengths:
+        check_length(model, n, "--lengths")
     rows = profile(model, a.variants, a.lengths, tuple(a.modes), repeat=a.repeat, batch=a.batch)
     where = torch.cuda.get_device_name() if dev else f"cpu, {torch.get_num_threads()} threads"
     title = (f"attnlab profile: {a.model}{' (random weights)' if a.random_weights else ''}, "
@@ -273,6 +321,9 @@ def cmd_lm_eval(a) -> int:
             raise ConfigError(f"--data-file: {kv!r} is not TASK=PATH; write e.g. --data-file attnlab_gsm8k=test.jsonl")
         files[task.strip()] = path.strip()
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    _folder_arg(a.out, "--out")
+    if a.limit is not None and not a.limit > 0:
+        raise ConfigError(f"--limit: {a.limit} is not allowed; expected a number > 0 (< 1: a fraction of each task)")
     res = evaluate(a.model, a.plugin, tasks, a.out, limit=a.limit, batch_size=a.batch_size,
                    num_fewshot=a.num_fewshot, include_path=a.include_path, data_files=files, device=a.device,
                    max_gen_toks=a.max_gen_toks, log_samples=a.log_samples, seed=a.seed,

@@ -9,6 +9,10 @@ are read, so a new option cannot skip validation.
 Every error is one line: the key (with its section), the value, and what is expected, e.g.
 `data.n_train: 'ten' is not an integer`. YAML 1.1 reads `1e-3` (no dot) as a string; numbers
 written that way are accepted as numbers.
+
+`read_yaml` reads a config with yaml's safe loader that also refuses anchors and aliases (`&x`,
+`*x`) while parsing, before any value is built: an alias can make a few lines expand to billions
+of values ("billion laughs"), and no attnlab config needs one.
 """
 
 from __future__ import annotations
@@ -19,8 +23,59 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 from .errors import ConfigError
+
+# --- reading YAML ----------------------------------------------------------------------------------
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses an anchor or alias as soon as the parser meets it."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise ConfigError(f"{self.name}: YAML anchors and aliases (&{event.anchor} / *{event.anchor}) are not "
+                              f"allowed in attnlab configs (line {mark.line + 1}); write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # a key given twice would silently keep only the last value
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"{self.name}: the key {key!r} appears twice in one mapping (line "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(p) -> object:
+    """The YAML document at `p` (plain data only: no tags, anchors or aliases), or ConfigError."""
+    p = Path(p)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    loader = _NoAliasLoader(text)
+    loader.name = str(p)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); "
+                          f"check indentation and colons") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
 
 # --- small coercions: one place that knows what "an integer" or "a number" means -----------------
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import decoder
+from .backbone import decoder, max_positions
 from .data import IGNORE, Example, collate, collate_prompts
 from .errors import DataError
 
@@ -356,6 +356,18 @@ def score(model: nn.Module, examples: list[Example], pad_id: int, batch_size: in
     return out
 
 
+def _room(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
+    """max_new_tokens, capped so that prompt and output fit the model's positions (an output that
+    reaches the cap counts as cut off)."""
+    limit = max_positions(model)
+    if limit is None:
+        return max_new_tokens
+    if prompt_len >= limit:
+        raise DataError(f"prompts of {prompt_len} tokens fill the model's {limit} positions; nothing can be "
+                        f"generated (lower max_length)")
+    return min(max_new_tokens, limit - prompt_len)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, examples: list[Example], max_new_tokens: int = 128,
              batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
@@ -369,7 +381,8 @@ def generate(model: nn.Module, tokenizer, examples: list[Example], max_new_token
     for i in range(0, len(examples), batch_size):     # in data order: a sampled answer depends only on its seed
         chunk = examples[i: i + batch_size]
         batch = {k: v.to(dev) for k, v in collate_prompts(chunk, tokenizer.pad_token_id).items()}
-        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        max_new = _room(model, batch["input_ids"].shape[1], max_new_tokens)
+        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=eos)
         if do_sample:
             kwargs.update(temperature=temperature, top_k=top_k or 0)
@@ -380,7 +393,7 @@ def generate(model: nn.Module, tokenizer, examples: list[Example], max_new_token
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
         if stats is not None:
             ended = (new == eos).any(dim=1) if eos is not None else torch.zeros(len(new), dtype=torch.bool)
-            cut = (new.shape[1] == max_new_tokens) & ~ended
+            cut = (new.shape[1] == max_new) & ~ended
             stats["n_cut_off"] = stats.get("n_cut_off", 0) + int(cut.sum())
             stats.setdefault("finished", []).extend((~cut).tolist())
     return texts

@@ -12,7 +12,8 @@ seeds and the budgets; see configs/quickstart.yaml. Per (method, seed):
 
 Each (method, seed) writes its result.json atomically and each training run checkpoints, so a
 stopped run resumes where it was. Everything is written inside the run folder, which carries a
-marker file; `--fresh` deletes only a folder that has it.
+marker naming the config and is locked while a run uses it; `--fresh` cleans only what attnlab
+wrote there (attnlab/runfolder.py).
 """
 
 from __future__ import annotations
@@ -25,23 +26,22 @@ import json
 import math
 import platform
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from . import __version__
 from .atomic import write_json_atomic
-from .backbone import fingerprint_hash, load_backbone
-from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, eval_config,
+from .backbone import check_length, fingerprint_hash, load_backbone
+from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, eval_config, read_yaml,
                      reject_unknown)
 from .data import build_splits
 from .data.arithmetic import check_options as check_arithmetic
 from .data.sources import SourceUnavailable
-from .errors import AttnlabError, ConfigError, UnsafePath
+from .errors import AttnlabError, ConfigError
 from .evaluate import answer_metrics, base_reference, generate, score
+from .runfolder import MARKER, inside, lexical, prepare_run_folder, unlock  # noqa: F401  (MARKER: re-exported)
 from .modules import METHODS, make_config
 from .precision import DTYPES, in_base_precision, resolve_model_dtype
 from .train import NEUTRAL, NonFiniteLoss, TrainConfig, train
@@ -64,7 +64,6 @@ DEFAULTS = {
 }
 TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
 SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
-MARKER = ".attnlab-run"                        # a run folder attnlab created (only those are deleted)
 CARD_METRICS = ("cross_entropy", "perplexity", "next_token_accuracy", "kl_base_model", "top1_agreement", "accuracy",
                 "f1")                          # the numbers a saved plug-in's model card shows, per set
 
@@ -75,23 +74,14 @@ class NonFiniteResult(AttnlabError, ValueError):
 
 # --- the config --------------------------------------------------------------------------------
 
-def _read_yaml(p: Path):
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); "
-                          f"check indentation and colons") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not UTF-8 text") from None
+_read_yaml = read_yaml   # refuses anchors and aliases before anything is built (attnlab/config.py)
 
 
 def _check_data(opts: dict, where: str) -> None:
     """Every data block's schema, and the generator's own options where it is the source."""
     full = data_config(opts, where)
+    if full["n_eval"] < 1:  # found here, not after the model has loaded
+        raise ConfigError(f"{where}.n_eval: {full['n_eval']} leaves no test examples to score; expected >= 1")
     for d in (full, {**full, **(full.get("fallback") or {})}):
         if d.get("dataset_name") == "arithmetic":
             try:
@@ -132,7 +122,7 @@ def load_config(path_or_dict) -> dict:
         raise ConfigError(f"{where}: expected a mapping (key: value lines) at top level, got a {type(raw).__name__}")
     reject_unknown(where, raw, TOP_KEYS)
     cfg = {**copy.deepcopy(DEFAULTS), **raw}
-    _import_methods(cfg["imports"])
+    _check_imports(cfg["imports"])
     cfg["name"] = as_name("name", cfg["name"] if cfg["name"] is not None else "experiment")
     cfg["model"] = as_str("model", cfg["model"])
     if cfg["model_dtype"] not in ("auto", *DTYPES):
@@ -173,6 +163,7 @@ def load_config(path_or_dict) -> dict:
     cfg["train"] = {**DEFAULTS["train"], **as_mapping("train", raw.get("train"))}
     train_points(cfg["train"], "train")
     cfg["eval"] = eval_config(raw.get("eval"), "eval")
+    _import_methods(cfg["imports"])  # user code: runs only once everything above is valid
     methods = cfg["methods"]
     if not isinstance(methods, list) or not methods:
         raise ConfigError(f"methods: expected a non-empty list of {{name: ..., method: ...}} entries; "
@@ -204,16 +195,26 @@ def load_config(path_or_dict) -> dict:
     return cfg
 
 
-def _import_methods(modules) -> None:
-    """Import the `imports:` modules (installed or on the path), which register their methods."""
+def _check_imports(modules) -> None:
     if not isinstance(modules, list) or not all(isinstance(x, str) and x for x in modules):
         raise ConfigError(f"imports: expected a list of module names, e.g. [my_methods.logit_bias], got {modules!r}")
+
+
+def _import_methods(modules) -> None:
+    """Import the `imports:` modules (installed or on the path), which register their methods.
+    This runs their code, like trust_remote_code: load_config calls it only after every other
+    section is valid, and any exception it raises is one line naming the module."""
+    _check_imports(modules)
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as e:
             raise ConfigError(f"imports: cannot import '{name}' ({type(e).__name__}: {e}); install the package that "
                               f"defines it, or fix the name") from None
+        except (Exception, SystemExit) as e:  # the module's own code failed: one line naming it
+            text = " ".join(str(e).split())[:200]
+            raise ConfigError(f"imports: importing '{name}' raised {type(e).__name__}"
+                              f"{': ' + text if text else ''}; fix that module (imports: runs its code)") from None
 
 
 def _options(m: dict) -> dict:
@@ -227,43 +228,29 @@ def seed_everything(seed: int) -> None:
 
 # --- the run folder: everything is written inside it ----------------------------------------------
 
-def run_folder(cfg: dict, out_root) -> Path:
-    return (Path(cfg["out_dir"]) if cfg.get("out_dir") else Path(out_root) / cfg["name"]).expanduser().resolve()
-
-
-def prepare_run_folder(out: Path, fresh: bool) -> None:
-    """Create (or, with `fresh`, recreate) the run folder. Refuses to write into, or delete, a
-    folder attnlab did not create, the current folder, one of its parents, home or root."""
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
-    if out == out.parent or out == home or (fresh and (out == cwd or out in cwd.parents)):
-        raise UnsafePath(f"the run folder {out} is {'root' if out == out.parent else 'your home' if out == home else 'the current folder or one of its parents'}; "
-                         f"choose a new folder with out_dir or --out")
-    if out.exists():
-        if not out.is_dir():
-            raise UnsafePath(f"the run folder {out} is a file; choose a new folder with out_dir or --out")
-        marked = (out / MARKER).is_file()
-        if not marked and any(out.iterdir()):
-            raise UnsafePath(f"{out} exists and was not created by attnlab run (no {MARKER} file); choose a new or "
-                             f"empty folder (out_dir / --out), or delete it yourself")
-        if fresh and marked:
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
-        (out / MARKER).write_text("created by `attnlab run`; `attnlab run --fresh` may delete this folder\n")
-
-
-def inside(root: Path, *parts: str) -> Path:
-    """root/parts..., refused if it would leave root."""
-    p = root.joinpath(*parts).resolve()
-    if p != root and root not in p.parents:
-        raise UnsafePath(f"{'/'.join(parts)} would be written outside the run folder {root}")
-    return p
+def run_folder(cfg: dict, out_root, resolve: bool = True) -> Path:
+    p = lexical(cfg["out_dir"] if cfg.get("out_dir") else Path(out_root).expanduser() / cfg["name"])
+    return p.resolve() if resolve else p
 
 
 # --- running --------------------------------------------------------------------------------------
 
 def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: list[str] | None = None,
                    log=print) -> dict:
+    """Run the config (see `_run_experiment`), holding the run folder's lock until it returns."""
+    held = len(_LOCKS)
+    try:
+        return _run_experiment(config, out_root, fresh, only_methods, log)
+    finally:
+        while len(_LOCKS) > held:
+            unlock(_LOCKS.pop())
+
+
+_LOCKS: list[int] = []   # run-folder locks this process holds (attnlab.runfolder)
+
+
+def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: list[str] | None = None,
+                    log=print) -> dict:
     """Run the config; returns the results dict also written to <run folder>/results.json.
 
     With `datasets:` the whole run happens once per dataset, in <run folder>/<label>/, and
@@ -285,7 +272,8 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
                               f"{', '.join(names)}")
     out = run_folder(cfg, out_root)
     if proc.is_main_process:
-        prepare_run_folder(out, fresh)
+        _LOCKS.append(prepare_run_folder(out, fresh, cfg["name"], link=run_folder(cfg, out_root, resolve=False),
+                                         log=log))
     proc.wait_for_everyone()
     t_start = time.perf_counter()
     labels = list(cfg["datasets"]) if cfg["datasets"] else [None]
@@ -296,6 +284,7 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
     bb = load_backbone(cfg["model"], device=str(proc.device) if torch.cuda.is_available() else None,
                        dtype=resolve_model_dtype(cfg["model_dtype"], proc.device))
     log(f"[attnlab] loaded {cfg['model']} ({bb.info['n_params'] / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
+    _check_lengths(cfg, bb.model)
     per = {}
     for label in labels:
         one = copy.deepcopy(cfg)
@@ -326,6 +315,15 @@ def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: l
     return results
 
 
+def _check_lengths(cfg: dict, model) -> None:
+    """Every max_length of the config fits the model's positions (one line naming the key)."""
+    blocks = [("data", cfg["data"])] + [(f"datasets.{k}", v) for k, v in (cfg["datasets"] or {}).items()] \
+        + [(f"eval_sets.{k}", v) for k, v in cfg["eval_sets"].items()]
+    for where, opts in blocks:
+        n = opts.get("max_length", cfg["data"].get("max_length", 256))
+        check_length(model, as_int(f"{where}.max_length", n), f"{where}.max_length")
+
+
 def _process():
     """This process (accelerate's PartialState): its rank and device under `accelerate launch`,
     the only one otherwise."""
@@ -350,6 +348,11 @@ class EvalSet:
 def _eval_set(bb, name, examples, kind, report, ev, log, overrides=None) -> EvalSet:
     ev = {**ev, **(overrides or {})}
     gen = examples[: ev["n_generate"]] if ev["generate"] else []
+    if kind == "qa" and gen and not any(e.answer is not None and str(e.answer).strip() for e in examples):
+        gen = []  # nothing to score generations against: teacher-forced metrics only, said in the report
+        report.setdefault("notes", []).append(f"`{name}`: the data has no answers, so answer metrics (accuracy, "
+                                              f"F1, errors) are skipped; perplexity and KL are scored")
+        log(f"[attnlab] {name}: {report['notes'][-1]}")
     if kind == "lm":  # continue the opening of each held-out text
         gen = [dataclasses.replace(e, prompt_len=min(ev["prompt_tokens"], len(e.input_ids) - 1)) for e in gen]
     t = time.perf_counter()
@@ -653,7 +656,7 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             "eval": results["test"], "eval_sets": {k: v for k, v in results.items() if k != "test"},
             "per_example": per_example, "eval_seconds": round(eval_s, 2), "samples": samples}
     log(f"[attnlab] {m['name']} seed {seed}: test ppl {results['test']['perplexity']:.3f}"
-        + (f", accuracy {results['test']['accuracy']:.3f}" if "accuracy" in results["test"] else "")
+        + (f", accuracy {results['test']['accuracy']:.3f}" if results["test"].get("accuracy") is not None else "")
         + "".join(f"; {k} ppl {v['perplexity']:.3f}" for k, v in results.items() if k != "test")
         + f" (train {tr.seconds:.0f}s, eval {eval_s:.0f}s)")
     if _process().is_main_process:

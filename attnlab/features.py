@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import verify_dir, write_dir
+from .atomic import remove_stale_temps, verify_dir, write_dir
 from .backbone import cache_dir, fingerprint
 from .data import Example, collate
 from .errors import DamagedFile
@@ -76,6 +76,7 @@ def build_feature_cache(model, spec: str, examples: list[Example], pad_id: int, 
         return None
     root = Path(root) if root else cache_dir() / "features"
     target = root / cache_key(model, spec, examples)
+    remove_stale_temps(root)  # half-written entries a crash left (only folders attnlab marked as its own)
     if (target / "meta.json").is_file():
         try:
             verify_dir(target)

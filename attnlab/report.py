@@ -303,6 +303,8 @@ def markdown(results: dict) -> str:
                       + "; ".join(f"{n} (seeds {ss})" for n, ss in subset.items()) + ".")
     for name, why in (results.get("eval_sets_skipped") or {}).items():
         lines += ["", f"**Eval set `{name}` skipped**: {why}"]
+    for note in data.get("notes", []) + [n for r in (results.get("eval_sets") or {}).values() for n in r.get("notes", [])]:
+        lines += ["", f"**Note**: {note}"]
     lines.append("")
     ref = next((n for n in dict.fromkeys(c["method"] for c in cells) if
                 next(c for c in cells if c["method"] == n)["type"] == "frozen"), None)

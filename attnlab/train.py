@@ -30,6 +30,7 @@ from .checkpointing import checkpointed
 from .config import apply_rules, as_bool, as_float, as_int, as_mapping, reject_unknown
 from .data import IGNORE, Example, collate
 from .errors import AttnlabError, ConfigError, DamagedFile
+from .atomic import write_failed  # noqa: I001  (its own line: merges apart from the import above)
 from .evaluate import target_hidden, target_logits
 from .modules import Plugin
 from .precision import as_mixed, autocast, compute_dtype, grad_scaler, master_weights
@@ -354,9 +355,12 @@ class _nullcontext:
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:  # a torn last line is dropped on resume
+        raise write_failed(path, e) from None
 
 
 # --- checkpoints: safetensors + JSON + a checksum manifest, written atomically -------------------
@@ -421,7 +425,7 @@ def _read_checkpoint(ckpt: Path) -> dict:
     """state.json of a checkpoint whose files all match its manifest, else DamagedFile."""
     if not (ckpt / "state.json").is_file():
         raise DamagedFile(f"{ckpt / 'state.json'} is missing")
-    verify_dir(ckpt)
+    verify_dir(ckpt, required=("state.json", "plugin.safetensors", "optimizer.safetensors"))
     try:
         state = json.loads((ckpt / "state.json").read_text())
         int(state["step"])

@@ -68,13 +68,16 @@ def test_out_dir_dot_never_empties_the_current_folder(tmp_path, monkeypatch):
     assert (tmp_path / "config.yaml").is_file()
 
 
-def test_fresh_deletes_only_a_marked_run_folder_and_recreates_it(tmp_path):
+def test_fresh_deletes_only_what_attnlab_wrote_in_a_marked_run_folder(tmp_path):
     run_experiment(TINY, out_root=tmp_path, **quiet)
     out = tmp_path / "tiny"
     assert (out / MARKER).is_file()
-    (out / "stale.txt").write_text("from an earlier run")
+    (out / "old_method" / "seed0").mkdir(parents=True)
+    (out / "old_method" / "seed0" / "result.json").write_text("{}")   # attnlab's, from an earlier config
+    (out / "notes.txt").write_text("the user's")
     run_experiment(TINY, out_root=tmp_path, fresh=True, **quiet)
-    assert not (out / "stale.txt").exists() and (out / "results.json").is_file()
+    assert not (out / "old_method").exists() and (out / "results.json").is_file()
+    assert (out / "notes.txt").read_text() == "the user's"
 
 
 # --- 4. values that trained silently in the wrong direction ---------------------------------------

@@ -22,7 +22,7 @@ from ..config import DATA_KEYS, data_config
 from ..errors import DataError
 from .arithmetic import arithmetic_problems
 from .records import BadRecord, EmptyDataset, Record, SkipLog
-from .sources import SOURCES, SourceUnavailable, get_source, read_local
+from .sources import SOURCES, SourceUnavailable, get_source, read_local, source_kind
 from .tokenize import IGNORE, Example, collate, collate_prompts, encode_lm, encode_qa, prompt_text
 
 __all__ = ["Record", "Example", "Splits", "SkipLog", "BadRecord", "EmptyDataset", "SOURCES", "IGNORE",
@@ -115,8 +115,7 @@ def build_splits(cfg: dict, tokenizer) -> Splits:
                                               "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             return splits
     cfg = {k: v for k, v in cfg.items() if v is not None}
-    source = get_source(cfg["dataset_name"])
-    kind = cfg.get("kind", source.kind)
+    kind = source_kind(cfg)
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_eval"]}
     fractions = (cfg["val_fraction"], cfg["test_fraction"])
     log = SkipLog()

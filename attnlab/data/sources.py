@@ -60,12 +60,15 @@ def read_local(path: str | os.PathLike) -> Iterator:
         raise DataError(f"data path {p} is a folder; give a file (.jsonl, .json, .csv, .parquet or .txt)")
     if not p.exists():
         raise SourceUnavailable(f"data file not found: {p} (check `path:` in the data config)")
+    if not p.is_file():
+        raise DataError(f"data path {p} is not a regular file (a device or pipe); give a .jsonl, .json, .csv, "
+                        f".parquet or .txt file")
     ext = p.suffix.lower()
     if ext == ".jsonl":
         with open(p, "rb") as f:
             for i, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a byte-order mark is not data
                 except UnicodeDecodeError as e:
                     yield _Unparsable(f"{p.name} line {i}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
                     continue
@@ -75,21 +78,23 @@ def read_local(path: str | os.PathLike) -> Iterator:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     yield _Unparsable(f"{p.name} line {i}: invalid JSON ({e.msg})")
+                except RecursionError:
+                    yield _Unparsable(f"{p.name} line {i}: JSON nested too deeply")
         return
     try:
         if ext == ".json":
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(p.read_text(encoding="utf-8-sig"))
             if not isinstance(data, list):
                 raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}")
             yield from data
         elif ext == ".csv":
-            with open(p, encoding="utf-8", newline="") as f:
+            with open(p, encoding="utf-8-sig", newline="") as f:
                 yield from csv.DictReader(f)
         elif ext == ".parquet":
             import pyarrow.parquet as pq
             yield from pq.read_table(p).to_pylist()
-        elif ext in (".txt", ".md", ".text", ".raw", ""):
-            yield {"text": p.read_text(encoding="utf-8")}
+        elif ext in TEXT_EXTENSIONS:
+            yield {"text": p.read_text(encoding="utf-8-sig")}
         else:
             raise DataError(f"{p}: unsupported extension '{ext}'; use .jsonl, .json, .csv, .parquet or .txt")
     except UnicodeDecodeError as e:
@@ -97,6 +102,18 @@ def read_local(path: str | os.PathLike) -> Iterator:
                         f"convert it to UTF-8") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{p}: JSON nested too deeply to be data") from None
+    except csv.Error as e:
+        raise DataError(f"{p}: not readable as CSV ({e}); check the file's quoting") from None
+
+
+TEXT_EXTENSIONS = (".txt", ".md", ".text", ".raw", "")
+
+
+def is_text_file(cfg: dict) -> bool:
+    """`path:` is a plain-text file (read as one document stream, packed into blocks)."""
+    return bool(cfg.get("path")) and Path(cfg["path"]).suffix.lower() in TEXT_EXTENSIONS
 
 
 class _Unparsable:
@@ -203,11 +220,15 @@ def _paragraphs(text: str, min_chars: int = 200) -> Iterator[str]:
         yield "\n\n".join(buf)
 
 
+def _text_file_rows(cfg):
+    # a text file (WikiText: articles separated by ' = Title = ' heading lines): documents of whole paragraphs
+    for row in read_local(cfg["path"]):
+        yield from ({"text": d} for d in _paragraphs(row["text"], cfg.get("doc_chars", 1000)))
+
+
 def _wikitext_rows(cfg):
     if cfg.get("path"):
-        # WikiText files: articles separated by ' = Title = ' heading lines; keep paragraphs together.
-        for row in read_local(cfg["path"]):
-            yield from ({"text": d} for d in _paragraphs(row["text"], cfg.get("doc_chars", 1000)))
+        yield from _text_file_rows(cfg)
         return
     yield from hf_rows("wikitext", cfg.get("config", "wikitext-2-raw-v1"), cfg.get("split", "validation"),
                        streaming=False)
@@ -252,13 +273,13 @@ def _hf_generic_rows(cfg):
 def _local_rows(cfg):
     if not cfg.get("path"):
         raise ConfigError("dataset_name 'local' needs `path:` (a .jsonl, .json, .csv, .parquet or .txt file)")
-    return read_local(cfg["path"])
+    return _text_file_rows(cfg) if is_text_file(cfg) else read_local(cfg["path"])
 
 
 def local_record(raw, cfg) -> Record:
     raw = _check_parsed(raw)
     cols = {"prompt": "prompt", "target": "target", "answer": "answer", **cfg.get("columns", {})}
-    if "text" in cfg.get("columns", {}) or cfg.get("kind") == "lm":
+    if "text" in cfg.get("columns", {}) or cfg.get("kind") == "lm" or is_text_file(cfg):
         return text_record(raw, cfg)
     prompt = require_text(raw, cols["prompt"], allow_empty=True)
     target = require_text(raw, cols["target"])
@@ -298,6 +319,13 @@ SOURCES: dict[str, Source] = {
     "local": Source("qa", _local_rows, local_record, "a local file with a column mapping"),
     "hf": Source("qa", _hf_generic_rows, local_record, "any HF dataset (hf_name, hf_config, split) with a column mapping"),
 }
+
+
+def source_kind(cfg: dict) -> str:
+    """"qa" or "lm": the config's `kind:`, else the source's (a local text file is "lm")."""
+    if cfg.get("kind"):
+        return cfg["kind"]
+    return "lm" if cfg.get("dataset_name") == "local" and is_text_file(cfg) else get_source(cfg["dataset_name"]).kind
 
 
 def get_source(name: str) -> Source:

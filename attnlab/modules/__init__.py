@@ -110,8 +110,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     return patched[-1].detach()
 
 
-def load_plugin(model: nn.Module, path) -> Plugin:
-    """Load a saved plug-in onto `model`, refusing a base whose fingerprint differs."""
+def load_plugin(model: nn.Module, path, allow_missing_body_hash: bool = False) -> Plugin:
+    """Load a saved plug-in onto `model`, refusing a base whose fingerprint differs (and, unless
+    `allow_missing_body_hash`, a plug-in that does not record its base's body hash)."""
     meta = read_plugin_config(path)
     if meta["method"] not in METHODS:
         module = meta.get("module")
@@ -120,7 +121,7 @@ def load_plugin(model: nn.Module, path) -> Plugin:
                  "; register its class with attnlab.register_method before loading")
         raise PluginError(f"{path} was saved by method '{meta['method']}', which is not registered here; "
                           f"available: {', '.join(METHODS)}{where}")
-    check_fingerprint(meta["base"], model, path)
+    check_fingerprint(meta["base"], model, path, allow_missing_body_hash)
     plugin = METHODS[meta["method"]](make_config(meta["method"], **meta["config"])).attach(model)
     try:
         plugin.load_state_dict(load_weights(path))

@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import verify_dir, write_dir
+from ..atomic import MANIFEST, read_manifest, remove_stale_temps, verify_dir, write_dir
 from ..backbone import fingerprint
-from ..errors import AttnlabError, DamagedFile
+from ..errors import AttnlabError, DamagedFile, UnsafePath
 
 WEIGHTS_NAME = "plugin.safetensors"
 CONFIG_NAME = "attnlab_plugin.json"   # not config.json: the folder must not look like a Hugging Face model
@@ -151,12 +151,17 @@ class Plugin:
     def save_pretrained(self, path: str | os.PathLike, base_name: str | None = None, card: dict | None = None) -> Path:
         """Write `path/plugin.safetensors`, `path/attnlab_plugin.json` (method, options, base
         fingerprint) and a model card `path/README.md`, atomically with a checksum manifest. `card`:
-        what the run that produced it knows (data, metrics, training, command), for the card."""
+        what the run that produced it knows (data, metrics, training, command), for the card.
+
+        `path` must be new, an empty folder, or a plug-in folder attnlab saved (every file in it
+        listed in its manifest): anything else is refused, so nothing of the user's is replaced."""
         from ..card import write_card
 
         if self.model is None:
             raise PluginError(f"attach {self.method} to a model before saving it")
         path = Path(path)
+        check_save_target(path)
+        remove_stale_temps(path.parent, path.name)
         meta = {"method": self.method, "module": type(self).__module__, "config": dataclasses.asdict(self.config),
                 "base": fingerprint(self.model, base_name or _model_name(self.model))}
         state = self.state_dict()
@@ -324,16 +329,41 @@ def _model_name(model: nn.Module) -> str:
     return getattr(model, "_attnlab_spec", None) or getattr(model.config, "name_or_path", "") or "unknown"
 
 
+def check_save_target(path: Path) -> None:
+    """Refuse to save over anything but nothing, an empty folder, or a plug-in attnlab saved."""
+    fix = "save to a new or empty folder (or delete it yourself)"
+    if path.is_symlink():
+        raise UnsafePath(f"save_pretrained: {path} is a symlink; {fix}")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UnsafePath(f"save_pretrained: {path} is a file, not a folder; {fix}")
+    if not any(path.iterdir()):
+        return
+    if not (path / CONFIG_NAME).is_file() and not (path / LEGACY_CONFIG_NAME).is_file():
+        raise UnsafePath(f"save_pretrained: {path} exists and holds no attnlab plug-in (no {CONFIG_NAME}); {fix}")
+    try:
+        listed = set(read_manifest(path))
+    except DamagedFile:
+        raise UnsafePath(f"save_pretrained: {path} holds a plug-in without a valid {MANIFEST}, so attnlab cannot "
+                         f"tell its files from yours; {fix}") from None
+    theirs = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                    if (p.is_file() or p.is_symlink()) and p.name != MANIFEST and str(p.relative_to(path)) not in listed)
+    if theirs:
+        raise UnsafePath(f"save_pretrained: {path} holds files the plug-in did not write ({', '.join(theirs[:3])}); "
+                         f"{fix}")
+
+
 def read_plugin_config(path: str | os.PathLike) -> dict:
     """The plug-in's attnlab_plugin.json (or the config.json of older saves), after checking every
-    file against the folder's manifest."""
+    file against the folder's manifest (required: a folder without one is refused)."""
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         cfg_file = path / LEGACY_CONFIG_NAME
     if not path.is_dir() or not cfg_file.is_file() or not (path / WEIGHTS_NAME).is_file():
         raise PluginError(f"{path} is not an attnlab plug-in (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    verify_dir(path)  # DamagedFile names the file
+    verify_dir(path, required=(cfg_file.name, WEIGHTS_NAME))  # DamagedFile names the file
     try:
         meta = json.loads(cfg_file.read_text())
     except (ValueError, UnicodeDecodeError):
@@ -346,12 +376,18 @@ def read_plugin_config(path: str | os.PathLike) -> dict:
     return meta
 
 
-def check_fingerprint(saved: dict, model: nn.Module, path) -> None:
-    """Refuse a plug-in trained on another base: sizes and the embedding hash must match."""
+def check_fingerprint(saved: dict, model: nn.Module, path, allow_missing_body_hash: bool = False) -> None:
+    """Refuse a plug-in trained on another base: sizes, the embedding hash and the body hash must
+    match. A plug-in without `body_sha256` (saved before bodies were fingerprinted, or edited) is
+    refused unless `allow_missing_body_hash` (then sizes and embedding only)."""
     now = fingerprint(model, _model_name(model))
     for key in ("vocab_size", "hidden_size", "embedding_sha256", "body_sha256"):
         if key == "body_sha256" and key not in saved:
-            continue  # saved before the body was fingerprinted: sizes and embedding only
+            if allow_missing_body_hash:
+                continue
+            raise PluginError(f"{path} does not record its base's body_sha256, so attnlab cannot check that this "
+                              f"base is the one it was trained on; pass allow_missing_body_hash=True "
+                              f"(CLI: --allow-missing-body-hash) if you know it is")
         if saved.get(key) != now[key]:
             raise PluginError(
                 f"{path} was trained on base '{saved.get('model')}' ({key}={saved.get(key)}), but this base "
