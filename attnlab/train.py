@@ -25,12 +25,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import remove_stale_temps, verify_dir, write_dir
+from .atomic import remove_stale_temps, verify_dir, write_dir, write_failed
 from .checkpointing import checkpointed
 from .config import apply_rules, as_bool, as_float, as_int, as_mapping, reject_unknown
 from .data import IGNORE, Example, collate
 from .errors import AttnlabError, ConfigError, DamagedFile
-from .atomic import write_failed  # noqa: I001  (its own line: merges apart from the import above)
 from .evaluate import target_hidden, target_logits
 from .modules import Plugin
 from .precision import as_mixed, autocast, compute_dtype, grad_scaler, master_weights
