@@ -65,3 +65,29 @@ def test_a_bad_distill_block_is_one_line_naming_the_fix(distill, message):
 def test_distill_is_refused_on_a_selector_without_a_gate():
     with pytest.raises(ConfigError, match="variant: learned"):
         load_config({**CFG, "methods": [{"name": "q", "method": "sparse", "variant": "quest", "distill": {}}]})
+
+
+def test_the_recipe_reads_row_and_block_granularity_with_the_same_distilled_gate(tiny_llama):
+    from attnlab.modules.sparse import quality, recipe
+
+    model = tiny_llama.model
+    seqs = [torch.randint(3, 200, (64,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    plugin = attnlab.attach(model, "sparse", variant="learned", block_size=8, gate_dim=8)
+    try:
+        record = recipe.distil(plugin, seqs[:2], rows=16, steps=5, lr=1e-2)
+        state = plugin.state_dict()
+    finally:
+        plugin.detach()
+    assert record["tokens"] == 128 and len(record["layers"]) == len(model.model.layers)
+    points = [("learned", {"top_k": 1}), ("quest", {"top_k": 1}), ("window", {"window": 8, "sinks": 4})]
+    read = {}
+    for granularity in ("row", "block"):
+        common = {"block_size": 8, "kernel": "masked", "granularity": granularity, "gate_dim": 8}
+        assert recipe.options("oracle", {"top_k": 1}, common) == {
+            "variant": "learned", "block_size": 8, "kernel": "masked", "top_k": 1, "granularity": granularity,
+            "oracle": True}
+        data = recipe.sweep(model, {7: seqs[2]}, points, common, state, {})
+        assert set(data["points"]) == {"dense"} | {quality.key(s, b) for s, b in points}
+        read[granularity] = {k: p["sequences"]["7"]["density"] for k, p in data["points"].items()}
+    assert read["row"]["window:window=8,sinks=4"] == read["block"]["window:window=8,sinks=4"]
+    assert all(0 < d <= 1 for r in read.values() for d in r.values())
