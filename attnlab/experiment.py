@@ -643,6 +643,9 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                     "metrics": {name: {k: r[k] for k in CARD_METRICS if isinstance(r.get(k), (int, float))}
                                 for name, r in results.items()},
                     "command": command}
+            if distill:   # the gate's own training: train: was not used
+                card["training"] = {"distill": distill, "steps_done": tr.steps, "teacher_tokens": tr.tokens,
+                                    "seed": seed}
             plugin.save_pretrained(inside(cell_dir, "plugin"), base_name=bb.spec, card=card)
         gate_state = {k: v.clone() for k, v in plugin.state_dict().items()} if distill else None
     finally:

@@ -35,6 +35,7 @@ def test_the_distill_block_trains_saves_and_reports_the_gate_against_every_selec
     assert all(set(p["sequences"]) == {"0", "1"} for p in points.values())
     # the saved plug-in is the distilled gate, and it reloads
     saved = out / "learned" / "seed0" / "plugin"
+    assert '"distill": {' in (saved / "README.md").read_text()      # the card names the distillation
     bb = attnlab.load_backbone("tiny-llama")
     plugin = attnlab.load_plugin(bb.model, saved)
     try:
