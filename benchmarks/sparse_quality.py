@@ -24,6 +24,10 @@ token. Resumable: every finished (budget, sequence) is written to the JSON at on
 rerun (sequences are keyed by their index in the text, so a larger --heldout adds earlier ones);
 the trained gate is saved in runs/<the JSON's name>/ (safetensors) and loaded on a rerun, and a
 rerun with other model, length, training or gate settings is refused.
+
+The recipe (teacher pass, gate training, the sweep, the summaries and the comparisons at equal
+density) lives in attnlab/modules/sparse/recipe.py and quality.py, which `attnlab run` with a
+`distill:` block calls too; this script adds the text, the resumable JSON, the metrics and the plots.
 """
 
 from __future__ import annotations
@@ -64,7 +68,6 @@ def common(args) -> dict:
 def attach(model, selector: str, budget: dict, args, gate_state):
     """The selector at this budget on every layer; the learned ones with the distilled gate."""
     return recipe.attach(model, selector, budget, common(args), gate_state)
-
 
 
 def load(path: Path) -> dict:
