@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, sparse_distill
 from .atomic import write_json_atomic
 from .backbone import check_length, fingerprint_hash, load_backbone
 from .config import (as_bool, as_int, as_mapping, as_name, as_str, data_config, eval_config, read_yaml,
@@ -187,6 +187,7 @@ def load_config(path_or_dict) -> dict:
                 raise ConfigError(f"methods.{m['name']}.seeds: {own!r} must be a non-empty list drawn from the "
                                   f"experiment's seeds {cfg['seeds']} (an arm runs a subset, so pairs stay paired)")
         make_config(m["method"], where=f"methods.{m['name']}", **_options(m))
+        sparse_distill.distill_options(m, f"methods.{m['name']}")
         train_points({**cfg["train"], **as_mapping(f"methods.{m['name']}.train", m.get("train"))},
                      f"methods.{m['name']}.train")
         eval_config(m.get("eval"), f"methods.{m['name']}.eval", base=cfg["eval"])
@@ -218,7 +219,8 @@ def _import_methods(modules) -> None:
 
 
 def _options(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k not in ("name", "method", "train", "eval", "seeds", "_chosen_on_seed")}
+    return {k: v for k, v in m.items() if k not in ("name", "method", "train", "eval", "seeds", "_chosen_on_seed",
+                                                    "distill")}
 
 
 def seed_everything(seed: int) -> None:
@@ -522,6 +524,9 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
     ev = eval_config(m.get("eval"), base=cfg["eval"])
     points = train_points({**cfg["train"], **(m.get("train") or {})}, f"methods.{m['name']}.train")
     points = [{**p, "seed": seed} for p in points]
+    distill = sparse_distill.distill_options(m, f"methods.{m['name']}")
+    if distill:   # the gate distils once from the teacher: nothing of train: to sweep
+        points = points[:1]
     swept = [k for k in SWEEP_KEYS if len({json.dumps(p[k]) for p in points}) > 1]
     # everything the cell's numbers depend on: a finished cell is reused only if it all matches
     spec = json.loads(json.dumps({
@@ -578,8 +583,11 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                 feats = _features(bb, splits, cfg, features, log)
             val_fn = (lambda: _val_loss(bb, splits, ev, plugin, features)) if splits.val and n_trainable else None
             try:
-                tr = train(bb.model, plugin, splits.train, tcfg, out_dir=p_dir, pad_id=bb.tokenizer.pad_token_id,
-                           features=feats, val_fn=val_fn, run_fingerprint=run_fp, log=log)
+                if distill:
+                    tr, gate_record = sparse_distill.distil(plugin, splits, distill, log)
+                else:
+                    tr = train(bb.model, plugin, splits.train, tcfg, out_dir=p_dir, pad_id=bb.tokenizer.pad_token_id,
+                               features=feats, val_fn=val_fn, run_fingerprint=run_fp, log=log)
             except NonFiniteLoss as e:
                 if len(points) == 1:
                     raise
@@ -638,9 +646,15 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                     "metrics": {name: {k: r[k] for k in CARD_METRICS if isinstance(r.get(k), (int, float))}
                                 for name, r in results.items()},
                     "command": command}
+            if distill:   # the gate's own training: train: was not used
+                card["training"] = {"distill": distill, "steps_done": tr.steps, "teacher_tokens": tr.tokens,
+                                    "seed": seed}
             plugin.save_pretrained(inside(cell_dir, "plugin"), base_name=bb.spec, card=card)
+        gate_state = {k: v.clone() for k, v in plugin.state_dict().items()} if distill else None
     finally:
         plugin.detach()
+    quality = (sparse_distill.heldout_sweep(bb.model, splits, options, distill, gate_state, gate_record, log)
+               if distill else None)
     cell = {"method": m["name"], "type": m["method"], "seed": seed, "spec": spec, "trainable_params": n_trainable,
             "train": {"steps": tr.steps, "tokens": tr.tokens, "seconds": round(tr.seconds, 2),
                       "from_feature_cache": feats is not None,
@@ -655,6 +669,8 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             "val_curve": [list(x) for x in tr.val_history],
             "eval": results["test"], "eval_sets": {k: v for k, v in results.items() if k != "test"},
             "per_example": per_example, "eval_seconds": round(eval_s, 2), "samples": samples}
+    if quality:
+        cell["sparse_quality"] = quality
     log(f"[attnlab] {m['name']} seed {seed}: test ppl {results['test']['perplexity']:.3f}"
         + (f", accuracy {results['test']['accuracy']:.3f}" if results["test"].get("accuracy") is not None else "")
         + "".join(f"; {k} ppl {v['perplexity']:.3f}" for k, v in results.items() if k != "test")

@@ -15,6 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
+from . import sparse_distill
 from .report_intervals import _fmt_change, _set_names, acc_change, decoding_lines, ppl_change
 
 # (key, label, lower is better?, format)
@@ -313,6 +314,7 @@ def markdown(results: dict) -> str:
     lines += sweep_lines(results)
     lines += curve_lines(results)
     lines += decoding_lines(results)
+    lines += sparse_distill.report_lines(results)
     for s in sets:
         summ = summarize(cells, s)
         present = [m for m in METRICS if any(r[m[0]][0] is not None for r in summ.values())]

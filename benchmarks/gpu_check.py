@@ -49,7 +49,7 @@ METHODS = {
     "lora": ("lora", {"r": 8}, {}),
     "lora+checkpointing": ("lora", {"r": 8}, {"gradient_checkpointing": True}),
     "factorized": ("factorized", {"lora_r": 8}, {}),
-    "sparse": ("sparse", {"variant": "learned", "top_k": 4}, {}),
+    "sparse": ("sparse", {"variant": "learned", "top_k": 4, "gate_dim": 32}, {}),   # gate_dim: as committed
     "head_ft": ("head_ft", {}, {}),
     "backward_head residual": ("backward_head", {"preset": "residual"}, {}),
     "backward_head paper": ("backward_head", {"preset": "paper", "attn_dim": 256}, {}),
@@ -156,7 +156,8 @@ def section_sparse(a, device, dtype) -> dict:
                 plugin = None
                 try:
                     if variant != "sdpa":
-                        plugin = attach(bb.model, "sparse", variant=variant, top_k=sparse_top_k(T), kernel=a.kernel)
+                        plugin = attach(bb.model, "sparse", variant=variant, top_k=sparse_top_k(T), kernel=a.kernel,
+                                        gate_dim=32)   # the width of the committed runs (default 64 since)
                     row = _measure(lambda: _body_run(bb.model, ids, back), a.repeat)
                     row["density"] = round(1 - float(plugin.sparsity()), 4) if plugin is not None else 1.0
                 except Exception as e:  # noqa: BLE001

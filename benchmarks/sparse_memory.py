@@ -43,7 +43,7 @@ def main(argv=None):
     register({"sdpa": "attnlab_nothing_kept"}, nothing_kept)
     body, emb = model.model, model.get_input_embeddings()
     variants = {"dense-sdpa": None, "window 256 + 4 sinks": dict(variant="window", window=256, sinks=4),
-                "quest top-4": dict(variant="quest", top_k=4), "learned top-4": dict(variant="learned", top_k=4),
+                "quest top-4": dict(variant="quest", top_k=4), "learned top-4": dict(variant="learned", top_k=4, gate_dim=32),
                 "floor (attention keeps nothing)": "floor"}
     rows = []
     for T in args.lengths:

@@ -50,7 +50,7 @@ def options(T: int) -> dict[str, dict]:
     bs = max(64, 64 * T // 4096)
     return {"window": dict(variant="window", window=T // 8, sinks=4, block_size=bs),
             "quest": dict(variant="quest", top_k=TOP_K, block_size=bs),
-            "learned": dict(variant="learned", top_k=TOP_K, block_size=bs)}
+            "learned": dict(variant="learned", top_k=TOP_K, block_size=bs, gate_dim=32)}   # as committed
 
 
 def record_qkv(model, T: int):

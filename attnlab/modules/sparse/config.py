@@ -28,7 +28,8 @@ class SparseConfig:
     granularity: str = "block"           # learned / quest: one choice per query block (block: every row of a
                                          # block sees the same blocks; work = density) or per query row (row);
                                          # a decoding step is one row: row-wise (selection.py)
-    gate_dim: int = 32                   # learned: width of the gate's query and key projections (even)
+    gate_dim: int = 64                   # learned: width of the gate's query and key projections (even; 64: the
+                                         # width the distilled recipe measured, benchmarks/sparse_quality.py)
     features: int = 64                   # performer: random features
     train_modules: list[str] = field(default_factory=list)  # e.g. ["model.layers.5.mlp"]
     # distillation from the dense base (attnlab.distill): per token KL(P_base || P_sparse) plus

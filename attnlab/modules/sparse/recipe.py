@@ -1,0 +1,127 @@
+"""The distilled gate's recipe, one code path for benchmarks/sparse_quality.py and `attnlab run`
+(`method: sparse, variant: learned` with a `distill:` block):
+
+  1. distil: one dense teacher pass over the training sequences caches, per layer, `rows` query rows
+     per sequence (teacher.collect_teacher); every layer's gate then takes `steps` Adam steps at `lr`
+     on its own rows (teacher.train_gates, via SparsePlugin.distil_gates);
+  2. sweep: on each held-out sequence, the dense model once, then every selector (window, quest,
+     learned top-k, learned by cumulative mass, oracle top-k) at each of its budgets, every patched
+     layer sparse; per (point, sequence) a record of NLL, accuracy, KL(dense || sparse), top-1
+     agreement with dense and the achieved density (quality.py summarises and compares them at
+     equal density).
+
+`common` carries the options every attached selector shares (block_size, kernel, granularity,
+gate_dim, layers): the learned ones load the distilled gate's state, so they must match the plug-in
+that was distilled.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .quality import key
+
+VARIANT = {"learned-mass": "learned", "oracle": "learned"}
+GATED = ("quest", "learned")     # the variants whose selection has a granularity
+
+
+def options(selector: str, budget: dict, common: dict) -> dict:
+    """The sparse options of `selector` at `budget` (a learned-mass or oracle selector is the learned
+    variant with mass, or with oracle scores)."""
+    variant = VARIANT.get(selector, selector)
+    out = {"variant": variant, **{k: v for k, v in common.items() if k in ("block_size", "kernel", "layers")},
+           **budget}
+    if variant in GATED and "granularity" in common:
+        out["granularity"] = common["granularity"]
+    if selector.startswith("learned") and "gate_dim" in common:
+        out["gate_dim"] = common["gate_dim"]
+    if selector == "oracle":
+        out["oracle"] = True
+    return out
+
+
+def attach(model, selector: str, budget: dict, common: dict, gate_state):
+    """The selector at this budget on the patched layers; the learned ones with the distilled gate."""
+    from ... import attach as attach_plugin
+
+    plugin = attach_plugin(model, "sparse", **options(selector, budget, common))
+    if selector.startswith("learned"):
+        plugin.load_state_dict(gate_state)
+    return plugin
+
+
+def distil(plugin, sequences, rows: int = 512, steps: int = 2000, lr: float = 3e-3, log=None) -> dict:
+    """Train the attached learned plug-in's gates from the cached teacher over `sequences` (1-D token
+    tensors); returns the record the reports show: the teacher pass's and the training's seconds per
+    token, and each layer's KL(target || gate) before and after on its train and held-out rows."""
+    r = plugin.distil_gates(list(sequences), rows=rows, steps=steps, lr=lr, log=log)
+    t, g = r["teacher"], r["training"]
+    return {"teacher_seconds": t["seconds"], "teacher_seconds_per_token": t["seconds"] / t["tokens"],
+            "training_seconds": g["seconds"], "training_seconds_per_token": g["seconds"] / g["tokens"],
+            "tokens": t["tokens"],
+            "layers": {str(i): {k: x[k] for k in ("before", "after", "rows", "steps")}
+                       for i, x in r["layers"].items()}}
+
+
+@torch.no_grad()
+def token_stats(logits, ids, dense_logp) -> dict:
+    """Sums over the sequence's predicted tokens (positions 0..T-2 predict 1..T-1)."""
+    logp = F.log_softmax(logits[0, :-1].float(), -1)
+    target = ids[1:]
+    out = {"tokens": int(target.numel()), "nll": float(-logp.gather(-1, target[:, None]).sum()),
+           "correct": int((logp.argmax(-1) == target).sum())}
+    if dense_logp is not None:
+        out["kl"] = float(F.kl_div(logp, dense_logp, log_target=True, reduction="sum"))
+        out["agree"] = int((logp.argmax(-1) == dense_logp.argmax(-1)).sum())
+    return out
+
+
+@torch.no_grad()
+def sweep(model, sequences: dict, points: list[tuple[str, dict]], common: dict, gate_state, data: dict,
+          save=None, log=None, count_work: bool = False) -> dict:
+    """Read every (selector, budget) of `points` on every held-out sequence ({index: 1-D tokens}) into
+    data["points"]; a (point, sequence) already there is skipped (resumable), and `save(data)` runs after
+    each record. count_work: also the pairs the kernel scores over the causal pairs (the gather kernel)."""
+    data.setdefault("points", {})
+    dev = next(model.parameters()).device
+    for si, seq in sequences.items():
+        si = str(si)
+        todo = [(s, b) for s, b in points if si not in data["points"].get(key(s, b), {}).get("sequences", {})]
+        if not todo and si in data["points"].get("dense", {}).get("sequences", {}):
+            continue
+        x = seq.view(1, -1).to(dev)
+        start = time.perf_counter()
+        dense_logits = model(input_ids=x, use_cache=False).logits
+        entry = data["points"].setdefault("dense", {"selector": "dense", "budget": {}, "sequences": {}})
+        entry["sequences"][si] = {**token_stats(dense_logits, x[0], None), "density": 1.0, "work": 1.0,
+                                  "seconds": time.perf_counter() - start}
+        dense_logp = F.log_softmax(dense_logits[0, :-1].float(), -1)
+        del dense_logits
+        if save:
+            save(data)
+        for s, b in todo:
+            plugin = attach(model, s, b, common, gate_state)
+            try:
+                start = time.perf_counter()
+                logits = model(input_ids=x, use_cache=False).logits
+                row = token_stats(logits, x[0], dense_logp)
+                row.update(density=1 - plugin.sparsity(), seconds=time.perf_counter() - start)
+                if count_work:   # pairs scored / causal pairs, every patched layer
+                    causal = (model.config.num_attention_heads * len(plugin.layers()) * x.shape[1]
+                              * (x.shape[1] + 1) / 2)
+                    row["work"] = plugin.pairs_scored() / causal
+                del logits
+            finally:
+                plugin.detach()
+            pe = data["points"].setdefault(key(s, b), {"selector": s, "budget": b, "sequences": {}})
+            pe["sequences"][si] = row
+            if save:
+                save(data)
+            if log:
+                log(f"[{key(s, b)}] seq {si}: density {row['density']:.3f}, nll/token "
+                    f"{row['nll'] / row['tokens']:.4f}, KL {row['kl'] / row['tokens']:.4f}, {row['seconds']:.0f} s")
+        del dense_logp
+    return data

@@ -1,0 +1,98 @@
+"""`attnlab run` with `method: sparse, variant: learned` and a `distill:` block: the learned gate
+distilled from the cached dense teacher instead of trained online, and the density-vs-quality
+sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.py runs
+(attnlab/modules/sparse/recipe.py, quality.py).
+
+    distill: {sequences: 64, rows: 512, steps: 2000, lr: 3.0e-3, heldout: 16}    # every key optional
+
+  - sequences: the first N examples of the training split are the teacher's sequences (one dense
+    pass each); rows: query rows cached per sequence and layer; steps, lr: Adam on every layer's gate;
+  - heldout: the first N examples of the test split (never distilled from) are read by dense and by
+    window, quest, learned (top-k and cumulative mass, with the distilled gate) and oracle at each of
+    their budgets, with the method's block_size, kernel, granularity, gate_dim and layers.
+The cell's `train:` options are not used (the gate takes `steps` steps of its own).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .errors import ConfigError
+from .modules.sparse import quality, recipe
+from .train import TrainResult
+
+DEFAULTS = {"sequences": 64, "rows": 512, "steps": 2000, "lr": 3e-3, "heldout": 16}
+SHARED = ("block_size", "kernel", "granularity", "gate_dim", "layers")
+# the benchmark's densities, and higher ones: short held-out blocks (few key blocks) never get sparser
+DENSITIES = quality.DENSITIES + (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def distill_options(m: dict, where: str) -> dict | None:
+    """The method's `distill:` block with its defaults filled (None without one); a bad block is one
+    line naming the fix."""
+    d = m.get("distill")
+    if d is None:
+        return None
+    if m.get("method") != "sparse" or m.get("variant", "learned") != "learned" or m.get("oracle"):
+        raise ConfigError(f"{where}.distill: distillation trains the learned gate; use it with method: sparse, "
+                          f"variant: learned (without oracle)")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}.distill: expected a mapping such as {{sequences: 64, steps: 2000}}, got {d!r}")
+    unknown = sorted(set(d) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{where}.distill: unknown key(s) {unknown}; the keys are {', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **d}
+    for k, v in out.items():
+        kind = float if k == "lr" else int
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v <= 0:
+            raise ConfigError(f"{where}.distill.{k}: expected a positive {kind.__name__}, got {v!r}")
+        out[k] = kind(v)
+    return out
+
+
+def _sequences(examples, n: int) -> list[torch.Tensor]:
+    return [torch.tensor(e.input_ids) for e in examples[:n]]
+
+
+def distil(plugin, splits, opts: dict, log) -> tuple[TrainResult, dict]:
+    """The attached learned plug-in's gates from the teacher over the first training examples; the
+    TrainResult the cell records (steps, teacher tokens, seconds) and the gate's record."""
+    seqs = _sequences(splits.train, opts["sequences"])
+    if not seqs:
+        raise ConfigError("distill: the training split is empty; give the data more examples (n_train)")
+    start = time.perf_counter()
+    log(f"[distill] teacher pass over {len(seqs)} training sequences, then {opts['steps']} steps per layer")
+    record = recipe.distil(plugin, seqs, rows=opts["rows"], steps=opts["steps"], lr=opts["lr"], log=log)
+    return TrainResult(steps=opts["steps"], tokens=record["tokens"], seconds=time.perf_counter() - start), record
+
+
+def heldout_sweep(model, splits, options, opts: dict, gate_state, gate_record: dict, log) -> dict:
+    """Every selector at every budget on the first `heldout` test examples, summarised with the
+    intervals and the equal-density comparisons of benchmarks/sparse_quality.py."""
+    seqs = _sequences(splits.eval, opts["heldout"])
+    common = {k: getattr(options, k) for k in SHARED}
+    points = [(s, b) for s, bs in quality.budgets(options.block_size).items() for b in bs]
+    data = {"meta": {"length": max((len(s) for s in seqs), default=0), "block_size": options.block_size,
+                     "heldout_sequences": list(range(len(seqs))), "distill": opts, "common": common},
+            "gate": gate_record}
+    recipe.sweep(model, dict(enumerate(seqs)), points, common, gate_state, data, log=log)
+    quality.summarise(data, densities=DENSITIES)
+    return data
+
+
+def report_lines(results: dict) -> list[str]:
+    """report.md's section for every distilled cell: the density-vs-quality table on the held-out
+    test split and the comparisons at equal density."""
+    lines = []
+    for c in results["cells"]:
+        data = c.get("sparse_quality")
+        if data:
+            lines += ["", f"## Distilled gate `{c['method']}` (seed {c['seed']}): density vs quality on the "
+                      f"held-out test split", "",
+                      f"Distilled from the first {data['meta']['distill']['sequences']} training examples "
+                      f"(`distill: {data['meta']['distill']}`); every selector on the patched layers with "
+                      f"{', '.join(f'{k} {v}' for k, v in data['meta']['common'].items() if v is not None)}.", "",
+                      quality.report(data)]
+    return lines
