@@ -42,14 +42,34 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected a whole number >= 0") from None
 
 
-def _folder_arg(path: str, flag: str) -> None:
-    """An output folder given on the command line must not be an existing file (checked first)."""
+OUTPUT_MARKER = ".attnlab-output"   # a folder `profile` / `lm-eval` wrote into: they may write there again
+
+
+def _folder_arg(path: str, flag: str, claim: bool = False) -> None:
+    """An output folder given on the command line must not be an existing file (checked first).
+    With `claim`, the command writes fixed file names into it: it must be new, empty or marked as
+    one attnlab wrote before (`_claim`), so that no file of the user's is replaced."""
     from pathlib import Path
 
     from .errors import ConfigError
 
-    if Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{flag}: {path} is a file; give a folder (new or one attnlab wrote)")
+    if not claim:
+        return
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / OUTPUT_MARKER).is_file():
+        raise ConfigError(f"{flag}: {path} already holds files attnlab did not write; give a new or empty folder "
+                          f"(attnlab writes fixed names there and would replace yours)")
+
+
+def _claim(path: str) -> None:
+    """Create and mark the output folder `_folder_arg(..., claim=True)` accepted, just before writing."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OUTPUT_MARKER).write_text("attnlab profile / lm-eval write into this folder\n")
 
 
 def cmd_run(a) -> int:
@@ -294,7 +314,7 @@ def cmd_profile(a) -> int:
     for flag, n in (("--layers", a.layers), ("--batch", a.batch), ("--repeat", a.repeat)):
         if n is not None and n < 1:
             raise ConfigError(f"{flag}: {n} is not allowed; expected a number >= 1")
-    _folder_arg(a.out, "--out")
+    _folder_arg(a.out, "--out", claim=True)
     dev = "cuda" if torch.cuda.is_available() else None
     model = build_model(a.model, random_weights=a.random_weights, layers=a.layers, device=dev)
     for n in a.lengths:
@@ -305,6 +325,7 @@ def cmd_profile(a) -> int:
              f"{model.config.num_hidden_layers} layers, batch {a.batch}, {where}")
     meta = {"model": a.model, "random_weights": a.random_weights, "layers": model.config.num_hidden_layers,
             "batch": a.batch, "device": where, "torch": torch.__version__, "python": platform.python_version()}
+    _claim(a.out)
     path = write(rows, a.out, title, meta)
     print(path.read_text())
     return 0
@@ -321,9 +342,10 @@ def cmd_lm_eval(a) -> int:
             raise ConfigError(f"--data-file: {kv!r} is not TASK=PATH; write e.g. --data-file attnlab_gsm8k=test.jsonl")
         files[task.strip()] = path.strip()
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    _folder_arg(a.out, "--out")
+    _folder_arg(a.out, "--out", claim=True)
     if a.limit is not None and not a.limit > 0:
         raise ConfigError(f"--limit: {a.limit} is not allowed; expected a number > 0 (< 1: a fraction of each task)")
+    _claim(a.out)
     res = evaluate(a.model, a.plugin, tasks, a.out, limit=a.limit, batch_size=a.batch_size,
                    num_fewshot=a.num_fewshot, include_path=a.include_path, data_files=files, device=a.device,
                    max_gen_toks=a.max_gen_toks, log_samples=a.log_samples, seed=a.seed,

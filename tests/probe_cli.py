@@ -39,6 +39,13 @@ def _file(tmp: Path) -> dict:
     return {"file": str(tmp / "a_file")}
 
 
+def _users_folder(tmp: Path) -> dict:
+    (tmp / "mine").mkdir(exist_ok=True)
+    (tmp / "mine" / "profile.md").write_text("the user's notes")
+    (tmp / "mine" / "results.json").write_text("{}")
+    return {"mine": str(tmp / "mine")}
+
+
 def _config(text: str, name: str = "c.yaml"):
     def setup(tmp: Path) -> dict:
         (tmp / name).write_text(text)
@@ -144,6 +151,11 @@ CASES: list[Case] = [
          "manifest.json is damaged", _plugin("wrong_shape")),
     Case("plug-in without body_sha256", ["eval", "--model", "tiny-gpt2", "--plugin", "{plugin}", "--n", "2"],
          "--allow-missing-body-hash", _plugin("no_body_hash")),
+    # output folders of commands that write fixed names: a folder of the user's is never written into
+    Case("profile --out a folder of the user's", ["profile", "--model", "tiny-gpt2", "--lengths", "32", "--out",
+         "{mine}"], "already holds files attnlab did not write", _users_folder),
+    Case("lm-eval --out a folder of the user's", ["lm-eval", "--model", "tiny-gpt2", "--tasks", "attnlab_wikitext",
+         "--out", "{mine}"], "already holds files attnlab did not write", _users_folder),
 ]
 
 
