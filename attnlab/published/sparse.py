@@ -19,6 +19,19 @@ def _sparse_module(root: Path):
 
 
 @functools.lru_cache(maxsize=None)
+def _speed_module(root: Path):
+    spec = importlib.util.spec_from_file_location("sparse_speed_report", root / "benchmarks" / "sparse_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sparse_speed(root: Path, arg: str) -> str:
+    """`FILE`: the tables benchmarks/sparse_speed.py --report prints for that run's JSON."""
+    return _speed_module(root).tables(_json(root, arg)["rows"])
+
+
+@functools.lru_cache(maxsize=None)
 def _quality(root: Path, length: str) -> dict:
     """The JSON with its summaries recomputed from the per-sequence records by the benchmark's own
     `summarise` (deterministic bootstrap), so nothing stored by an older version is quoted. Cached:
