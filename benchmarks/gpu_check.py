@@ -13,6 +13,7 @@ Sections, each timed and recorded on its own (one failing does not lose the othe
             (kept fraction of the causal query-key pairs).
   rng       the CUDA RNG in checkpoints: a LoRA with dropout trained 4 steps straight, and 2 + resume
             2, must end bit-identical.
+  run       `attnlab run configs/gpu_quickstart.yaml` end to end (random:llama-1b, bf16; dry run: tiny-llama).
   pytest    `pytest -m cuda`: the suite's CUDA-only tests.
 --dry-run: random:smollm2-135m cut to 2 layers, fp32, 2 x 64-token batches, sparse at 256/512 tokens
 with the CPU's `gather` kernel; every section runs, and its numbers mean nothing for a GPU.
@@ -215,6 +216,26 @@ def section_rng(a, device, dtype) -> dict:
     return rng_resume_check(device)
 
 
+def section_run(a, device, dtype) -> dict:
+    """`attnlab run configs/gpu_quickstart.yaml` end to end (dry run: tiny-llama, fp32, on the CPU)."""
+    from attnlab.config import read_yaml
+    from attnlab.experiment import run_experiment
+
+    cfg = read_yaml(ROOT / "configs" / "gpu_quickstart.yaml")
+    if a.dry_run:
+        cfg.update(model="tiny-llama", model_dtype="fp32")
+        cfg["train"]["mixed_precision"] = "no"
+    _reset_peak()
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_experiment(cfg, out_root=tmp, log=lambda *_: None)
+    cells = {c["method"]: {"test_ppl": round(c["eval"]["perplexity"], 3), "trainable": c.get("trainable_params"),
+                           "val_loss": c.get("val_loss")} for c in res["cells"]}
+    return {"config": "configs/gpu_quickstart.yaml", "model": cfg["model"], "model_dtype": cfg["model_dtype"],
+            "device": res["environment"]["device"], "seconds": round(time.perf_counter() - t, 1),
+            "peak_MiB": _peak_mib(), "cells": cells}
+
+
 def section_pytest(a, device, dtype) -> dict:
     # -p no:logging: torch's DEBUG trace would otherwise bury the failures; -rfEs names each one
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-rfEs", "--tb=line", "-p", "no:cacheprovider",
@@ -227,7 +248,8 @@ def section_pytest(a, device, dtype) -> dict:
             "failures": failures[:40], "tail": lines[-15:]}
 
 
-SECTIONS = {"train": section_train, "sparse": section_sparse, "rng": section_rng, "pytest": section_pytest}
+SECTIONS = {"train": section_train, "sparse": section_sparse, "rng": section_rng, "run": section_run,
+            "pytest": section_pytest}
 
 
 def main(argv=None):

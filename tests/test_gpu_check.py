@@ -8,7 +8,7 @@ from benchmarks.gpu_check import main
 def test_the_gpu_check_dry_run_runs_every_section_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     # the tiny model keeps it to seconds; the committed dry run uses random:smollm2-135m cut to 2 layers
-    rc = main(["--dry-run", "--base", "tiny-llama", "--lengths", "256", "--sections", "train", "sparse", "rng",
+    rc = main(["--dry-run", "--base", "tiny-llama", "--lengths", "256", "--sections", "train", "sparse", "rng", "run",
                "--out", str(out)])
     r = json.loads(out.read_text())
     assert rc == 0, r
@@ -22,3 +22,6 @@ def test_the_gpu_check_dry_run_runs_every_section_on_cpu(tmp_path):
     assert {row.get("variant") for row in r["sections"]["sparse"]["rows"]} == {"sdpa", "quest", "learned"}
     assert kernels == {("forward", "sdpa"), ("forward", "gather"), ("train", "sdpa"), ("train", "gather")}
     assert r["sections"]["rng"]["bit_identical"] and r["sections"]["rng"]["resumed_from"] == 2
+    run = r["sections"]["run"]
+    assert run["model"] == "tiny-llama" and set(run["cells"]) == {"frozen", "lora", "head_ft", "backward_head"}
+    assert all(c["test_ppl"] > 1 for c in run["cells"].values()), run
