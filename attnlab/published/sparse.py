@@ -11,24 +11,21 @@ from ..errors import DataError
 from .tables import _json, _mark, md_tables
 
 @functools.lru_cache(maxsize=None)
+def _benchmark(root: Path, name: str):
+    """benchmarks/<name>.py as a module (its report code renders the published tables)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_report", root / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _sparse_module(root: Path):
-    spec = importlib.util.spec_from_file_location("sparse_quality_report", root / "benchmarks" / "sparse_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@functools.lru_cache(maxsize=None)
-def _speed_module(root: Path):
-    spec = importlib.util.spec_from_file_location("sparse_speed_report", root / "benchmarks" / "sparse_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _benchmark(root, "sparse_quality")
 
 
 def sparse_speed(root: Path, arg: str) -> str:
     """`FILE`: the tables benchmarks/sparse_speed.py --report prints for that run's JSON."""
-    return _speed_module(root).tables(_json(root, arg)["rows"])
+    return _benchmark(root, "sparse_speed").tables(_json(root, arg)["rows"])
 
 
 @functools.lru_cache(maxsize=None)
