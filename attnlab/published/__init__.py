@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .bench import benchmark_table, feature_cache_table
+from .bench import benchmark_table, factorized_table, feature_cache_table
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
 from .sparse import sparse_compare, sparse_goal, sparse_speed, sparse_table, sparse_text
 from .tables import (bench_ratio, cell, column_range, gguf, include, md_tables, ratio, run_change, run_tables,
@@ -20,7 +20,7 @@ from .tables import (bench_ratio, cell, column_range, gguf, include, md_tables, 
 
 RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_range, "run_tables": run_tables,
              "run_change": run_change, "run_wall": run_wall, "gguf": gguf, "table": table, "bench_ratio": bench_ratio,
-             "benchmarks": benchmark_table, "feature_cache": feature_cache_table, "sparse_goal": sparse_goal,
+             "benchmarks": benchmark_table, "factorized_bench": factorized_table, "feature_cache": feature_cache_table, "sparse_goal": sparse_goal,
              "sparse_table": sparse_table, "sparse_compare": sparse_compare, "sparse_text": sparse_text,
              "sparse_speed": sparse_speed, "gpu_train": gpu_train_table, "gpu_sparse": gpu_sparse_table, "gpu_checks": gpu_checks}
 

@@ -159,3 +159,16 @@ def benchmark_table(root: Path, arg: str = "") -> str:
                  sparse_kernel_rows, sparse_quality_rows):
         lines += rows(root)
     return "\n".join(lines)
+
+
+def factorized_table(root: Path, arg: str = "") -> str:
+    """The FactorizedAttention benchmark's table (benchmarks/results/factorized_attention.json), as the
+    script prints it: each arm's step time and peak memory, and their ratios to LoRA's."""
+    d = _json(root, "benchmarks/results/factorized_attention.json")
+    ref = d["rows"][0]["arm"]
+    out = [f"`{d['command']}` ({_threads(d)})", "",
+           f"| tokens | arm | step s (wall) | CPU s | **CPU × {ref}** | peak MiB | **memory × {ref}** |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['tokens']} | {r['arm']} | {r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['cpu_x']:.3f} | "
+            f"{r['peak_MiB']:.0f} | {r['mem_x']:.3f} |" for r in d["rows"]]
+    return "\n".join(out)
