@@ -4,13 +4,17 @@
     python benchmarks/sparse_quality.py --length 4096 --train 6 --heldout 7 --gate-steps 2000
     python benchmarks/sparse_quality.py --length 2048 --report      # tables; the curves next to the JSON (.png)
     python benchmarks/sparse_quality.py --length 2048 --report --publish   # ... and into docs/img/ (the docs' figure)
+    python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --train 96 --top-k 1 2 4 \
+        --selectors learned --out benchmarks/results/sparse_gate_ablation/n96.json    # one ablation (docs: "Gate v3")
 
 (the runs in docs/sparse_attention.md, on one CPU thread: ~5 min per held-out sequence at 2048 tokens
 and ~20 at 4096, ~5 min per metric sequence; the teacher pass and gate training ~4-5 min per length)
 
 The text (../shared/data/wikitext-2/valid.txt) is tokenized once and cut into non-overlapping
 sequences of --length tokens: the learned gates are distilled from the FIRST --train sequences, the
-metrics read on the LAST --heldout ones (never used for distillation). Intervals: 95% bootstrap over
+metrics read on the LAST --heldout ones (never used for distillation). With --split validation the
+metrics read instead the --validation sequences just before those --heldout ones: the recipe's
+ablations are chosen there, and the held-out sequences are read once, by the chosen recipe. Intervals: 95% bootstrap over
 held-out sequences, paired with dense; comparisons between selectors at equal density also give a
 t-interval, and a difference is called outside noise only when both exclude zero. For each selector and budget
 (window 64..512 + 4 sinks; quest, learned top-k and oracle top-k with k = 1..8 extra blocks; learned
@@ -70,6 +74,24 @@ def attach(model, selector: str, budget: dict, args, gate_state):
     return recipe.attach(model, selector, budget, common(args), gate_state)
 
 
+def keep(budget: dict, top_k) -> bool:
+    """Whether --top-k keeps this budget: a top_k budget in the list; every window and mass budget."""
+    return top_k is None or "top_k" not in budget or budget["top_k"] in top_k
+
+
+def read_text(spec: str) -> str:
+    """The distillation text of --train-text: python_docs (Python's own documentation, offline), a
+    .jsonl of {question, answer} rows (GSM8K: each problem and its solution), or a text file."""
+    if spec == "python_docs":
+        from pydoc_data import topics
+        return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return "\n\n".join(f"{r['question']}\n{r['answer']}" for r in rows)
+    return path.read_text()
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -85,7 +107,17 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--train", type=int, default=8, help="sequences the gates are distilled from (the first)")
     ap.add_argument("--heldout", type=int, default=4, help="sequences the metrics read (the last)")
+    ap.add_argument("--split", default="heldout", choices=["heldout", "validation"],
+                    help="read the last --heldout sequences, or the --validation ones just before them "
+                         "(where ablations are compared; the held-out ones are left unread)")
+    ap.add_argument("--validation", type=int, default=8, help="with --split validation: how many sequences")
+    ap.add_argument("--top-k", type=int, nargs="+", default=None,
+                    help="only these top_k budgets of quest, learned and oracle (default: every one)")
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"))
+    ap.add_argument("--train-text", default=None,
+                    help="distil the gate from another text (a .txt file, a GSM8K-style .jsonl of question/answer, "
+                         "or python_docs: the prose of Python's documentation), cut into --length sequences; "
+                         "default: the first --train sequences of --text")
     ap.add_argument("--selectors", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     ap.add_argument("--kernel", default="masked", help="the kernels compute the same function (tested); "
                     "masked is the fastest on CPU for per-row selections; work is counted with gather")
@@ -137,18 +169,33 @@ def main(argv=None):
     if args.train + args.heldout > n:
         raise SystemExit(f"{len(ids)} tokens make {n} sequences of {args.length}; --train + --heldout must fit")
     seqs = ids[:n * args.length].view(n, args.length)
-    train, heldout = seqs[:args.train], seqs[n - args.heldout:]
+    first = n - args.heldout - (args.validation if args.split == "validation" else 0)
+    count = args.validation if args.split == "validation" else args.heldout
+    if args.train > first:
+        raise SystemExit(f"--train {args.train} overlaps the {args.split} sequences {first}..{first + count - 1}: "
+                         f"use --train {first} or fewer")
+    train, heldout = seqs[:args.train], seqs[first:first + count]
+    if args.train_text:
+        other = torch.tensor(tok(read_text(args.train_text), add_special_tokens=False)["input_ids"])
+        if len(other) // args.length < args.train:
+            raise SystemExit(f"--train-text {args.train_text} makes {len(other) // args.length} sequences of "
+                             f"{args.length} tokens: use --train {len(other) // args.length} or fewer")
+        train = other[:args.train * args.length].view(args.train, args.length)
     data = load(out)
     meta = {"model": "smollm2-135m", "length": args.length, "block_size": BLOCK, "text": args.text,
             "text_tokens": len(ids), "sequences": n, "train_sequences": list(range(args.train)),
-            "heldout_sequences": list(range(n - args.heldout, n)), "kernel": args.kernel,
+            "split": args.split, "heldout_sequences": list(range(first, first + count)), "kernel": args.kernel,
+            "granularity": args.granularity, "train_text": args.train_text or args.text,
             "gate": {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim},
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     old = data.setdefault("meta", meta)
     commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
     if meta["command"] not in commands:
         commands.append(meta["command"])
-    same = ("model", "length", "block_size", "text", "train_sequences", "gate")
+    old.setdefault("split", "heldout")       # the files written before --split read the held-out sequences
+    old.setdefault("granularity", "block" if out.stem.endswith("_block") else "row")   # ... and had no key for it
+    old.setdefault("train_text", old["text"])
+    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text")
     if any(old.get(k) != meta[k] for k in same):
         raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta[k])}); "
                          "rerun with those, or give another --out")
@@ -177,14 +224,14 @@ def main(argv=None):
             save(out, data)
 
     # -- per held-out sequence (keyed by its index in the text): dense once, then every budget --------
-    points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in BUDGETS[s]]
-    recipe.sweep(model, {} if args.metrics_only else {n - args.heldout + i: seq for i, seq in enumerate(heldout)},
+    points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in BUDGETS[s] if keep(b, args.top_k)]
+    recipe.sweep(model, {} if args.metrics_only else {first + i: seq for i, seq in enumerate(heldout)},
                  points, common(args), gate_state, data, save=lambda d: save(out, d), log=log,
                  count_work=args.kernel == "gather")
 
     # -- attention MSE (causal entries) and gradient cosine at the headline budgets, per sequence ----
     if args.metric_sequences:
-        chosen = list(range(n - args.heldout, n))[:args.metric_sequences]
+        chosen = list(range(first, first + count))[:args.metric_sequences]
         metrics = data.get("metrics", {})
         if "heldout_sequences" in metrics:    # the older format: one value pooled over a set of sequences
             log(f"[metrics] replacing the pooled metrics of sequences {metrics['heldout_sequences']} by per-sequence ones")

@@ -106,16 +106,27 @@ def compare(data: dict, seqs: list[str], pairs=None, densities=None) -> list[dic
     rows = []
     for a, b in COMPARE if pairs is None else pairs:
         for target in DENSITIES if densities is None else densities:
-            va, vb = at_density(data, a, target, seqs), at_density(data, b, target, seqs)
-            if va is None or vb is None:
-                continue
-            d = va - vb
-            change, lo, hi = bootstrap_ci(d, stat=lambda x: math.exp(float(np.mean(x))) - 1)
-            t_lo, t_hi = (math.exp(x) - 1 for x in t_interval(d))
-            rows.append({"a": a, "b": b, "density": target, "change": change, "lo": lo, "hi": hi,
-                         "t_lo": t_lo, "t_hi": t_hi,
-                         "a_better_on": int((d < 0).sum()), "sequences": len(d)})
+            va = at_density(data, a, target, seqs)
+            vb = dense_nll(data, seqs) if b == "dense" else at_density(data, b, target, seqs)
+            if va is not None and vb is not None:
+                rows.append({"a": a, "b": b, "density": target, **paired_change(va - vb)})
     return rows
+
+
+def dense_nll(data: dict, seqs: list[str]):
+    """Per sequence, the dense model's NLL per token (B = "dense" in a comparison: A at the density
+    against the unchanged model)."""
+    dense = data["points"]["dense"]["sequences"]
+    return np.array([dense[si]["nll"] / dense[si]["tokens"] for si in seqs])
+
+
+def paired_change(d) -> dict:
+    """Per-sequence differences of NLL per token -> change = exp(mean d) - 1, its percentile-bootstrap
+    and t 95% intervals over sequences, and on how many sequences A was better."""
+    change, lo, hi = bootstrap_ci(d, stat=lambda x: math.exp(float(np.mean(x))) - 1)
+    t_lo, t_hi = (math.exp(x) - 1 for x in t_interval(d))
+    return {"change": change, "lo": lo, "hi": hi, "t_lo": t_lo, "t_hi": t_hi,
+            "a_better_on": int((d < 0).sum()), "sequences": len(d)}
 
 
 def _interval(lo, hi) -> str:

@@ -1,0 +1,101 @@
+"""The learned gate's recipe ablations (issue 27), read on VALIDATION sequences of the text (never
+the held-out ones the docs report): every JSON of benchmarks/results/sparse_gate_ablation/ is one
+`benchmarks/sparse_quality.py --split validation` run. `reference.json` holds dense and the
+selectors that need no training (quest, oracle, window); every other file one distilled gate
+(selectors learned and learned-mass), named by its file. Each gate is merged with the reference on
+the sequences both read and compared at equal density by the benchmark's own summary
+(quality.compare: per sequence, NLL per token interpolated in density; paired over sequences)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DataError
+from ..modules.sparse import quality
+from .tables import _json
+
+DIR = "benchmarks/results/sparse_gate_ablation"
+SAME = ("model", "length", "block_size", "text", "split")
+
+
+def _runs(root: Path) -> tuple[dict, dict[str, dict]]:
+    folder = root / DIR
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not any(f.name == "reference.json" for f in files):
+        raise DataError(f"{DIR}/reference.json is missing: run the reference command of docs/sparse_attention.md")
+    ref = _json(root, f"{DIR}/reference.json")
+    return ref, {f.stem: _json(root, f"{DIR}/{f.name}") for f in files if f.name != "reference.json"}
+
+
+def merged(ref: dict, run: dict, name: str) -> dict:
+    """The reference's points and the run's learned points (renamed `name`, `name·mass`) in one data
+    dict; refused when the two were read on different text, length, split or sequences' dense NLL."""
+    bad = [k for k in SAME if ref["meta"].get(k) != run["meta"].get(k)]
+    if bad:
+        raise DataError(f"{DIR}/{name}.json differs from reference.json in {', '.join(bad)}: rerun it with the "
+                        f"reference's settings")
+    points = {k: p for k, p in ref["points"].items()}
+    for k, p in run["points"].items():
+        if p["selector"] == "dense":
+            for si, r in p["sequences"].items():
+                d = ref["points"]["dense"]["sequences"].get(si)
+                if d is not None and abs(d["nll"] - r["nll"]) > 1e-3 * abs(d["nll"]):
+                    raise DataError(f"{DIR}/{name}.json's dense NLL of sequence {si} differs from the reference's")
+            continue
+        sel = name + ("·mass" if p["selector"] == "learned-mass" else "")
+        points[f"{sel}:{k.split(':', 1)[1]}"] = {**p, "selector": sel}
+    return {"meta": run["meta"], "points": points}
+
+
+def _pct(c: dict) -> str:
+    noise = c["lo"] <= 0 <= c["hi"] or c["t_lo"] <= 0 <= c["t_hi"]
+    return (f"{100 * c['change']:+.1f}% [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] "
+            f"(t [{100 * c['t_lo']:+.1f}, {100 * c['t_hi']:+.1f}]; better on {c['a_better_on']}/{c['sequences']}"
+            f"{'; within noise' if noise else ''})")
+
+
+def _recipe(meta: dict) -> str:
+    g = meta["gate"]
+    extra = ", ".join(f"{k} {v}" for k, v in g.items() if k not in ("rows", "steps", "lr", "dim"))
+    text = "" if meta.get("train_text", meta["text"]) == meta["text"] else f" of {Path(meta['train_text']).name}"
+    return (f"{len(meta['train_sequences'])} seq{text}, {g['rows']} rows, {g['steps']} steps, lr {g['lr']}, "
+            f"width {g['dim']}, {meta.get('granularity', 'row')}" + (f", {extra}" if extra else ""))
+
+
+def _cell(data: dict, a: str, b: str, density: float) -> str:
+    seqs = quality.complete(data)
+    if len(seqs) < quality.MIN_SEQUENCES:
+        return "–"
+    rows = quality.compare(data, seqs, [(a, b)], [density])
+    return _pct(rows[0]) if rows else "– (density not reached)"
+
+
+def gate_ablation(root: Path, arg: str) -> str:
+    """`DENSITY|BASELINE`: per selector of the reference and per distilled gate (top-k and by mass),
+    perplexity against dense at that density, and each gate against Quest and against the BASELINE
+    gate (a file's name), all at equal density on the validation sequences."""
+    density, baseline = arg.split("|")
+    d = float(density)
+    ref, runs = _runs(root)
+    if baseline not in runs:
+        raise DataError(f"{DIR}/{baseline}.json is missing (the baseline gate of the ablation table)")
+    seqs = quality.complete(ref)
+    lines = [f"{len(seqs)} validation sequences of {ref['meta']['length']} tokens (sequences "
+             f"{', '.join(seqs)}); at density {d:.2f}; intervals: 95% bootstrap over sequences, and the t-interval.", "",
+             f"| selector | recipe | vs dense | vs quest | vs {baseline} |", "|---|---|---:|---:|---:|"]
+    for sel in ("oracle", "quest", "window"):
+        if any(p["selector"] == sel for p in ref["points"].values()):
+            lines.append(f"| {sel} | no training | {_cell(ref, sel, 'dense', d)} | "
+                         f"{'–' if sel == 'quest' else _cell(ref, sel, 'quest', d)} | – |")
+    base = merged(ref, runs[baseline], baseline)
+    for name, run in runs.items():
+        data = merged(ref, run, name)
+        for sel in (name, name + "·mass"):
+            if not any(p["selector"] == sel for p in data["points"].values()):
+                continue
+            both = {**data, "points": {**data["points"], **{k: p for k, p in base["points"].items()
+                                                          if p["selector"] == baseline}}}
+            vs_base = "–" if name == baseline else _cell(both, sel, baseline, d)
+            lines.append(f"| {sel} | {_recipe(run['meta'])} | {_cell(data, sel, 'dense', d)} | "
+                         f"{_cell(data, sel, 'quest', d)} | {vs_base} |")
+    return "\n".join(lines)
