@@ -63,3 +63,20 @@ def test_a_table_of_chosen_rows_keeps_each_cell_as_the_report_prints_it(tmp_path
     out = render_one("table:r.md|acc;Δ|m>T=1, top-k=off=>m, sampled;m>greedy", tmp_path)
     assert out.splitlines() == ["| arm | acc | Δ |", "|---|---:|---:|", "| m, sampled | 2/4 | +25 pp |",
                                 "| m, greedy | 1/4 | – |"]
+
+
+def test_the_sparse_goals_verdict_is_computed_from_the_rows_quest_and_learned_judged_window_shown(tmp_path):
+    def row(part, mode, variant, tokens, cpu_s, **kw):
+        return {"part": part, "mode": mode, "variant": variant, "tokens": tokens, "cpu_s": cpu_s, "wall_s": cpu_s, **kw}
+
+    rows = [row("attention", "inference", "dense-sdpa", 4096, 1.0), row("attention", "inference", "quest", 4096, 0.40),
+            row("attention", "inference", "learned", 4096, 0.50), row("attention", "inference", "window", 4096, 0.90),
+            row("decode", "decode", "dense-sdpa", 1024, 0.05), row("decode", "decode", "dense-sdpa", 4096, 0.10),
+            row("decode", "decode", "quest", 4096, 0.07), row("decode", "decode", "learned", 4096, 0.075)]
+    (tmp_path / "s.json").write_text(json.dumps({"meta": {"command": "x"}, "rows": rows}))
+    lines = render_one("sparse_speed_goals:s.json", tmp_path).splitlines()
+    fwd = next(x for x in lines if "≤ 0.45×" in x)
+    assert "quest 0.40×, learned 0.50×, window 0.90×" in fwd and fwd.endswith("| ✘ learned (0.50×, by 0.05); ✔ the rest |")
+    dec = next(x for x in lines if "≥ 1.3×" in x)         # tokens/s ratio = dense's seconds / the variant's
+    assert "quest 1.43×, learned 1.33×; ceiling if attention cost nothing ≈ 2.00×" in dec and dec.endswith("| ✔ |")
+    assert next(x for x in lines if "≥ 1.8×" in x).endswith("| not in this run | – |")
