@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .bench import benchmark_table, factorized_table, feature_cache_table
+from .bench import benchmark_table, factorized_goal, factorized_recompute, factorized_table, feature_cache_table
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
 from .sparse_ablation import gate_ablation
 from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_goal, sparse_speed,
@@ -27,7 +27,8 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "sparse_table": sparse_table, "sparse_compare": sparse_compare, "sparse_text": sparse_text,
              "sparse_speed": sparse_speed, "gpu_train": gpu_train_table, "gpu_sparse": gpu_sparse_table, "gpu_checks": gpu_checks,
              "gate_ablation": gate_ablation, "sparse_speed_goals": sparse_speed_goals,
-             "sparse_block_vs_row": sparse_block_vs_row, "sparse_block_vs_row_summary": sparse_block_vs_row_summary}
+             "sparse_block_vs_row": sparse_block_vs_row, "sparse_block_vs_row_summary": sparse_block_vs_row_summary,
+             "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute}
 
 
 def render_one(expr: str, root: Path) -> str:

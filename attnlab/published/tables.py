@@ -61,15 +61,17 @@ def table_cell(text: str, column: str, row: str) -> str:
 
 def table(root: Path, arg: str) -> str:
     """`FILE|COL;COL;...|ROW=>LABEL;ROW=>LABEL;...`: a table of the chosen rows (relabelled) and columns
-    of a committed report, each cell as printed there (a column is looked up as in `table_cell`)."""
+    of a committed report, each cell as printed there (a column is looked up as in `table_cell`; a
+    column `COL=>LABEL` is headed LABEL)."""
     rel, cols, rows = arg.split("|")
     text = _read(root, rel)
-    cols = cols.split(";")
-    lines = ["| arm | " + " | ".join(c.split("@")[0].split("#")[0] for c in cols) + " |",
+    cols = [c.partition("=>") for c in cols.split(";")]
+    lines = ["| arm | " + " | ".join(label or c.split("@")[0].split("#")[0] for c, _, label in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for pair in rows.split(";"):
         key, _, label = pair.partition("=>")
-        lines.append(f"| {label or key.replace('>', ', ')} | " + " | ".join(table_cell(text, c, key) for c in cols) + " |")
+        lines.append(f"| {label or key.replace('>', ', ')} | " + " | ".join(table_cell(text, c, key) for c, _, _ in cols)
+                     + " |")
     return "\n".join(lines)
 
 
