@@ -18,7 +18,7 @@ from .sparse_ablation import gate_ablation
 from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_goal, sparse_speed,
                      sparse_table, sparse_text)
 from .sparse_goals import sparse_speed_goals
-from .tables import (bench_ratio, cell, column_range, gguf, include, md_tables, ratio, run_change, run_tables,
+from .tables import (bench_ratio, cell, column_range, gguf, include, json_table, md_tables, ratio, run_change, run_tables,
                      run_wall, table, table_cell)
 
 RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_range, "run_tables": run_tables,
@@ -28,7 +28,8 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "sparse_speed": sparse_speed, "gpu_train": gpu_train_table, "gpu_sparse": gpu_sparse_table, "gpu_checks": gpu_checks,
              "gate_ablation": gate_ablation, "sparse_speed_goals": sparse_speed_goals,
              "sparse_block_vs_row": sparse_block_vs_row, "sparse_block_vs_row_summary": sparse_block_vs_row_summary,
-             "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute}
+             "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute,
+             "json_table": json_table}
 
 
 def render_one(expr: str, root: Path) -> str:

@@ -175,3 +175,23 @@ def gguf(root: Path, arg: str = "") -> str:
             f"matrix, are 4-bit Q4_1, the token embedding (tied to the LM head) Q8_0, the {t.get('F32', 0)} norm "
             f"weights fp32. The file holds no higher-precision copy of the quantized matrices, so what the "
             f"quantization costs cannot be measured offline (the unquantized weights need the network)")
+
+
+def json_table(root: Path, arg: str) -> str:
+    """`FILE|FIELD[:FORMAT][=>LABEL];...`: a results JSON's `rows` as a table, one column per FIELD
+    (formatted with FORMAT, e.g. `.2f`; a FORMAT ending in a unit after a space, `.2f GiB`, appends it)."""
+    rel, spec = arg.split("|")
+    cols = []
+    for c in spec.split(";"):
+        c, _, label = c.partition("=>")
+        field, _, fmt = c.partition(":")
+        fmt, _, unit = fmt.partition(" ")
+        cols.append((field, fmt, unit, label or field))
+    rows = _json(root, rel)["rows"]
+    lines = ["| " + " | ".join(c[3] for c in cols) + " |",
+             "|" + "|".join("---:" if isinstance(rows[0].get(c[0]), (int, float)) else "---" for c in cols) + "|"]
+    for r in rows:
+        if any(c[0] not in r for c in cols):
+            raise DataError(f"{rel}: a row has no field {next(c[0] for c in cols if c[0] not in r)!r}")
+        lines.append("| " + " | ".join(format(r[f], fmt) + (f" {unit}" if unit else "") for f, fmt, unit, _ in cols) + " |")
+    return "\n".join(lines)
