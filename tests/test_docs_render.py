@@ -80,3 +80,27 @@ def test_the_sparse_goals_verdict_is_computed_from_the_rows_quest_and_learned_ju
     dec = next(x for x in lines if "≥ 1.3×" in x)         # tokens/s ratio = dense's seconds / the variant's
     assert "quest 1.43×, learned 1.33×; ceiling if attention cost nothing ≈ 2.00×" in dec and dec.endswith("| ✔ |")
     assert next(x for x in lines if "≥ 1.8×" in x).endswith("| not in this run | – |")
+
+
+# Typed result rows still waiting for a renderer, per document (a ratchet: lower a count when you
+# render a table, never raise it). Every other document must have none.
+TYPED_ROWS_LEFT = {"docs/arithmetic.md": 11, "docs/backward_head.md": 13, "docs/lm_eval.md": 2,
+                   "docs/sparse_attention.md": 22}
+
+
+def test_no_document_gains_a_table_row_of_typed_results_outside_a_rendered_block():
+    grown = []
+    for doc in docs.documents():
+        name = str(doc.relative_to(docs.ROOT))
+        rows = docs.typed_rows(doc.read_text())
+        if len(rows) > TYPED_ROWS_LEFT.get(name, 0):
+            grown.append(f"{name}: {len(rows)} typed result rows (allowed {TYPED_ROWS_LEFT.get(name, 0)}; render them "
+                         f"from a results file with <!-- render:... -->):\n  " + "\n  ".join(rows))
+    assert not grown, "\n".join(grown)
+
+
+def test_a_typed_result_row_is_found_and_thresholds_rendered_blocks_and_code_are_not():
+    text = ("| goal | measured |\n|---|---|\n| time ≤ 0.45× SDPA, ≥ 75% sparse | <!-- render:x -->0.38×<!-- /render --> |\n"
+            "| lora | 2.750 |\n| r = 8, lengths 256 / 512, version 0.4.13 | 921,600 |\n"
+            "```\n| inside a fence | 1.5× |\n```\n| window | 0.42× (ideal 0.22×) |\n| quest | +17.7% |\n")
+    assert docs.typed_rows(text) == ["| lora | 2.750 |", "| window | 0.42× (ideal 0.22×) |", "| quest | +17.7% |"]
