@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .bench import benchmark_table, factorized_goal, factorized_recompute, factorized_table, feature_cache_table
+from .bench import (benchmark_table, factorized_goal, factorized_recompute, factorized_table, feature_cache_table,
+                    sparse_kernel_table, sparse_memory_table)
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
 from .sparse_ablation import gate_ablation
 from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_goal, sparse_speed,
@@ -29,7 +30,8 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "gate_ablation": gate_ablation, "sparse_speed_goals": sparse_speed_goals,
              "sparse_block_vs_row": sparse_block_vs_row, "sparse_block_vs_row_summary": sparse_block_vs_row_summary,
              "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute,
-             "json_table": json_table}
+             "json_table": json_table, "sparse_memory_table": sparse_memory_table,
+             "sparse_kernel_table": sparse_kernel_table}
 
 
 def render_one(expr: str, root: Path) -> str:

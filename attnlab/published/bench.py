@@ -201,3 +201,32 @@ def factorized_recompute(root: Path, arg: str = "") -> str:
     faster = sum(a < b for a, b in zip(t1, t0))
     return (f"mean CPU × LoRA over the lengths {statistics.mean(t1):.3f} against {statistics.mean(t0):.3f} without "
             f"recompute (faster at {faster} of {len(t1)} lengths), peak memory {_span(m1)} LoRA's against {_span(m0)}")
+
+
+def sparse_memory_table(root: Path, arg: str = "") -> str:
+    """docs/sparse_attention.md: peak memory of the training step per variant and length, and its
+    ratio to dense SDPA's (benchmarks/results/sparse_memory.json)."""
+    d = _json(root, "benchmarks/results/sparse_memory.json")
+    lens = sorted({r["tokens"] for r in d["rows"]})
+    peak = {(r["variant"], r["tokens"]): r["peak_MiB"] for r in d["rows"]}
+    variants = list(dict.fromkeys(r["variant"] for r in d["rows"]))
+    out = ["| variant | " + " | ".join(f"{n} tokens" for n in lens) + " |", "|---|" + "---:|" * len(lens)]
+    for v in variants:
+        out.append(f"| {'dense SDPA' if v == 'dense-sdpa' else v} | " + " | ".join(
+            f"{peak[(v, n)]:.0f} MiB ({peak[(v, n)] / peak[('dense-sdpa', n)]:.2f}×)" for n in lens) + " |")
+    return "\n".join(out)
+
+
+def sparse_kernel_table(root: Path, arg: str = "") -> str:
+    """docs/sparse_attention.md: each variant's density, work and forward / training time over dense
+    SDPA's (density and work: means over the layers, as the benchmark prints them; time: the median
+    over layers of CPU-time ratios; a ratio meeting the ≤ 0.4× goal in bold), from sparse_kernel.json."""
+    d = _json(root, "benchmarks/results/sparse_kernel.json")
+    out = ["| variant | density | work | forward × SDPA | training × SDPA |", "|---|---:|---:|---:|---:|"]
+    for v in dict.fromkeys(r["variant"] for r in d["rows"] if r["variant"] != "dense-sdpa"):
+        rows = [r for r in d["rows"] if r["variant"] == v and r["mode"] == "inference"]
+        ratios = [_kernel_ratio(d["rows"], v, m) for m in ("inference", "training")]
+        cells = [f"**{x:.2f}**" if x <= 0.4 else f"{x:.2f}" for x in ratios]
+        out.append(f"| {v} | {statistics.mean(r['density'] for r in rows):.2f} | "
+                   f"{statistics.mean(r['work'] for r in rows):.2f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(out)
