@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import DataError
 from .tables import _json, _mark
 
 JUDGED = ("quest", "learned")
@@ -27,8 +28,11 @@ SHOWN = ("quest", "learned", "window")
 
 
 def _ref(rows: list[dict], r: dict) -> dict:
-    return next(x for x in rows if (x["part"], x["tokens"], x["mode"], x["variant"])
-                == (r["part"], r["tokens"], r["mode"], "dense-sdpa"))
+    for x in rows:
+        if (x["part"], x["tokens"], x["mode"], x["variant"]) == (r["part"], r["tokens"], r["mode"], "dense-sdpa"):
+            return x
+    raise DataError(f"sparse_speed rows: no dense-sdpa row for {r['part']} {r['mode']} at {r['tokens']} tokens "
+                    f"(a ratio needs the dense row of the same run)")
 
 
 def _ratio(rows: list[dict], r: dict, key: str) -> float:
