@@ -104,3 +104,12 @@ def test_a_typed_result_row_is_found_and_thresholds_rendered_blocks_and_code_are
             "| lora | 2.750 |\n| r = 8, lengths 256 / 512, version 0.4.13 | 921,600 |\n"
             "```\n| inside a fence | 1.5× |\n```\n| window | 0.42× (ideal 0.22×) |\n| quest | +17.7% |\n")
     assert docs.typed_rows(text) == ["| lora | 2.750 |", "| window | 0.42× (ideal 0.22×) |", "| quest | +17.7% |"]
+
+
+def test_a_table_column_can_be_relabelled_and_a_json_table_formats_each_field(tmp_path):
+    (tmp_path / "r.md").write_text("| method | PPL |\n|---|---:|\n| m | 2.75 |\n\n| method | PPL |\n|---|---:|\n| m | 2.18 |\n")
+    assert render_one("table:r.md|PPL=>test PPL;PPL@2=>transfer PPL|m", tmp_path).splitlines()[::2] == [
+        "| arm | test PPL | transfer PPL |", "| m | 2.75 | 2.18 |"]
+    (tmp_path / "b.json").write_text(json.dumps({"command": "x", "rows": [{"p": "a", "gib": 1.014, "x": 1.032}]}))
+    assert render_one("json_table:b.json|p=>preset;gib:.2f GiB;x:.1f", tmp_path).splitlines() == [
+        "| preset | gib | x |", "|---|---:|---:|", "| a | 1.01 GiB | 1.0 |"]
