@@ -1,10 +1,11 @@
-"""The renderers behind `python -m attnlab.docs`: each turns committed results files into the
+r"""The renderers behind `python -m attnlab.docs`: each turns committed results files into the
 Markdown a document publishes (a table, a row's cell, an included file).
 
 A block `<!-- render:NAME:ARG -->` calls RENDERERS[NAME](root, ARG). Fields inside ARG are separated
-by `|`. Every renderer reads only files committed in the repository, so rendering is deterministic:
-the same files give the same text, and `python -m attnlab.docs check` compares it with what is
-committed.
+by `|`; inside a Markdown table cell write them `\|` (GFM's escaped pipe, so the cell stays one
+cell), which `render_one` reads as `|`. Every renderer reads only files committed in the repository,
+so rendering is deterministic: the same files give the same text, and `python -m attnlab.docs check`
+compares it with what is committed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from .sparse_ablation import gate_ablation
 from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_goal, sparse_speed,
                      sparse_table, sparse_text)
 from .sparse_goals import sparse_speed_goals
+from .sparse_verdict import (sparse_compare_at, sparse_flex, sparse_kernel_goal, sparse_memory_goal, sparse_next_budget,
+                             sparse_targets)
 from .tables import (bench_ratio, cell, column_range, gguf, include, json_table, md_tables, ratio, run_change, run_tables,
                      run_wall, table, table_cell)
 
@@ -32,11 +35,14 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute,
              "json_table": json_table, "sparse_memory_table": sparse_memory_table,
              "sparse_kernel_table": sparse_kernel_table}
+RENDERERS.update({"sparse_memory_goal": sparse_memory_goal, "sparse_kernel_goal": sparse_kernel_goal,
+                  "sparse_next_budget": sparse_next_budget, "sparse_targets": sparse_targets, "sparse_flex": sparse_flex,
+                  "sparse_compare_at": sparse_compare_at})
 
 
 def render_one(expr: str, root: Path) -> str:
     """Run the renderer an `NAME:ARG` (or `NAME`) expression names."""
-    name, _, arg = expr.partition(":")
+    name, _, arg = expr.replace("\\|", "|").partition(":")
     if name not in RENDERERS:
         raise DataError(f"unknown renderer {name!r} in a rendered block (known: {', '.join(RENDERERS)})")
     return RENDERERS[name](root, arg)
