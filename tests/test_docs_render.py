@@ -112,3 +112,11 @@ def test_a_table_column_can_be_relabelled_and_a_json_table_formats_each_field(tm
     (tmp_path / "b.json").write_text(json.dumps({"command": "x", "rows": [{"p": "a", "gib": 1.014, "x": 1.032}]}))
     assert render_one("json_table:b.json|p=>preset;gib:.2f GiB;x:.1f", tmp_path).splitlines() == [
         "| preset | gib | x |", "|---|---:|---:|", "| a | 1.01 GiB | 1.0 |"]
+
+
+def test_a_json_table_column_can_be_a_template_over_the_row_and_a_missing_field_is_one_clear_error(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps({"command": "x", "rows": [{"k": 5, "n": 32, "lo": 0.0691, "hi": 0.3178}]}))
+    assert render_one("json_table:b.json|{k}/{n}=>right;[{lo:.3f}, {hi:.3f}]=>95% interval", tmp_path).splitlines() == [
+        "| right | 95% interval |", "|---|---|", "| 5/32 | [0.069, 0.318] |"]
+    with pytest.raises(DataError, match="b.json: a row has no field 'm'"):
+        render_one("json_table:b.json|{k}/{m}=>right", tmp_path)

@@ -179,19 +179,23 @@ def gguf(root: Path, arg: str = "") -> str:
 
 def json_table(root: Path, arg: str) -> str:
     """`FILE|FIELD[:FORMAT][=>LABEL];...`: a results JSON's `rows` as a table, one column per FIELD
-    (formatted with FORMAT, e.g. `.2f`; a FORMAT ending in a unit after a space, `.2f GiB`, appends it)."""
+    (formatted with FORMAT, e.g. `.2f`; a FORMAT ending in a unit after a space, `.2f GiB`, appends it).
+    A column written `{A}/{B}` or `[{lo:.3f}, {hi:.3f}]=>LABEL` is that template filled from the row."""
     rel, spec = arg.split("|")
     cols = []
     for c in spec.split(";"):
         c, _, label = c.partition("=>")
-        field, _, fmt = c.partition(":")
-        fmt, _, unit = fmt.partition(" ")
-        cols.append((field, fmt, unit, label or field))
+        field, _, fmt = ("", "", c) if "{" in c else c.partition(":")
+        fmt, _, unit = (fmt, "", "") if "{" in c else fmt.partition(" ")
+        cols.append((field, fmt, unit, label or field or c))
     rows = _json(root, rel)["rows"]
     lines = ["| " + " | ".join(c[3] for c in cols) + " |",
              "|" + "|".join("---:" if isinstance(rows[0].get(c[0]), (int, float)) else "---" for c in cols) + "|"]
     for r in rows:
-        if any(c[0] not in r for c in cols):
-            raise DataError(f"{rel}: a row has no field {next(c[0] for c in cols if c[0] not in r)!r}")
-        lines.append("| " + " | ".join(format(r[f], fmt) + (f" {unit}" if unit else "") for f, fmt, unit, _ in cols) + " |")
+        try:
+            cells = [fmt.format(**r) if not f else format(r[f], fmt) + (f" {unit}" if unit else "")
+                     for f, fmt, unit, _ in cols]
+        except KeyError as e:
+            raise DataError(f"{rel}: a row has no field {e.args[0]!r}") from None
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
