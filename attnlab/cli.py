@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 
@@ -349,7 +350,7 @@ def cmd_lm_eval(a) -> int:
     res = evaluate(a.model, a.plugin, tasks, a.out, limit=a.limit, batch_size=a.batch_size,
                    num_fewshot=a.num_fewshot, include_path=a.include_path, data_files=files, device=a.device,
                    max_gen_toks=a.max_gen_toks, log_samples=a.log_samples, seed=a.seed,
-                   trust_remote_code=a.trust_remote_code)
+                   trust_remote_code=a.trust_remote_code, command=shlex.join(["attnlab", *a.argv]))
     from lm_eval.utils import make_table
 
     print(make_table(res))
@@ -366,6 +367,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv or bool(os.environ.get("ATTNLAB_DEBUG"))
     argv = [x for x in argv if x != "--debug"]
     args = build_parser().parse_args(argv)
+    args.argv = argv                      # what was typed: results files record it as their command
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -136,9 +136,11 @@ def task_specs(tasks: list[str], include_path: list[str], data_files: dict[str, 
 def evaluate(model: str, plugin: str | None, tasks: list[str], out, limit: float | None = None,
              batch_size: int = 1, num_fewshot: int | None = None, include_path: tuple = (),
              data_files: dict | None = None, device: str | None = None, max_gen_toks: int | None = None,
-             log_samples: bool = False, seed: int = 0, trust_remote_code: bool = False) -> dict:
+             log_samples: bool = False, seed: int = 0, trust_remote_code: bool = False,
+             command: str | None = None) -> dict:
     """lm_eval.simple_evaluate on the attnlab model; writes out/results.json (atomically; with
-    `log_samples`, out/samples.json too) and returns the results dict. The Arrow copies `datasets`
+    `log_samples`, out/samples.json too; `command`, the command line that ran it, as its top-level
+    `command`) and returns the results dict. The Arrow copies `datasets`
     makes of local data files stay in out/.datasets_cache, so nothing is written outside `out`."""
     import json
 
@@ -159,6 +161,8 @@ def evaluate(model: str, plugin: str | None, tasks: list[str], out, limit: float
                           torch_random_seed=seed, fewshot_random_seed=seed)
     samples = res.pop("samples", None)
     res["attnlab"] = {"base": model, "plugin": str(plugin) if plugin else None}
+    if command:
+        res = {"command": command, **res}
     res = json.loads(json.dumps(res, default=str))   # dtypes, functions in configs -> strings
     write_json_atomic(Path(out) / "results.json", res)
     if samples is not None:

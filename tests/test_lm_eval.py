@@ -107,14 +107,15 @@ def test_tasks_read_local_files_and_results_json_is_written_inside_the_output_fo
 
 
 @needs_lm_eval
-def test_the_cli_runs_a_shipped_task_on_another_data_file(data, tmp_path, capsys):
+def test_the_cli_runs_a_shipped_task_on_another_data_file_and_records_its_command(data, tmp_path, capsys):
     from attnlab.cli import main
 
     out = tmp_path / "out"
-    rc = main(["lm-eval", "--model", "tiny-llama", "--tasks", "attnlab_wikitext", "--limit", "1",
-               "--data-file", f"attnlab_wikitext={data / 'wiki.txt'}", "--out", str(out)])
-    assert rc == 0
+    argv = ["lm-eval", "--model", "tiny-llama", "--tasks", "attnlab_wikitext", "--limit", "1",
+            "--data-file", f"attnlab_wikitext={data / 'wiki.txt'}", "--out", str(out)]
+    assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
+    assert res["command"] == "attnlab " + " ".join(argv)          # a results file says what made it
     assert res["n-samples"]["attnlab_wikitext"] == {"original": 2, "effective": 1}
     assert math.isfinite(res["results"]["attnlab_wikitext"]["byte_perplexity,none"])
     assert "attnlab_wikitext" in capsys.readouterr().out
