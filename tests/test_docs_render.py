@@ -84,7 +84,7 @@ def test_the_sparse_goals_verdict_is_computed_from_the_rows_quest_and_learned_ju
 
 # Typed result rows still waiting for a renderer, per document (a ratchet: lower a count when you
 # render a table, never raise it). Every other document must have none.
-TYPED_ROWS_LEFT = {"docs/arithmetic.md": 11, "docs/lm_eval.md": 2}
+TYPED_ROWS_LEFT = {"docs/arithmetic.md": 11}
 
 
 def test_no_document_gains_a_table_row_of_typed_results_outside_a_rendered_block():
@@ -120,3 +120,13 @@ def test_a_json_table_column_can_be_a_template_over_the_row_and_a_missing_field_
         "| right | 95% interval |", "|---|---|", "| 5/32 | [0.069, 0.318] |"]
     with pytest.raises(DataError, match="b.json: a row has no field 'm'"):
         render_one("json_table:b.json|{k}/{m}=>right", tmp_path)
+
+
+def test_an_lm_eval_results_file_renders_its_metrics_without_stderrs_and_names_a_missing_task(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"command": "attnlab lm-eval", "n-samples": {"t": {"original": 60, "effective": 4}},
+                                                 "results": {"t": {"alias": "t", "word_perplexity,none": 27.9885,
+                                                                   "word_perplexity_stderr,none": "N/A",
+                                                                   "exact_match,strict-match": 0.0}}}))
+    assert render_one("lm_eval:r.json|t", tmp_path) == "word perplexity 27.99, exact match (strict-match) 0 (4 of 60 examples)"
+    with pytest.raises(DataError, match="no results for task 'u' \\(it has t\\)"):
+        render_one("lm_eval:r.json|u", tmp_path)

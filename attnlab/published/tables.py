@@ -199,3 +199,20 @@ def json_table(root: Path, arg: str) -> str:
             raise DataError(f"{rel}: a row has no field {e.args[0]!r}") from None
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def lm_eval(root: Path, arg: str) -> str:
+    """`RESULTS_JSON|TASK`: the task's metrics from an `attnlab lm-eval` results.json (lm-eval's own
+    numbers, 4 significant digits; a metric's filter in brackets unless `none`) and how many of the
+    task's examples were read."""
+    rel, task = arg.split("|")
+    d = _json(root, rel)
+    if task not in d.get("results", {}):
+        raise DataError(f"{rel}: no results for task {task!r} (it has {', '.join(d.get('results', {})) or 'none'})")
+    parts = []
+    for key, v in d["results"][task].items():
+        metric, _, filt = key.partition(",")
+        if filt and "stderr" not in metric and isinstance(v, (int, float)):
+            parts.append(f"{metric.replace('_', ' ')}{'' if filt == 'none' else f' ({filt})'} {v:.4g}")
+    n = d.get("n-samples", {}).get(task, {})
+    return ", ".join(parts) + (f" ({n['effective']} of {n['original']} examples)" if n else "")
