@@ -3,7 +3,8 @@ step (forward + backward) at 256, 512 and 1024 tokens, side by side in one run.
 
     python benchmarks/factorized_attention.py [--model smollm2-135m] [--lengths 256 512 1024]
     nice -n 10 python benchmarks/factorized_attention.py --threads 1   # on a machine shared with other jobs
-    python benchmarks/factorized_attention.py --params     # trainable counts on GPT-2 small
+    python benchmarks/factorized_attention.py --params --out benchmarks/results/factorized_attention_params.json
+                                                           # trainable counts on GPT-2 small and SmolLM2-135M
 
 All arms train LoRA r=8 on the attention projections; the others also train the factorized q/k
 parameters of every layer (`recompute`: the q/k transform keeps only its input and recomputes the
@@ -38,12 +39,9 @@ ARMS = {"LoRA": ("lora", {"r": 8, "alpha": 16}),
 DEFAULT_ARMS = list(ARMS)[:3]
 
 
-def gpt2_small_counts() -> dict:
-    """Trainable parameters of both arms on GPT-2 small (random weights: counts need no download)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    m = GPT2LMHeadModel(GPT2Config(n_positions=64))
-    m.config._attn_implementation = "sdpa"
+def trainable_counts(m) -> dict:
+    """Trainable parameters of LoRA and of LoRA + FactorizedAttention (every factorized arm has the
+    same count) on the frozen model `m`."""
     m.requires_grad_(False)
     out = {}
     for name, (method, opts) in list(ARMS.items())[:2]:
@@ -51,6 +49,22 @@ def gpt2_small_counts() -> dict:
         out[name] = p.num_trainable()
         p.detach()
     return out
+
+
+def count_rows(model: str) -> list[dict]:
+    """One row per arm on GPT-2 small (random weights: counts need no download) and on `model`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_positions=64))
+    gpt2.config._attn_implementation = "sdpa"
+    rows = []
+    for label, m in (("GPT-2 small", gpt2), (model, attnlab.load_backbone(model).model)):
+        layers = m.config.num_hidden_layers
+        counts = trainable_counts(m)
+        lora = counts["LoRA"]
+        rows += [{"model": label, "layers": layers, "arm": arm.replace(", no recompute", ""), "trainable": n,
+                  "added_per_layer": (n - lora) // layers} for arm, n in counts.items()]
+    return rows
 
 
 def main():
@@ -61,12 +75,15 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), metavar="ARM",
                     help=f"arms to run, among {list(ARMS)}; the first is the reference")
-    ap.add_argument("--params", action="store_true", help="only print the trainable counts on GPT-2 small")
+    ap.add_argument("--params", action="store_true", help="only count the trainable parameters (GPT-2 small, --model)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
     if a.params:
-        for name, n in gpt2_small_counts().items():
-            print(f"GPT-2 small, {name}: {n:,} trainable parameters ({n / 1e6:.2f}M)")
+        rows = count_rows(a.model)
+        for r in rows:
+            print(f"{r['model']}, {r['arm']}: {r['trainable']:,} trainable parameters ({r['trainable'] / 1e6:.2f}M)")
+        if a.out:
+            write_result(a.out, {"factor_dim": FA["factor_dim"], "lora_r": FA["lora_r"], "rows": rows})
         return
     if a.threads:
         torch.set_num_threads(a.threads)
