@@ -1,6 +1,7 @@
 """The frozen base's greedy answer accuracy on the generator, per level and family split.
 
-    python benchmarks/arithmetic_levels.py --n 24          # docs/arithmetic.md's table
+    OMP_NUM_THREADS=1 python benchmarks/arithmetic_levels.py --n 32 --out docs/results/arithmetic_levels.json
+                                                            # docs/arithmetic.md's table
 
 Problems come from the test split (by hash) of each (families, level) stream, so they are the
 kind of problem a run's test and transfer sets hold. Accuracy counts an answer only from a
@@ -11,24 +12,28 @@ finished generation or an explicit marker (attnlab.evaluate.answer_metrics); the
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from record import write_result  # noqa: E402  (imported first: it notes the start time and load)
 
-from attnlab import load_backbone
-from attnlab.data import build_splits
-from attnlab.evaluate import answer_metrics, generate
-from attnlab.stats import wilson_interval
+import torch  # noqa: E402
+
+from attnlab import load_backbone  # noqa: E402
+from attnlab.data import build_splits  # noqa: E402
+from attnlab.evaluate import answer_metrics, generate  # noqa: E402
+from attnlab.stats import wilson_interval  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n", type=int, default=24, help="problems per (families, level)")
+    ap.add_argument("--n", type=int, default=32, help="problems per (families, level)")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=24)
-    ap.add_argument("--out", help="also write the rows as JSON here")
+    ap.add_argument("--out", help="also write the rows (with the command and conditions) as JSON here")
     a = ap.parse_args()
     bb = load_backbone(a.model)
     rows = []
@@ -51,8 +56,8 @@ def main() -> None:
             print(f"| {families} | {level} | {k}/{n} | {k / n:.3f} | [{lo:.3f}, {hi:.3f}] | {m['n_answered']} | "
                   f"{st['n_cut_off']} |", flush=True)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_result(a.out, {"model": a.model, "n": a.n, "max_new_tokens": a.max_new_tokens, "decoding": "greedy",
+                             "rows": rows})
 
 
 if __name__ == "__main__":
