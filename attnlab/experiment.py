@@ -42,6 +42,7 @@ from .data.sources import SourceUnavailable
 from .errors import AttnlabError, ConfigError
 from .evaluate import answer_metrics, base_reference, generate, score
 from .keep import Keep, Reached, fresh_check, read_result, stop_at, train_result
+from .run_order import arm_seeds, cell_order
 from .runfolder import MARKER, inside, lexical, prepare_run_folder, unlock  # noqa: F401  (MARKER: re-exported)
 from .modules import METHODS, make_config
 from .precision import DTYPES, in_base_precision, resolve_model_dtype
@@ -63,7 +64,8 @@ DEFAULTS = {
     "imports": [],           # modules to import first: they register a user's own methods (register_method)
     "model_dtype": "auto",   # the frozen base's dtype: auto (bf16 on a GPU, fp32 on CPU) | bf16 | fp16 | fp32
 }
-TOP_KEYS = set(DEFAULTS) | {"description", "out_dir", "keep"}   # keep: a folder of finished results (attnlab/keep.py)
+TOP_KEYS = set(DEFAULTS) | {"description", "out_dir", "keep",   # keep: a folder of finished results (attnlab/keep.py)
+                             "order"}                             # order: the cells' run order (attnlab/run_order.py)
 SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
 CARD_METRICS = ("cross_entropy", "perplexity", "next_token_accuracy", "kl_base_model", "top1_agreement", "accuracy",
                 "f1")                          # the numbers a saved plug-in's model card shows, per set
@@ -195,6 +197,7 @@ def load_config(path_or_dict) -> dict:
         eval_config(m.get("eval"), f"methods.{m['name']}.eval", base=cfg["eval"])
     if cfg["paired_baseline"] is not None and cfg["paired_baseline"] not in names:
         raise ConfigError(f"paired_baseline: '{cfg['paired_baseline']}' is not one of the methods {sorted(names)}")
+    cell_order(cfg)
     return cfg
 
 
@@ -416,16 +419,17 @@ def _run_one(bb, cfg, out, only_methods, log, t_start, command=None) -> dict:
     cells = []
     methods = [m for m in cfg["methods"] if not only_methods or m["name"] in only_methods]
     features = {}  # built on first use by a head-only method, shared by all of them
-    for m in methods:
-        seeds = [s for s in cfg["seeds"] if s in m.get("seeds", cfg["seeds"])]  # an arm may run a subset
-        seeds = seeds if m["method"] != "frozen" else seeds[:1]
-        for i, seed in enumerate(seeds):
-            cell = _run_cell(bb, splits, [test] + transfer, cfg, m, seed, out, log, features, base_fp, command)
-            cells.append(cell)
-            chosen = cell["train"].get("chosen")
-            if i == 0 and chosen and cfg["sweep_seeds"] == "first":
-                # validation chose on the first seed; the others train that value only (cheaper, still blind to test)
-                m = {**m, "train": {**(m.get("train") or {}), **chosen}, "_chosen_on_seed": seed}
+    reuse = {}   # arm -> the arm with the value its first seed chose (sweep_seeds: first)
+    for m, seed in cell_order(cfg, methods):
+        cell = _run_cell(bb, splits, [test] + transfer, cfg, reuse.get(m["name"], m), seed, out, log, features,
+                         base_fp, command)
+        cells.append(cell)
+        chosen = cell["train"].get("chosen")
+        if seed == arm_seeds(cfg, m)[0] and chosen and cfg["sweep_seeds"] == "first":
+            # validation chose on the first seed; the others train that value only (cheaper, still blind to test)
+            reuse[m["name"]] = {**m, "train": {**(m.get("train") or {}), **chosen}, "_chosen_on_seed": seed}
+    rank = {m["name"]: i for i, m in enumerate(cfg["methods"])}   # reported in the config's order, however run
+    cells.sort(key=lambda c: (rank[c["method"]], cfg["seeds"].index(c["seed"])))
     results = {
         "name": cfg["name"], "config": cfg, "data": dr, "model": bb.info,
         "fingerprint": bb.fingerprint, "cells": cells,
