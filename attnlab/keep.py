@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import write_json_atomic
+from .atomic import write_json_atomic, write_text_atomic
 from .errors import ConfigError
 
 POINT_TRAIN = ("steps", "tokens", "seconds", "resumed_from", "best_step", "stopped_early", "val_history")
@@ -123,16 +123,18 @@ class Keep:
         train = None
         if tr is not None:
             train = {k: getattr(tr, k) for k in POINT_TRAIN}
-            train["history"] = [{"step": h["step"], "loss": h["loss"]} for h in tr.history]
-        write_json_atomic(self._cell(name, seed) / "sweep" / f"{label}.json",
-                          {"mark": mark, "row": row, "n_trainable": n_trainable, "train": train})
+            train["history"] = [[h["step"], h["loss"]] for h in tr.history]   # the loss curve, as the cell keeps it
+        write_text_atomic(self._cell(name, seed) / "sweep" / f"{label}.json",   # one line: a few kB, not tens
+                          json.dumps({"mark": mark, "row": row, "n_trainable": n_trainable, "train": train}))
 
 
 def train_result(kept: dict):
     """The TrainResult of a kept point (what the cell reports about its training)."""
     from .train import TrainResult
 
-    return TrainResult(**{**kept["train"], "seconds": float(kept["train"]["seconds"])})
+    t = kept["train"]
+    history = [{"step": s, "loss": x} for s, x in t["history"]]
+    return TrainResult(**{**t, "seconds": float(t["seconds"]), "history": history})
 
 
 class Reached(Exception):

@@ -109,3 +109,25 @@ def test_the_keep_flag_and_the_config_key_name_the_same_folder(tmp_path, monkeyp
     assert main(["run", "c.yaml", "--out", "runs"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "from_config/lora/seed0/result.json" in err and "differ" in err
+
+
+def test_the_kept_cells_render_as_the_in_progress_tables(tmp_path, monkeypatch):
+    from attnlab.published import render_one
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {**SWEEP, "seeds": [0, 1], "sweep_seeds": "first", "keep": "kept", "order": ["lora:0", "frozen"],
+           "methods": [{"name": "frozen", "method": "frozen"}, *SWEEP["methods"]]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert render_one("kept_sweep:c.yaml", tmp_path) == "No sweep point has finished yet."
+    assert "| 1 | lora | 0 | to do |" in render_one("kept_run:c.yaml", tmp_path)
+    res = run_experiment(str(tmp_path / "c.yaml"), out_root=tmp_path / "runs", log=lambda *_: None)
+    (tmp_path / "kept" / "lora" / "seed1" / "result.json").unlink()
+    table = render_one("kept_run:c.yaml", tmp_path)
+    lora, frozen = res["cells"][1], res["cells"][0]
+    assert table.startswith("2 of 3 cells done (kept in `kept`).")
+    assert f"| 1 | lora | 0 | done | lr {lora['train']['chosen']['lr']:g} | {lora['val_loss']:.4f} |" in table
+    assert f"| {lora['eval']['cross_entropy']:.4f} | {lora['eval']['perplexity']:.3f} |" in table
+    change = lora["eval"]["perplexity"] / frozen["eval"]["perplexity"] - 1
+    assert f"| {change:+.1%} |" in table and "| 3 | lora | 1 | to do |" in table
+    sweep = render_one("kept_sweep:c.yaml", tmp_path)
+    assert sweep.count("| lora | 0 | lr ") == 3 and sweep.count("✓") == 1 and "cap 6" in sweep
