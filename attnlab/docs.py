@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- render:(?P<expr>.+?) -->(?P<body>.*?)<!-- /render -->", re.S)
-DOC_GLOBS = ("README.md", "docs/*.md")
+DOC_GLOBS = ("README.md", "docs/*.md", "docs/results/*.md")   # a results report may render from kept cells
 RESULT_GLOBS = ("benchmarks/results/*.json", "docs/results/*.json", "docs/results/*.md")
 
 
