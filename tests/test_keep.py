@@ -131,3 +131,21 @@ def test_the_kept_cells_render_as_the_in_progress_tables(tmp_path, monkeypatch):
     assert f"| {change:+.1%} |" in table and "| 3 | lora | 1 | to do |" in table
     sweep = render_one("kept_sweep:c.yaml", tmp_path)
     assert sweep.count("| lora | 0 | lr ") == 3 and sweep.count("✓") == 1 and "cap 6" in sweep
+
+
+def test_the_chosen_point_is_retrained_only_to_its_kept_best_step(tmp_path):
+    _run(tmp_path)
+    cell = tmp_path / "kept" / "lora" / "seed0"
+    (cell / "result.json").unlink()
+    for f in (cell / "sweep").glob("*.json"):   # as if every point's best validation had come at step 2 of 6
+        p = json.loads(f.read_text())
+        step2 = dict(p["train"]["val_history"])[2]
+        p["row"].update(best_step=2, val_loss=step2)
+        p["train"]["best_step"] = 2
+        f.write_text(json.dumps(p))
+    _fresh_checkout(tmp_path)
+    res, logs = _run(tmp_path)
+    c = res["cells"][0]
+    assert any("to its best step 2" in l for l in logs)
+    assert c["train"]["retrained"]["val_loss"] == pytest.approx(c["val_loss"], rel=1e-6)
+    assert c["train"]["best_step"] == 2
