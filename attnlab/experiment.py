@@ -13,7 +13,9 @@ seeds and the budgets; see configs/quickstart.yaml. Per (method, seed):
 Each (method, seed) writes its result.json atomically and each training run checkpoints, so a
 stopped run resumes where it was. Everything is written inside the run folder, which carries a
 marker naming the config and is locked while a run uses it; `--fresh` cleans only what attnlab
-wrote there (attnlab/runfolder.py).
+wrote there (attnlab/runfolder.py). `keep:` (or `--keep DIR`) also mirrors every finished cell and
+sweep point into a folder that survives the run folder, e.g. one committed to git, and reads them
+back (attnlab/keep.py); `order:` runs the cells in another order than arm by arm (attnlab/run_order.py).
 """
 
 from __future__ import annotations
