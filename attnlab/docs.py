@@ -14,6 +14,10 @@ one-line output stays inline (a number in a sentence); a multi-line one (a table
 file) sits on its own lines between the markers. `check` renders into memory and compares, so a
 test (tests/test_docs_render.py) fails when a published number no longer matches its results file.
 
+`typed_rows` finds what `check` cannot see: a table row outside every rendered block that holds a
+result-looking number (a percentage, a ×-ratio, a decimal with two places or more), typed by hand;
+tests/test_docs_render.py keeps their number from growing.
+
 Results files (`benchmarks/results/*.json`, `docs/results/*`) must carry the command that made
 them: a JSON file a top-level `command` (or `meta.command`), a Markdown report a line
 "Command: `...`".
@@ -28,12 +32,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- render:(?P<expr>.+?) -->(?P<body>.*?)<!-- /render -->", re.S)
-DOC_GLOBS = ("README.md", "docs/*.md", "docs/results/*.md")   # a results report may render from kept cells
+DOC_GLOBS = ("README.md", "docs/*.md")
+RENDERING_RESULTS = "docs/results/*.md"   # a results report is also a document once it renders a block (kept cells)
 RESULT_GLOBS = ("benchmarks/results/*.json", "docs/results/*.json", "docs/results/*.md")
 
 
 def documents(root: Path = ROOT) -> list[Path]:
-    return sorted(p for g in DOC_GLOBS for p in root.glob(g))
+    reports = [p for p in root.glob(RENDERING_RESULTS) if "<!-- render:" in p.read_text()]
+    return sorted([p for g in DOC_GLOBS for p in root.glob(g)] + reports)
 
 
 def results_files(root: Path = ROOT) -> list[Path]:
@@ -48,6 +54,26 @@ def command_of(path: Path) -> str | None:
         return cmd if isinstance(cmd, str) and cmd.strip() else None
     m = re.search(r"^Command: `([^`]+)`", path.read_text(), re.M)
     return m.group(1) if m else None
+
+
+# A result-looking number: a percentage, a ×-ratio, or a decimal with two or more places (a PPL, an
+# accuracy, a ratio); goal thresholds (≤ 0.25, ≥ 75%) and versions (0.4.13) are not results.
+RESULT_NUMBER = re.compile(r"\d%|\d×|(?<![\d.])\d+\.\d{2,}(?![\d.\w])")
+THRESHOLD = re.compile(r"[≤≥<>]\s*[−+-]?\d[\d.,]*\s*[%×]?")
+
+
+def typed_rows(text: str) -> list[str]:
+    """The Markdown table rows outside rendered blocks and code fences that hold a result-looking
+    number: results typed by hand, which `check` cannot compare with any results file."""
+    text = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    rows, fence = [], False
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("```"):
+            fence = not fence
+        elif not fence and s.startswith("|") and not set(s) <= set("|-: ") and RESULT_NUMBER.search(THRESHOLD.sub("", s)):
+            rows.append(s)
+    return rows
 
 
 def render_text(text: str, root: Path = ROOT) -> str:

@@ -12,12 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .bench import benchmark_table, factorized_table, feature_cache_table
+from .bench import (benchmark_table, factorized_goal, factorized_recompute, factorized_table, feature_cache_table,
+                    sparse_kernel_table, sparse_memory_table)
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
 from .kept import kept_run, kept_sweep
 from .sparse_ablation import gate_ablation
-from .sparse import sparse_compare, sparse_goal, sparse_speed, sparse_table, sparse_text
-from .tables import (bench_ratio, cell, column_range, gguf, include, md_tables, ratio, run_change, run_tables,
+from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_goal, sparse_speed,
+                     sparse_table, sparse_text)
+from .sparse_goals import sparse_speed_goals
+from .tables import (bench_ratio, cell, column_range, gguf, include, json_table, md_tables, ratio, run_change, run_tables,
                      run_wall, table, table_cell)
 
 RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_range, "run_tables": run_tables,
@@ -25,7 +28,11 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "benchmarks": benchmark_table, "factorized_bench": factorized_table, "feature_cache": feature_cache_table, "sparse_goal": sparse_goal,
              "sparse_table": sparse_table, "sparse_compare": sparse_compare, "sparse_text": sparse_text,
              "sparse_speed": sparse_speed, "gpu_train": gpu_train_table, "gpu_sparse": gpu_sparse_table, "gpu_checks": gpu_checks,
-             "gate_ablation": gate_ablation, "kept_run": kept_run, "kept_sweep": kept_sweep}
+             "gate_ablation": gate_ablation, "sparse_speed_goals": sparse_speed_goals,
+             "sparse_block_vs_row": sparse_block_vs_row, "sparse_block_vs_row_summary": sparse_block_vs_row_summary,
+             "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute,
+             "json_table": json_table, "sparse_memory_table": sparse_memory_table,
+             "sparse_kernel_table": sparse_kernel_table, "kept_run": kept_run, "kept_sweep": kept_sweep}
 
 
 def render_one(expr: str, root: Path) -> str:

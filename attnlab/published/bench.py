@@ -172,3 +172,61 @@ def factorized_table(root: Path, arg: str = "") -> str:
     out += [f"| {r['tokens']} | {r['arm']} | {r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['cpu_x']:.3f} | "
             f"{r['peak_MiB']:.0f} | {r['mem_x']:.3f} |" for r in d["rows"]]
     return "\n".join(out)
+
+
+def _factorized_cols(root: Path, arm: str) -> tuple[list[int], list[float], list[float]]:
+    d = _json(root, "benchmarks/results/factorized_attention.json")
+    rows = sorted((r for r in d["rows"] if r["arm"] == arm), key=lambda r: r["tokens"])
+    return [r["tokens"] for r in rows], [r["cpu_x"] for r in rows], [r["mem_x"] for r in rows]
+
+
+def _span(xs: list[float]) -> str:
+    return f"{min(xs):.3f}–{max(xs):.3f}×" if round(min(xs), 3) != round(max(xs), 3) else f"{xs[0]:.3f}×"
+
+
+def factorized_goal(root: Path, arg: str = "") -> str:
+    """docs/factorized_attention.md: the goal (≤ 1.15× LoRA's step time, ≤ 1.1× its peak memory) judged
+    on the default arm (`recompute: true`) of benchmarks/results/factorized_attention.json."""
+    n, t, m = _factorized_cols(root, "LoRA + Factorized, recompute")
+    tm = (f"time met" if max(t) <= 1.15 else f"time missed by up to {100 * (max(t) - 1.15):.1f} points")
+    return (f"memory {'met' if max(m) <= 1.1 else 'missed'} ({_span(m)} LoRA's peak), {tm} "
+            f"({' / '.join(f'{x:.3f}' for x in t)}× LoRA's CPU time at {' / '.join(map(str, n))} tokens)")
+
+
+def factorized_recompute(root: Path, arg: str = "") -> str:
+    """The default arm against `recompute: false` in the same run: mean CPU × LoRA over the lengths,
+    and the peak-memory ranges."""
+    _, t1, m1 = _factorized_cols(root, "LoRA + Factorized, recompute")
+    _, t0, m0 = _factorized_cols(root, "LoRA + Factorized, no recompute")
+    faster = sum(a < b for a, b in zip(t1, t0))
+    return (f"mean CPU × LoRA over the lengths {statistics.mean(t1):.3f} against {statistics.mean(t0):.3f} without "
+            f"recompute (faster at {faster} of {len(t1)} lengths), peak memory {_span(m1)} LoRA's against {_span(m0)}")
+
+
+def sparse_memory_table(root: Path, arg: str = "") -> str:
+    """docs/sparse_attention.md: peak memory of the training step per variant and length, and its
+    ratio to dense SDPA's (benchmarks/results/sparse_memory.json)."""
+    d = _json(root, "benchmarks/results/sparse_memory.json")
+    lens = sorted({r["tokens"] for r in d["rows"]})
+    peak = {(r["variant"], r["tokens"]): r["peak_MiB"] for r in d["rows"]}
+    variants = list(dict.fromkeys(r["variant"] for r in d["rows"]))
+    out = ["| variant | " + " | ".join(f"{n} tokens" for n in lens) + " |", "|---|" + "---:|" * len(lens)]
+    for v in variants:
+        out.append(f"| {'dense SDPA' if v == 'dense-sdpa' else v} | " + " | ".join(
+            f"{peak[(v, n)]:.0f} MiB ({peak[(v, n)] / peak[('dense-sdpa', n)]:.2f}×)" for n in lens) + " |")
+    return "\n".join(out)
+
+
+def sparse_kernel_table(root: Path, arg: str = "") -> str:
+    """docs/sparse_attention.md: each variant's density, work and forward / training time over dense
+    SDPA's (density and work: means over the layers, as the benchmark prints them; time: the median
+    over layers of CPU-time ratios; a ratio meeting the ≤ 0.4× goal in bold), from sparse_kernel.json."""
+    d = _json(root, "benchmarks/results/sparse_kernel.json")
+    out = ["| variant | density | work | forward × SDPA | training × SDPA |", "|---|---:|---:|---:|---:|"]
+    for v in dict.fromkeys(r["variant"] for r in d["rows"] if r["variant"] != "dense-sdpa"):
+        rows = [r for r in d["rows"] if r["variant"] == v and r["mode"] == "inference"]
+        ratios = [_kernel_ratio(d["rows"], v, m) for m in ("inference", "training")]
+        cells = [f"**{x:.2f}**" if x <= 0.4 else f"{x:.2f}" for x in ratios]
+        out.append(f"| {v} | {statistics.mean(r['density'] for r in rows):.2f} | "
+                   f"{statistics.mean(r['work'] for r in rows):.2f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(out)

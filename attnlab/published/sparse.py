@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from pathlib import Path
 
 from ..errors import DataError
@@ -130,3 +131,50 @@ def sparse_quality_rows(root: Path) -> list[str]:
                f"`python benchmarks/sparse_quality.py --length 2048 --report` (and `--length 4096`) | {cmp} | beats Quest "
                f"{_mark(False)} |")
     return out
+
+
+def _per_sequence(data: dict, key: str) -> dict[str, float]:
+    """Perplexity change against dense of one point, per sequence: exp((NLL − NLL_dense) / tokens) − 1."""
+    dense, point = data["points"]["dense"]["sequences"], data["points"][key]["sequences"]
+    return {s: math.exp((point[s]["nll"] - dense[s]["nll"]) / point[s]["tokens"]) - 1 for s in point if s in dense}
+
+
+def _block_vs_row(root: Path, arg: str):
+    """(sequences, [(budget, density, row changes, block changes)]) of SELECTOR in the block-shared
+    run against the row-wise run of the same LENGTH, on the sequences both scored."""
+    length, selector = arg.split("|")
+    row = _json(root, f"benchmarks/results/sparse_quality_{length}.json")
+    block = _json(root, f"benchmarks/results/sparse_quality_{length}_block.json")
+    out, seqs = [], None
+    for key, p in block["points"].items():
+        if p["selector"] != selector or key not in row["points"]:
+            continue
+        b, r = _per_sequence(block, key), _per_sequence(row, key)
+        seqs = sorted(set(b) & set(r), key=int)
+        out.append((p["budget"], row["points"][key]["summary"]["density"], [r[s] for s in seqs], [b[s] for s in seqs]))
+    if not out:
+        raise DataError(f"sparse_quality_{length}_block.json has no {selector!r} point the row-wise run has")
+    return seqs, sorted(out, key=lambda t: t[1])
+
+
+def sparse_block_vs_row(root: Path, arg: str) -> str:
+    """`LENGTH|SELECTOR`: per sequence, the perplexity change against dense of SELECTOR's row-wise
+    selection (sparse_quality_LENGTH.json) and its block-shared one (sparse_quality_LENGTH_block.json)
+    at each budget both ran."""
+    seqs, rows = _block_vs_row(root, arg)
+    sel, s = arg.split("|")[1], " / ".join(seqs)
+    lines = [f"| {sel} budget | density | row-wise, seq {s} | block-shared, seq {s} |", "|---|---:|---:|---:|"]
+    pct = lambda xs: " / ".join(f"{100 * x:+.1f}%" for x in xs)   # noqa: E731
+    lines += [f"| {_budget(b)} | {d:.2f} | {pct(r)} | {pct(k)} |" for b, d, r, k in rows]
+    return "\n".join(lines)
+
+
+def sparse_block_vs_row_summary(root: Path, arg: str) -> str:
+    """`LENGTH|SELECTOR`: one line: in how many (budget, sequence) pairs the block-shared selection is
+    worse than the row-wise one, and by how much (points of perplexity change)."""
+    seqs, rows = _block_vs_row(root, arg)
+    gaps = [k - r for _, _, rs, ks in rows for r, k in zip(rs, ks)]
+    worse = sum(g > 0 for g in gaps)
+    return (f"{arg.split('|')[1]} only, {len(seqs)} sequences at {arg.split('|')[0]} tokens: block-shared worse than "
+            f"row-wise in {worse} of {len(gaps)} (budget, sequence) pairs, by {100 * min(gaps):+.1f} to "
+            f"{100 * max(gaps):+.1f} points of perplexity change")

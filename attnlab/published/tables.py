@@ -61,15 +61,17 @@ def table_cell(text: str, column: str, row: str) -> str:
 
 def table(root: Path, arg: str) -> str:
     """`FILE|COL;COL;...|ROW=>LABEL;ROW=>LABEL;...`: a table of the chosen rows (relabelled) and columns
-    of a committed report, each cell as printed there (a column is looked up as in `table_cell`)."""
+    of a committed report, each cell as printed there (a column is looked up as in `table_cell`; a
+    column `COL=>LABEL` is headed LABEL)."""
     rel, cols, rows = arg.split("|")
     text = _read(root, rel)
-    cols = cols.split(";")
-    lines = ["| arm | " + " | ".join(c.split("@")[0].split("#")[0] for c in cols) + " |",
+    cols = [c.partition("=>") for c in cols.split(";")]
+    lines = ["| arm | " + " | ".join(label or c.split("@")[0].split("#")[0] for c, _, label in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for pair in rows.split(";"):
         key, _, label = pair.partition("=>")
-        lines.append(f"| {label or key.replace('>', ', ')} | " + " | ".join(table_cell(text, c, key) for c in cols) + " |")
+        lines.append(f"| {label or key.replace('>', ', ')} | " + " | ".join(table_cell(text, c, key) for c, _, _ in cols)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -173,3 +175,23 @@ def gguf(root: Path, arg: str = "") -> str:
             f"matrix, are 4-bit Q4_1, the token embedding (tied to the LM head) Q8_0, the {t.get('F32', 0)} norm "
             f"weights fp32. The file holds no higher-precision copy of the quantized matrices, so what the "
             f"quantization costs cannot be measured offline (the unquantized weights need the network)")
+
+
+def json_table(root: Path, arg: str) -> str:
+    """`FILE|FIELD[:FORMAT][=>LABEL];...`: a results JSON's `rows` as a table, one column per FIELD
+    (formatted with FORMAT, e.g. `.2f`; a FORMAT ending in a unit after a space, `.2f GiB`, appends it)."""
+    rel, spec = arg.split("|")
+    cols = []
+    for c in spec.split(";"):
+        c, _, label = c.partition("=>")
+        field, _, fmt = c.partition(":")
+        fmt, _, unit = fmt.partition(" ")
+        cols.append((field, fmt, unit, label or field))
+    rows = _json(root, rel)["rows"]
+    lines = ["| " + " | ".join(c[3] for c in cols) + " |",
+             "|" + "|".join("---:" if isinstance(rows[0].get(c[0]), (int, float)) else "---" for c in cols) + "|"]
+    for r in rows:
+        if any(c[0] not in r for c in cols):
+            raise DataError(f"{rel}: a row has no field {next(c[0] for c in cols if c[0] not in r)!r}")
+        lines.append("| " + " | ".join(format(r[f], fmt) + (f" {unit}" if unit else "") for f, fmt, unit, _ in cols) + " |")
+    return "\n".join(lines)
