@@ -1,6 +1,7 @@
 """Published numbers are rendered from committed results files, not typed.
 
-    python -m attnlab.docs render     # rewrite every rendered block in README.md and docs/*.md
+    python -m attnlab.docs render     # rewrite every rendered block in README.md, docs/*.md and the
+                                      # docs/results/*.md reports that have one (kept runs)
     python -m attnlab.docs check      # exit 1 naming each block that differs, and each results file
                                       # that does not say which command made it
 
