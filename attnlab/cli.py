@@ -80,7 +80,7 @@ def cmd_run(a) -> int:
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods is not None else None
     _folder_arg(a.out, "--out")
-    res = run_experiment(a.config, out_root=a.out, fresh=a.fresh, only_methods=methods)
+    res = run_experiment(a.config, out_root=a.out, fresh=a.fresh, only_methods=methods, keep=a.keep)
     from .experiment import _process
     if _process().is_main_process:  # under `accelerate launch`, one report, not one per process
         print()
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs", help="root folder for runs (default: runs)")
     r.add_argument("--fresh", action="store_true", help="delete earlier results of this config first")
     r.add_argument("--methods", help="comma-separated method names to run (default: all in the config)")
+    r.add_argument("--keep", metavar="DIR", help="also write every finished cell and sweep point (small JSON, no "
+                   "weights) into DIR and read them back on a rerun, e.g. a folder committed to git, so a run "
+                   "survives a fresh checkout (over the config's keep:)")
     r.set_defaults(func=cmd_run)
 
     def model_args(q):

@@ -1,6 +1,7 @@
 """Published numbers are rendered from committed results files, not typed.
 
-    python -m attnlab.docs render     # rewrite every rendered block in README.md and docs/*.md
+    python -m attnlab.docs render     # rewrite every rendered block in README.md, docs/*.md and the
+                                      # docs/results/*.md reports that have one (kept runs)
     python -m attnlab.docs check      # exit 1 naming each block that differs, and each results file
                                       # that does not say which command made it
 
@@ -33,11 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- render:(?P<expr>.+?) -->(?P<body>.*?)<!-- /render -->", re.S)
 DOC_GLOBS = ("README.md", "docs/*.md")
+RENDERING_RESULTS = "docs/results/*.md"   # a results report is also a document once it renders a block (kept cells)
 RESULT_GLOBS = ("benchmarks/results/*.json", "docs/results/*.json", "docs/results/*.md")
 
 
 def documents(root: Path = ROOT) -> list[Path]:
-    return sorted(p for g in DOC_GLOBS for p in root.glob(g))
+    reports = [p for p in root.glob(RENDERING_RESULTS) if "<!-- render:" in p.read_text()]
+    return sorted([p for g in DOC_GLOBS for p in root.glob(g)] + reports)
 
 
 def results_files(root: Path = ROOT) -> list[Path]:

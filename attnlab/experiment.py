@@ -13,7 +13,9 @@ seeds and the budgets; see configs/quickstart.yaml. Per (method, seed):
 Each (method, seed) writes its result.json atomically and each training run checkpoints, so a
 stopped run resumes where it was. Everything is written inside the run folder, which carries a
 marker naming the config and is locked while a run uses it; `--fresh` cleans only what attnlab
-wrote there (attnlab/runfolder.py).
+wrote there (attnlab/runfolder.py). `keep:` (or `--keep DIR`) also mirrors every finished cell and
+sweep point into a folder that survives the run folder, e.g. one committed to git, and reads them
+back (attnlab/keep.py); `order:` runs the cells in another order than arm by arm (attnlab/run_order.py).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ from .data.arithmetic import check_options as check_arithmetic
 from .data.sources import SourceUnavailable
 from .errors import AttnlabError, ConfigError
 from .evaluate import answer_metrics, base_reference, generate, score
+from .keep import Keep, Reached, fresh_check, read_result, stop_at, train_result
+from .run_order import arm_seeds, cell_order
 from .runfolder import MARKER, inside, lexical, prepare_run_folder, unlock  # noqa: F401  (MARKER: re-exported)
 from .modules import METHODS, make_config
 from .precision import DTYPES, in_base_precision, resolve_model_dtype
-from .train import NEUTRAL, NonFiniteLoss, TrainConfig, train
+from .train import CKPT, NEUTRAL, NonFiniteLoss, TrainConfig, train
 
 DEFAULTS = {
     "name": None,
@@ -62,7 +66,8 @@ DEFAULTS = {
     "imports": [],           # modules to import first: they register a user's own methods (register_method)
     "model_dtype": "auto",   # the frozen base's dtype: auto (bf16 on a GPU, fp32 on CPU) | bf16 | fp16 | fp32
 }
-TOP_KEYS = set(DEFAULTS) | {"description", "out_dir"}
+TOP_KEYS = set(DEFAULTS) | {"description", "out_dir", "keep",   # keep: a folder of finished results (attnlab/keep.py)
+                             "order"}                             # order: the cells' run order (attnlab/run_order.py)
 SWEEP_KEYS = ("lr", "steps", "weight_decay")   # a list here: each value is trained, validation chooses
 CARD_METRICS = ("cross_entropy", "perplexity", "next_token_accuracy", "kl_base_model", "top1_agreement", "accuracy",
                 "f1")                          # the numbers a saved plug-in's model card shows, per set
@@ -127,8 +132,9 @@ def load_config(path_or_dict) -> dict:
     cfg["model"] = as_str("model", cfg["model"])
     if cfg["model_dtype"] not in ("auto", *DTYPES):
         raise ConfigError(f"model_dtype: {cfg['model_dtype']!r} is not one of {['auto', *DTYPES]}")
-    if cfg.get("out_dir") is not None:
-        as_str("out_dir", cfg["out_dir"])
+    for key in ("out_dir", "keep"):
+        if cfg.get(key) is not None:
+            as_str(key, cfg[key])
     if cfg.get("description") is not None and not isinstance(cfg["description"], str):
         raise ConfigError(f"description: {cfg['description']!r} is not text")
     cfg["feature_cache"] = as_bool("feature_cache", cfg["feature_cache"])
@@ -193,6 +199,7 @@ def load_config(path_or_dict) -> dict:
         eval_config(m.get("eval"), f"methods.{m['name']}.eval", base=cfg["eval"])
     if cfg["paired_baseline"] is not None and cfg["paired_baseline"] not in names:
         raise ConfigError(f"paired_baseline: '{cfg['paired_baseline']}' is not one of the methods {sorted(names)}")
+    cell_order(cfg)
     return cfg
 
 
@@ -238,11 +245,13 @@ def run_folder(cfg: dict, out_root, resolve: bool = True) -> Path:
 # --- running --------------------------------------------------------------------------------------
 
 def run_experiment(config, out_root="runs", fresh: bool = False, only_methods: list[str] | None = None,
-                   log=print) -> dict:
-    """Run the config (see `_run_experiment`), holding the run folder's lock until it returns."""
+                   log=print, keep: str | None = None) -> dict:
+    """Run the config (see `_run_experiment`), holding the run folder's lock until it returns.
+    `keep`: a folder that finished cells and sweep points are mirrored into and read back from
+    (over the config's `keep:`; attnlab/keep.py)."""
     held = len(_LOCKS)
     try:
-        return _run_experiment(config, out_root, fresh, only_methods, log)
+        return _run_experiment(config, out_root, fresh, only_methods, log, keep)
     finally:
         while len(_LOCKS) > held:
             unlock(_LOCKS.pop())
@@ -252,7 +261,7 @@ _LOCKS: list[int] = []   # run-folder locks this process holds (attnlab.runfolde
 
 
 def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: list[str] | None = None,
-                    log=print) -> dict:
+                    log=print, keep: str | None = None) -> dict:
     """Run the config; returns the results dict also written to <run folder>/results.json.
 
     With `datasets:` the whole run happens once per dataset, in <run folder>/<label>/, and
@@ -266,6 +275,10 @@ def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: 
     if not proc.is_main_process:
         log = lambda *a, **k: None  # noqa: E731
     cfg = load_config(config)
+    if keep is not None:
+        cfg["keep"] = as_str("--keep", keep)
+    if fresh:
+        fresh_check(cfg.get("keep"))
     names = [m["name"] for m in cfg["methods"]]
     if only_methods is not None:
         unknown = [m for m in only_methods if m not in names]
@@ -294,6 +307,7 @@ def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: 
         if label is not None:
             one["data"] = {**cfg["data"], **cfg["datasets"][label]}
             one["name"] = f"{cfg['name']}/{label}"
+            one["keep"] = str(Path(cfg["keep"]) / label) if cfg.get("keep") else None
             d_out = inside(out, label)
             log(f"[attnlab] dataset {label}: {one['data'].get('dataset_name', 'arithmetic')}")
         d_out.mkdir(parents=True, exist_ok=True)
@@ -407,16 +421,17 @@ def _run_one(bb, cfg, out, only_methods, log, t_start, command=None) -> dict:
     cells = []
     methods = [m for m in cfg["methods"] if not only_methods or m["name"] in only_methods]
     features = {}  # built on first use by a head-only method, shared by all of them
-    for m in methods:
-        seeds = [s for s in cfg["seeds"] if s in m.get("seeds", cfg["seeds"])]  # an arm may run a subset
-        seeds = seeds if m["method"] != "frozen" else seeds[:1]
-        for i, seed in enumerate(seeds):
-            cell = _run_cell(bb, splits, [test] + transfer, cfg, m, seed, out, log, features, base_fp, command)
-            cells.append(cell)
-            chosen = cell["train"].get("chosen")
-            if i == 0 and chosen and cfg["sweep_seeds"] == "first":
-                # validation chose on the first seed; the others train that value only (cheaper, still blind to test)
-                m = {**m, "train": {**(m.get("train") or {}), **chosen}, "_chosen_on_seed": seed}
+    reuse = {}   # arm -> the arm with the value its first seed chose (sweep_seeds: first)
+    for m, seed in cell_order(cfg, methods):
+        cell = _run_cell(bb, splits, [test] + transfer, cfg, reuse.get(m["name"], m), seed, out, log, features,
+                         base_fp, command)
+        cells.append(cell)
+        chosen = cell["train"].get("chosen")
+        if seed == arm_seeds(cfg, m)[0] and chosen and cfg["sweep_seeds"] == "first":
+            # validation chose on the first seed; the others train that value only (cheaper, still blind to test)
+            reuse[m["name"]] = {**m, "train": {**(m.get("train") or {}), **chosen}, "_chosen_on_seed": seed}
+    rank = {m["name"]: i for i, m in enumerate(cfg["methods"])}   # reported in the config's order, however run
+    cells.sort(key=lambda c: (rank[c["method"]], cfg["seeds"].index(c["seed"])))
     results = {
         "name": cfg["name"], "config": cfg, "data": dr, "model": bb.info,
         "fingerprint": bb.fingerprint, "cells": cells,
@@ -518,6 +533,46 @@ def _evaluate(bb, plugin, sets: list[EvalSet], ev: dict, seed: int) -> tuple[dic
     return metrics, per_example, samples
 
 
+@dataclasses.dataclass
+class _Trained:
+    plugin: object
+    tr: object                    # TrainResult; None when stopped at a kept best step (keep.stop_at)
+    feats: object
+    n_trainable: int
+    val: float | None = None      # the validation loss at that kept best step
+    gate_record: object = None    # a distilled gate's record (sparse_distill)
+
+
+def _train_point(bb, splits, cfg, m, point, p_dir, ev, features, run_fp, distill, log, stop=None) -> _Trained:
+    """A fresh plug-in, seeded, trained at one point of the sweep; it stays attached (detached on
+    error). `stop`: end at that step with its weights (the chosen point of a kept sweep, trained
+    again from step 0; a checkpoint in p_dir is resumed as usual instead)."""
+    seed_everything(point["seed"])
+    tcfg = TrainConfig.from_dict(point)
+    plugin = METHODS[m["method"]](make_config(m["method"], **_options(m))).attach(bb.model)
+    try:
+        n_trainable = plugin.num_trainable()
+        feats = None
+        if plugin.head_only and n_trainable and cfg["feature_cache"]:
+            feats = _features(bb, splits, cfg, features, log)
+        val_fn = (lambda: _val_loss(bb, splits, ev, plugin, features)) if splits.val and n_trainable else None
+        if distill:
+            tr, gate_record = sparse_distill.distil(plugin, splits, distill, log)
+            return _Trained(plugin, tr, feats, n_trainable, gate_record=gate_record)
+        if stop and val_fn and tcfg.eval_every and not (p_dir / CKPT).exists():
+            val_fn = stop_at(val_fn, plugin, stop, tcfg.eval_every, tcfg.steps)
+        try:
+            tr = train(bb.model, plugin, splits.train, tcfg, out_dir=p_dir, pad_id=bb.tokenizer.pad_token_id,
+                       features=feats, val_fn=val_fn, run_fingerprint=run_fp, log=log)
+        except Reached as r:
+            plugin.load_state_dict(r.state)
+            return _Trained(plugin, None, feats, n_trainable, val=r.val)
+        return _Trained(plugin, tr, feats, n_trainable)
+    except BaseException:
+        plugin.detach()
+        raise
+
+
 def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features, base_fp, command=None) -> dict:
     cell_dir = inside(out, m["name"], f"seed{seed}")
     done = cell_dir / "result.json"
@@ -539,20 +594,17 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
     world = _process().num_processes
     if world > 1 and m["method"] != "frozen":  # another global batch (batch_size x grad_accum x processes)
         spec["processes"] = world
-    if done.is_file():
-        try:
-            cell = json.loads(done.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            cell = None
-            log(f"[attnlab] {done} is damaged (not JSON); recomputing this cell")
-        if cell is not None:
-            if cell.get("spec") != spec:
-                diff = sorted(k for k in set(spec) | set(cell.get("spec") or {})
-                              if (cell.get("spec") or {}).get(k) != spec.get(k))
-                raise ConfigError(f"{done} was computed with other settings ({', '.join(diff)} differ); rerun with "
-                                  f"--fresh, or give the config another name (or out_dir) to keep both")
-            log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
-            return cell
+    kept = Keep(cfg.get("keep"), main=_process().is_main_process)
+    cell = read_result(done, spec, "rerun with --fresh, or give the config another name (or out_dir) to keep both",
+                       log)
+    if cell is not None:
+        log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
+        if kept.root is not None and kept.result(m["name"], seed, spec, log=lambda *_: None) is None:
+            kept.save_result(m["name"], seed, cell)
+        return cell
+    cell = kept.result(m["name"], seed, spec, log)
+    if cell is not None:
+        return cell
     plugin_cls = METHODS[m["method"]]
     options = make_config(m["method"], **_options(m))
     run_fp = {"base": base_fp, "data": splits.report["fingerprint"], "plugin": json.loads(json.dumps(
@@ -566,39 +618,39 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
             points, swept = points[:1], []
     sweep, best = [], None
     for point in points:
-        tcfg = TrainConfig.from_dict(point)
-        p_dir = cell_dir if len(points) == 1 else inside(cell_dir, "sweep", _point_label(point, swept))
+        label = _point_label(point, swept)
+        p_dir = cell_dir if len(points) == 1 else inside(cell_dir, "sweep", label)
         diverged = p_dir / "diverged.json"
         mark = {"run": run_fp, "point": json.loads(json.dumps(point, default=str))}
         if len(points) > 1 and diverged.is_file() and json.loads(diverged.read_text()).get("mark") == mark:
             sweep.append({**{k: point[k] for k in swept}, "val_loss": None, "diverged": True})
-            log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: diverged earlier, skipped")
+            log(f"[attnlab] {m['name']} seed {seed} {label}: diverged earlier, skipped")
             continue
-        seed_everything(seed)
-        plugin = plugin_cls(make_config(m["method"], **_options(m))).attach(bb.model)
+        done_point = kept.point(m["name"], seed, label, mark) if len(points) > 1 else None
+        if done_point is not None:   # finished in an earlier session: its summary, no weights
+            sweep.append(done_point["row"])
+            val = done_point["row"]["val_loss"]
+            log(f"[attnlab] {m['name']} seed {seed} {label}: read from the kept sweep "
+                + ("(diverged)" if done_point["row"].get("diverged") else f"(validation loss {val:.4f})"))
+            if not done_point["row"].get("diverged") and (best is None or (val is not None and (
+                    best[0] is None or val < best[0]))):
+                best = (val, point, train_result(done_point), None, None, done_point["n_trainable"])
+            continue
         try:
-            n_trainable = plugin.num_trainable()
-            feats = None
-            if plugin.head_only and n_trainable and cfg["feature_cache"]:
-                feats = _features(bb, splits, cfg, features, log)
-            val_fn = (lambda: _val_loss(bb, splits, ev, plugin, features)) if splits.val and n_trainable else None
-            try:
-                if distill:
-                    tr, gate_record = sparse_distill.distil(plugin, splits, distill, log)
-                else:
-                    tr = train(bb.model, plugin, splits.train, tcfg, out_dir=p_dir, pad_id=bb.tokenizer.pad_token_id,
-                               features=feats, val_fn=val_fn, run_fingerprint=run_fp, log=log)
-            except NonFiniteLoss as e:
-                if len(points) == 1:
-                    raise
-                # one point of a sweep diverging is a result (that value is too large), not a failed run
-                if _process().is_main_process:
-                    write_json_atomic(diverged, {"mark": mark, "error": str(e)})
-                sweep.append({**{k: point[k] for k in swept}, "val_loss": None, "diverged": True})
-                log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: diverged ({e}); "
-                    f"the sweep goes on without it")
-                plugin.detach()
-                continue
+            t_ = _train_point(bb, splits, cfg, m, point, p_dir, ev, features, run_fp, distill, log)
+            plugin, tr, feats, n_trainable, gate_record = t_.plugin, t_.tr, t_.feats, t_.n_trainable, t_.gate_record
+        except NonFiniteLoss as e:
+            if len(points) == 1:
+                raise
+            # one point of a sweep diverging is a result (that value is too large), not a failed run
+            row = {**{k: point[k] for k in swept}, "val_loss": None, "diverged": True}
+            if _process().is_main_process:
+                write_json_atomic(diverged, {"mark": mark, "error": str(e)})
+            kept.save_point(m["name"], seed, label, mark, row)
+            sweep.append(row)
+            log(f"[attnlab] {m['name']} seed {seed} {label}: diverged ({e}); the sweep goes on without it")
+            continue
+        try:
             val = _val_loss(bb, splits, ev, plugin, features)
             if val is not None and not math.isfinite(val):
                 val = math.inf
@@ -606,7 +658,8 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                    "best_step": tr.best_step, "stopped_early": tr.stopped_early}
             sweep.append(row)
             if len(points) > 1:
-                log(f"[attnlab] {m['name']} seed {seed} {_point_label(point, swept)}: validation loss {val:.4f}")
+                kept.save_point(m["name"], seed, label, mark, row, n_trainable, tr)
+                log(f"[attnlab] {m['name']} seed {seed} {label}: validation loss {val:.4f}")
             if best is None or (val is not None and (best[0] is None or val < best[0])):
                 best = (val, point, tr, {k: v.clone() for k, v in plugin.state_dict().items()} if len(points) > 1
                         else None, feats, n_trainable)
@@ -619,7 +672,19 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
         raise NonFiniteLoss(f"{m['name']} seed {seed}: every value of the sweep diverged "
                             f"({', '.join(_point_label(p, swept) for p in points)}); try smaller learning rates")
     val, point, tr, state, feats, n_trainable = best
-    if len(points) > 1:  # the chosen point, re-attached
+    retrained = None
+    if len(points) > 1 and state is None:  # chosen from the kept sweep: its weights are trained again
+        label = _point_label(point, swept)
+        log(f"[attnlab] {m['name']} seed {seed} {label}: chosen from the kept sweep; training it again to its best "
+            f"step {tr.best_step} for the test evaluation")
+        t = time.perf_counter()
+        t_ = _train_point(bb, splits, cfg, m, point, inside(cell_dir, "sweep", label), ev, features, run_fp,
+                          distill, log, stop=tr.best_step)
+        plugin, feats, n_trainable = t_.plugin, t_.feats, t_.n_trainable
+        val2 = t_.val if t_.val is not None else _val_loss(bb, splits, ev, plugin, features)
+        retrained = {"val_loss": val2, "kept_val_loss": val, "seconds": round(time.perf_counter() - t, 2)}
+        log(f"[attnlab] {m['name']} seed {seed} {label}: retrained, validation loss {val2:.4f} (kept {val:.4f})")
+    elif len(points) > 1:  # the chosen point, re-attached
         seed_everything(seed)
         plugin = plugin_cls(make_config(m["method"], **_options(m))).attach(bb.model)
         plugin.load_state_dict(state)
@@ -663,7 +728,7 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                       "final_loss": tr.history[-1]["loss"] if tr.history else None,
                       "best_step": tr.best_step, "stopped_early": tr.stopped_early,
                       "chosen": {k: point[k] for k in swept} if swept else None,
-                      "chosen_on_seed": m.get("_chosen_on_seed")},
+                      "chosen_on_seed": m.get("_chosen_on_seed"), **({"retrained": retrained} if retrained else {})},
             "sweep": sweep, "val_loss": val,
             "loss_curve": [[h["step"], h["loss"]] for h in tr.history],
             "val_curve": [list(x) for x in tr.val_history],
@@ -677,4 +742,5 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
         + f" (train {tr.seconds:.0f}s, eval {eval_s:.0f}s)")
     if _process().is_main_process:
         write_json_atomic(done, cell)
+    kept.save_result(m["name"], seed, cell)
     return cell

@@ -16,6 +16,7 @@ from ..errors import DataError
 from .bench import (benchmark_table, factorized_goal, factorized_recompute, factorized_table, feature_cache_table,
                     sparse_kernel_table, sparse_memory_table)
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
+from .kept import kept_run, kept_sweep
 from .sparse_ablation import gate_ablation
 from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_goal, sparse_speed,
                      sparse_table, sparse_text)
@@ -34,10 +35,10 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "sparse_block_vs_row": sparse_block_vs_row, "sparse_block_vs_row_summary": sparse_block_vs_row_summary,
              "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute,
              "json_table": json_table, "sparse_memory_table": sparse_memory_table,
-             "sparse_kernel_table": sparse_kernel_table}
-RENDERERS.update({"sparse_memory_goal": sparse_memory_goal, "sparse_kernel_goal": sparse_kernel_goal,
-                  "sparse_next_budget": sparse_next_budget, "sparse_targets": sparse_targets, "sparse_flex": sparse_flex,
-                  "sparse_compare_at": sparse_compare_at, "lm_eval": lm_eval})
+             "sparse_kernel_table": sparse_kernel_table, "kept_run": kept_run, "kept_sweep": kept_sweep,
+             "sparse_memory_goal": sparse_memory_goal, "sparse_kernel_goal": sparse_kernel_goal,
+             "sparse_next_budget": sparse_next_budget, "sparse_targets": sparse_targets, "sparse_flex": sparse_flex,
+             "sparse_compare_at": sparse_compare_at, "lm_eval": lm_eval}
 
 
 def render_one(expr: str, root: Path) -> str:

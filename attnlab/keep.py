@@ -1,0 +1,168 @@
+"""Finished work kept outside the run folder, so a run can span fresh checkouts (`keep:` / `--keep DIR`).
+
+A run folder (runs/<name>/) holds weights, optimizer checkpoints and the feature cache: megabytes
+to gigabytes, never committed, and gone when a session starts from a fresh checkout. A run that
+takes longer than one session would then start over each time. `keep: DIR` in the config (or
+`attnlab run --keep DIR`) names a second folder, meant to be committed, into which the run mirrors
+the small JSON that its numbers come from, each file written atomically the moment it is final:
+
+    DIR/<arm>/seed<k>/result.json           a finished cell: the run folder's result.json, byte for byte
+    DIR/<arm>/seed<k>/sweep/<point>.json    a finished point of a sweep: its validation loss, steps,
+                                            best step, whether it stopped early, its curves (no weights)
+
+A rerun reads them back before computing anything. A cell's result.json is used only if its
+`spec` (everything its numbers depend on, built by attnlab/experiment.py) equals the config's;
+a point's summary only if its `mark` (base, data and plug-in fingerprints, and the point's own
+training settings) equals the point's. Anything else is refused with one line naming what
+differs: an edited arm must become a new arm (or the kept folder be removed by hand), never
+silently mixed with numbers from other settings.
+
+Validation chooses among the points as before (the kept validation losses are the ones the choice
+was always made on). The chosen point's weights are needed for the test evaluation but are not
+kept; when they are not in memory (the point was trained in an earlier session), only that point
+is trained again. Training is deterministic given (seed, step): the data order is a seeded
+permutation per epoch, the plug-in is initialised after `seed_everything(seed)`, and the learning
+rate at step s depends on s and the configured total only. So the retrained weights at the kept
+best step are the chosen ones, and the retraining stops there (`stop_at`) rather than running on
+for the `patience` validations that early stopping needed to see the curve flatten. Its
+validation loss is stored beside the kept one, so a difference (e.g. another thread count's
+summation order) is visible in the result, not assumed away.
+
+A run so loses at most the training in progress when its session ends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .atomic import write_json_atomic, write_text_atomic
+from .errors import ConfigError
+
+POINT_TRAIN = ("steps", "tokens", "seconds", "resumed_from", "best_step", "stopped_early", "val_history")
+
+
+def differences(kept: dict | None, want: dict, nested: bool = False) -> list[str]:
+    """The keys on which two specs differ (`nested`: one level down in mappings, 'point.lr')."""
+    kept = kept or {}
+    out = []
+    for k in sorted(set(kept) | set(want)):
+        a, b = kept.get(k), want.get(k)
+        if a == b:
+            continue
+        if nested and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+        else:
+            out.append(k)
+    return out
+
+
+def read_result(path: Path, spec: dict, fix: str, log=print) -> dict | None:
+    """A finished cell's result.json if it was computed with `spec`; None if absent or damaged
+    (recomputed); ConfigError, naming what differs and `fix`, if it belongs to other settings."""
+    if not path.is_file():
+        return None
+    try:
+        cell = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log(f"[attnlab] {path} is damaged (not JSON); recomputing this cell")
+        return None
+    if not isinstance(cell, dict) or cell.get("spec") != spec:
+        diff = differences(cell.get("spec") if isinstance(cell, dict) else None, spec)
+        raise ConfigError(f"{path} was computed with other settings ({', '.join(diff)} differ); {fix}")
+    return cell
+
+
+class Keep:
+    """The kept folder of one dataset of a run (None: nothing is kept; every method is a no-op)."""
+
+    FIX = ("restore the arm's settings, or add the change as a new arm (or remove that kept file by hand "
+           "to recompute it)")
+
+    def __init__(self, root, main: bool = True):
+        self.root = Path(root) if root else None
+        self.main = main   # only the main process writes
+
+    def _cell(self, name: str, seed: int) -> Path:
+        return self.root / name / f"seed{seed}"
+
+    def result(self, name: str, seed: int, spec: dict, log=print) -> dict | None:
+        if self.root is None:
+            return None
+        path = self._cell(name, seed) / "result.json"
+        cell = read_result(path, spec, self.FIX, log)
+        if cell is not None:
+            log(f"[attnlab] {name} seed {seed}: done earlier, read from the kept {path}")
+        return cell
+
+    def save_result(self, name: str, seed: int, cell: dict) -> None:
+        if self.root is not None and self.main:
+            write_json_atomic(self._cell(name, seed) / "result.json", cell)
+
+    def point(self, name: str, seed: int, label: str, mark: dict) -> dict | None:
+        """A finished sweep point's summary ({row, n_trainable, train}), or None if not kept."""
+        if self.root is None:
+            return None
+        path = self._cell(name, seed) / "sweep" / f"{label}.json"
+        if not path.is_file():
+            return None
+        try:
+            kept = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None   # damaged: the point is trained again and the file rewritten
+        if kept.get("mark") != mark:
+            raise ConfigError(f"{path} was trained with other settings "
+                              f"({', '.join(differences(kept.get('mark'), mark, nested=True))} differ); {self.FIX}")
+        return kept
+
+    def save_point(self, name: str, seed: int, label: str, mark: dict, row: dict, n_trainable: int | None = None,
+                   tr=None) -> None:
+        """Mirror one finished point: its sweep row, and how its training went (no weights)."""
+        if self.root is None or not self.main:
+            return
+        train = None
+        if tr is not None:
+            train = {k: getattr(tr, k) for k in POINT_TRAIN}
+            train["history"] = [[h["step"], h["loss"]] for h in tr.history]   # the loss curve, as the cell keeps it
+        write_text_atomic(self._cell(name, seed) / "sweep" / f"{label}.json",   # one line: a few kB, not tens
+                          json.dumps({"mark": mark, "row": row, "n_trainable": n_trainable, "train": train}))
+
+
+def train_result(kept: dict):
+    """The TrainResult of a kept point (what the cell reports about its training)."""
+    from .train import TrainResult
+
+    t = kept["train"]
+    history = [{"step": s, "loss": x} for s, x in t["history"]]
+    return TrainResult(**{**t, "seconds": float(t["seconds"]), "history": history})
+
+
+class Reached(Exception):
+    """Raised out of train() by `stop_at` once the wanted step is validated; carries the weights."""
+
+    def __init__(self, val: float, state: dict):
+        super().__init__(f"reached the kept best step (validation loss {val:.4f})")
+        self.val, self.state = val, state
+
+
+def stop_at(val_fn, plugin, step: int, eval_every: int, steps: int):
+    """Wrap a training's val_fn (which train() calls at eval_every, 2 eval_every, ... and at the
+    last step, counting from step 0) so that the training stops at `step` with that step's weights
+    and validation loss (raised as `Reached`)."""
+    calls = [0]
+
+    def wrapped():
+        calls[0] += 1
+        val = val_fn()
+        if min(calls[0] * eval_every, steps) == step:
+            raise Reached(val, {k: v.clone() for k, v in plugin.state_dict().items()})
+        return val
+
+    return wrapped
+
+
+def fresh_check(root) -> None:
+    """`--fresh` deletes the run folder's results, never the kept ones (they are the user's files)."""
+    if root and Path(root).is_dir() and any(Path(root).rglob("*.json")):
+        raise ConfigError(f"--fresh: {root} (keep:) holds finished results of this run; remove it yourself "
+                          f"(git rm -r {root}) to start over, or name another keep folder")
