@@ -18,8 +18,8 @@ from .bench import (benchmark_table, factorized_goal, factorized_recompute, fact
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
 from .kept import kept_run, kept_sweep
 from .sparse_ablation import gate_ablation
-from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_goal, sparse_speed,
-                     sparse_table, sparse_text)
+from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_gate_kl, sparse_goal,
+                     sparse_point, sparse_speed, sparse_table, sparse_text)
 from .sparse_goals import sparse_speed_goals
 from .sparse_verdict import (sparse_compare_at, sparse_flex, sparse_kernel_goal, sparse_memory_goal, sparse_next_budget,
                              sparse_targets)
@@ -38,7 +38,8 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "sparse_kernel_table": sparse_kernel_table, "kept_run": kept_run, "kept_sweep": kept_sweep,
              "sparse_memory_goal": sparse_memory_goal, "sparse_kernel_goal": sparse_kernel_goal,
              "sparse_next_budget": sparse_next_budget, "sparse_targets": sparse_targets, "sparse_flex": sparse_flex,
-             "sparse_compare_at": sparse_compare_at, "lm_eval": lm_eval}
+             "sparse_compare_at": sparse_compare_at, "lm_eval": lm_eval,
+             "sparse_point": sparse_point, "sparse_gate_kl": sparse_gate_kl}
 
 
 def render_one(expr: str, root: Path) -> str:

@@ -99,14 +99,50 @@ def sparse_table(root: Path, arg: str) -> str:
 
 
 def sparse_compare(root: Path, arg: str) -> str:
-    """`LENGTH|A|B|DENSITY`: A against B at equal density, with both intervals and the sign count."""
-    length, a, b, dens = arg.split("|")
-    c = next(c for c in _quality(root, length)["comparisons"]
-             if (c["a"], c["b"]) == (a, b) and abs(c["density"] - float(dens)) < 1e-9)
+    """`LENGTH|A|B|DENSITY[|PART]`: A against B at equal density, with both intervals and the sign
+    count; PART picks one piece for a sentence: `brief` (the change and its bootstrap interval), `t`
+    (the t-interval) or `better` (on how many sequences A was better, "6 of 16")."""
+    length, a, b, dens, *part = arg.split("|")
+    c = next((c for c in _quality(root, length)["comparisons"]
+              if (c["a"], c["b"]) == (a, b) and abs(c["density"] - float(dens)) < 1e-9), None)
+    if c is None:
+        raise DataError(f"sparse_quality_{length}.json compares no {a!r} against {b!r} at density {dens}")
+    if part:
+        pieces = {"brief": f"{100 * c['change']:+.1f}% [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]",
+                  "t": f"[{100 * c['t_lo']:+.1f}, {100 * c['t_hi']:+.1f}]",
+                  "better": f"{c['a_better_on']} of {c['sequences']}"}
+        if part[0] not in pieces:
+            raise DataError(f"sparse_compare: unknown part {part[0]!r} ({', '.join(pieces)})")
+        return pieces[part[0]]
     noise = c["lo"] <= 0 <= c["hi"] or c["t_lo"] <= 0 <= c["t_hi"]
     return (f"{100 * c['change']:+.1f}% [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] (t-interval "
             f"[{100 * c['t_lo']:+.1f}, {100 * c['t_hi']:+.1f}]; better on {c['a_better_on']}/{c['sequences']}"
             f"{'; within noise' if noise else ''})")
+
+
+def sparse_point(root: Path, arg: str) -> str:
+    """`LENGTH|KEY[|FIELD]`: one point of sparse_quality_LENGTH.json (KEY as the JSON names it, e.g.
+    `quest:top_k=8`): its perplexity change against dense with the 95% interval (FIELD `change`, the
+    default), the change alone (`point`), its density (`density`) or its KL(dense‖sparse) per token (`kl`)."""
+    length, key, *field = arg.split("|")
+    p = _quality(root, length)["points"].get(key)
+    if not p or not p.get("summary"):
+        raise DataError(f"sparse_quality_{length}.json has no summarised point {key!r}")
+    s, field = p["summary"], (field or ["change"])[0]
+    out = {"change": lambda: _ci(s), "point": lambda: f"{100 * s['ppl_change']:+.1f}%",
+           "density": lambda: f"{s['density']:.2f}", "kl": lambda: f"{s['kl']:.2g}"}
+    if field not in out:
+        raise DataError(f"sparse_point: unknown field {field!r} ({', '.join(out)})")
+    return out[field]()
+
+
+def sparse_gate_kl(root: Path, arg: str) -> str:
+    """`LENGTH|SET[|after]`: the distilled gate's KL(target ‖ gate), mean over layers, on its training
+    rows (`train`) or its held-out training sequence (`heldout`): "before to after", or only after."""
+    length, which, *after = arg.split("|")
+    layers = _quality(root, length)["gate"]["layers"].values()
+    before, end = (sum(r[w][which] for r in layers) / len(layers) for w in ("before", "after"))
+    return f"{end:.2f}" if after else f"{before:.1f} to {end:.2f}"
 
 
 def sparse_text(root: Path, arg: str) -> str:
