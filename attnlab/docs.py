@@ -17,7 +17,10 @@ test (tests/test_docs_render.py) fails when a published number no longer matches
 
 `typed_rows` finds what `check` cannot see: a table row outside every rendered block that holds a
 result-looking number (a percentage, a ×-ratio, a decimal with two places or more), typed by hand;
-tests/test_docs_render.py keeps their number from growing.
+`typed_prose` the same in sentences, with a narrower net (a percentage with its interval, a ratio
+with decimals, a number with three decimals or more), since prose also carries goals and config
+values. tests/test_docs_render.py allows no typed row, and in prose only a short explicit list (the
+proposal's own claims, goals).
 
 Results files (`benchmarks/results/*.json`, `docs/results/*`) must carry the command that made
 them: a JSON file a top-level `command` (or `meta.command`), a Markdown report a line
@@ -75,6 +78,31 @@ def typed_rows(text: str) -> list[str]:
         elif not fence and s.startswith("|") and not set(s) <= set("|-: ") and RESULT_NUMBER.search(THRESHOLD.sub("", s)):
             rows.append(s)
     return rows
+
+
+# A result number in prose: a percentage with its interval ("+1.2% [+0.5, +1.9]"), a ratio with
+# decimals ("1.34×"), or a number with three decimals or more (a perplexity, a loss, a cosine).
+# Narrower than RESULT_NUMBER: prose also holds goals, config values and rounded words-with-numbers.
+PROSE_NUMBER = re.compile(r"[−+-]?\d+(?:\.\d+)?%\s*\[[^\]]*\]|(?<![\d.])\d+\.\d+×|(?<![\d.\w])\d+\.\d{3,}(?![\d.])")
+INLINE_CODE_OR_LINK = re.compile(r"`[^`]*`|\]\([^)]*\)")
+
+
+def typed_prose(text: str) -> list[str]:
+    """The result-looking numbers typed in prose (outside rendered blocks, code fences, inline code,
+    link targets and tables), a paragraph at a time so that an interval broken over two lines is
+    still one number; goals after ≤ / ≥ / < / > are not results."""
+    text = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n") or " ", text)
+    found, para, fence = [], [], False
+    for line in text.splitlines() + [""]:
+        s = line.strip()
+        if s.startswith("```"):
+            fence = not fence
+        if fence or s.startswith("```") or s.startswith("|") or not s:
+            found += PROSE_NUMBER.findall(THRESHOLD.sub("", INLINE_CODE_OR_LINK.sub(" ", " ".join(para))))
+            para = []
+        else:
+            para.append(s)
+    return found
 
 
 def render_text(text: str, root: Path = ROOT) -> str:

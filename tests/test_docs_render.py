@@ -125,3 +125,61 @@ def test_an_lm_eval_results_file_renders_its_metrics_without_stderrs_and_names_a
     assert render_one("lm_eval:r.json|t", tmp_path) == "word perplexity 27.99, exact match (strict-match) 0 (4 of 60 examples)"
     with pytest.raises(DataError, match="no results for task 'u' \\(it has t\\)"):
         render_one("lm_eval:r.json|u", tmp_path)
+
+
+# Numbers in prose that are not results: the proposal's own claims, goals, and arithmetic on a
+# rendered table. Everything else that looks like a result must be rendered (or be words + a link).
+PROSE_ALLOWED = {
+    "docs/factorized_attention.md": {"5.806", "5.608", "4.324", "4.188", "5.395", "5.292",  # the proposal's claims
+                                     "1.15×"},                                                # the step-time goal
+    "docs/sparse_attention.md": {"0.7×", "1.3×", "1.8×", "0.001",    # goals: memory, decode speed-ups, KL per token
+                                 "1.5×", "2.3×",                     # the decode ceiling, arithmetic on the rendered table
+                                 "1.65×", "1.34×"},                  # v2 kernel rows quoted in the decode section: to render
+}
+
+
+def test_no_document_types_a_result_number_in_prose_outside_a_rendered_block():
+    typed = {}
+    for doc in docs.documents():
+        name = str(doc.relative_to(docs.ROOT))
+        left = [n for n in docs.typed_prose(doc.read_text()) if n not in PROSE_ALLOWED.get(name, ())]
+        if left:
+            typed[name] = left
+    assert not typed, "\n".join(f"{name}: typed result numbers in prose (render them inline with <!-- render:... -->, "
+                                 f"or say it in words with a link to the rendered row): {', '.join(nums)}"
+                                 for name, nums in typed.items())
+
+
+def test_a_typed_number_in_prose_is_found_across_a_line_break_and_goals_code_links_and_blocks_are_not():
+    text = ("Quest is +1.18%\n[+0.47, +1.89] worse, 1.34× SDPA, test PPL 4.140 (the base).\n\n"
+            "Goal ≤ 0.45× SDPA, `lr: 0.003`, [paper](https://arxiv.org/abs/2505.12345), version 0.4.13,\n"
+            "learned <!-- render:x -->+0.7% [-0.3, +1.6]<!-- /render --> at 0.25, 2.5% sparse.\n\n"
+            "| table | 1.50× |\n\n```\nfenced 3.141\n```\n")
+    assert docs.typed_prose(text) == ["+1.18% [+0.47, +1.89]", "1.34×", "4.140"]
+
+
+def test_the_sparse_comparison_parts_are_pieces_of_the_full_comparison_and_an_unknown_part_is_one_clear_error():
+    root, arg = docs.ROOT, "4096|learned|quest|0.2"
+    full = render_one(f"sparse_compare:{arg}", root)
+    assert full.startswith(render_one(f"sparse_compare:{arg}|brief", root) + " (t-interval "
+                           + render_one(f"sparse_compare:{arg}|t", root))
+    assert f"better on {render_one(f'sparse_compare:{arg}|better', root).replace(' of ', '/')}" in full
+    with pytest.raises(DataError, match="unknown part 'nope'"):
+        render_one(f"sparse_compare:{arg}|nope", root)
+    with pytest.raises(DataError, match="compares no 'oracle' against 'quest'"):
+        render_one("sparse_compare:4096|oracle|quest|0.2", root)
+
+
+def test_a_sparse_point_renders_its_change_density_and_kl_and_the_gate_kl_is_the_mean_over_layers():
+    root = docs.ROOT
+    data = json.loads((root / "benchmarks/results/sparse_quality_4096.json").read_text())
+    layers = data["gate"]["layers"].values()
+    before, after = (sum(r[w]["heldout"] for r in layers) / len(layers) for w in ("before", "after"))
+    assert render_one("sparse_gate_kl:4096|heldout", root) == f"{before:.1f} to {after:.2f}"
+    assert render_one("sparse_gate_kl:4096|heldout|after", root) == f"{after:.2f}"
+    change = render_one("sparse_point:4096|oracle:top_k=8", root)
+    assert change.startswith(render_one("sparse_point:4096|oracle:top_k=8|point", root) + " [")
+    assert render_one("sparse_point:4096|oracle:top_k=8|density", root) == \
+        f"{data['points']['oracle:top_k=8']['summary']['density']:.2f}"
+    with pytest.raises(DataError, match="no summarised point 'oracle:top_k=99'"):
+        render_one("sparse_point:4096|oracle:top_k=99", root)
