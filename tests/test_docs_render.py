@@ -183,3 +183,11 @@ def test_a_sparse_point_renders_its_change_density_and_kl_and_the_gate_kl_is_the
         f"{data['points']['oracle:top_k=8']['summary']['density']:.2f}"
     with pytest.raises(DataError, match="no summarised point 'oracle:top_k=99'"):
         render_one("sparse_point:4096|oracle:top_k=99", root)
+
+
+def test_a_json_value_is_read_along_its_dotted_path_and_a_missing_field_names_where_it_stops(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({"command": "x", "hidden": {"rms_mean": 1.954, "abs_max": 53.96}}))
+    assert render_one("json_value:s.json|hidden.rms_mean|.1f", tmp_path) == "2.0"
+    assert render_one("json_value:s.json|hidden.abs_max|.0f", tmp_path) == "54"
+    with pytest.raises(DataError, match="s.json: no field 'hidden.rms' \\(stops at 'rms'\\)"):
+        render_one("json_value:s.json|hidden.rms|.1f", tmp_path)

@@ -23,8 +23,8 @@ from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_co
 from .sparse_goals import sparse_speed_goals
 from .sparse_verdict import (sparse_compare_at, sparse_flex, sparse_kernel_goal, sparse_memory_goal, sparse_next_budget,
                              sparse_targets)
-from .tables import (bench_ratio, cell, column_range, gguf, include, json_table, lm_eval, md_tables, ratio, run_change,
-                     run_tables, run_wall, table, table_cell)
+from .tables import (bench_ratio, cell, column_range, gguf, include, json_table, json_value, lm_eval, md_tables, ratio,
+                     run_change, run_tables, run_wall, table, table_cell)
 
 RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_range, "run_tables": run_tables,
              "run_change": run_change, "run_wall": run_wall, "gguf": gguf, "table": table, "bench_ratio": bench_ratio,
@@ -39,7 +39,7 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "sparse_memory_goal": sparse_memory_goal, "sparse_kernel_goal": sparse_kernel_goal,
              "sparse_next_budget": sparse_next_budget, "sparse_targets": sparse_targets, "sparse_flex": sparse_flex,
              "sparse_compare_at": sparse_compare_at, "lm_eval": lm_eval,
-             "sparse_point": sparse_point, "sparse_gate_kl": sparse_gate_kl}
+             "sparse_point": sparse_point, "json_value": json_value, "sparse_gate_kl": sparse_gate_kl}
 
 
 def render_one(expr: str, root: Path) -> str:

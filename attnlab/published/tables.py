@@ -201,6 +201,18 @@ def json_table(root: Path, arg: str) -> str:
     return "\n".join(lines)
 
 
+def json_value(root: Path, arg: str) -> str:
+    """`FILE|KEY.KEY...|FORMAT`: one value of a results JSON (dotted path into nested objects), formatted
+    with FORMAT (e.g. `.1f`) — a single measured number quoted in a sentence."""
+    rel, path, fmt = arg.split("|")
+    v = _json(root, rel)
+    for k in path.split("."):
+        if not isinstance(v, dict) or k not in v:
+            raise DataError(f"{rel}: no field {path!r} (stops at {k!r})")
+        v = v[k]
+    return format(v, fmt)
+
+
 def lm_eval(root: Path, arg: str) -> str:
     """`RESULTS_JSON|TASK`: the task's metrics from an `attnlab lm-eval` results.json (lm-eval's own
     numbers, 4 significant digits; a metric's filter in brackets unless `none`) and how many of the
