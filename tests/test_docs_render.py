@@ -191,3 +191,14 @@ def test_a_json_value_is_read_along_its_dotted_path_and_a_missing_field_names_wh
     assert render_one("json_value:s.json|hidden.abs_max|.0f", tmp_path) == "54"
     with pytest.raises(DataError, match="s.json: no field 'hidden.rms' \\(stops at 'rms'\\)"):
         render_one("json_value:s.json|hidden.rms|.1f", tmp_path)
+
+
+def test_the_memory_per_token_clause_divides_the_peaks_by_layers_and_tokens_in_fp32_numbers(tmp_path):
+    from attnlab.published.sparse_verdict import FLOOR, MEMORY_VARIANTS
+
+    peaks = {"dense-sdpa": 64.0, FLOOR: 48.0, **{v: 64.0 for v in MEMORY_VARIANTS}}   # MiB at 1024 tokens, 2 layers
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "sparse_memory.json").write_text(json.dumps(
+        {"command": "x", "layers": 2, "rows": [{"variant": v, "tokens": 1024, "peak_MiB": m} for v, m in peaks.items()]}))
+    assert render_one("sparse_memory_goal:per_token", tmp_path) == (   # 64 MiB / 2048 = 32,768 bytes = 8,192 numbers
+        "64 MiB / (2 layers × 1024 tokens) ≈ 32.8 KB ≈ 8,192 fp32 numbers, the floor at ≈ 6,144; the ≈ 2,048 numbers")

@@ -36,7 +36,9 @@ def _marks(ok: dict[str, bool]) -> str:
 
 def sparse_memory_goal(root: Path, arg: str) -> str:
     """`measured`: each sparse variant's peak-memory ratio per length and the floor's; `met`: the mark
-    with the floor; `gap`: how far the variants miss ≤ 0.7×; `floor`: the floor's largest ratio."""
+    with the floor; `gap`: how far the variants miss ≤ 0.7×; `floor`: the floor's largest ratio;
+    `per_token`: dense SDPA's and the floor's peaks at the longest length per token and layer, as
+    fp32 numbers, and the difference (what the attention's inputs and output take)."""
     d = _json(root, "benchmarks/results/sparse_memory.json")
     lens = sorted({r["tokens"] for r in d["rows"]})
     peak = {(r["variant"], r["tokens"]): r["peak_MiB"] for r in d["rows"]}
@@ -59,7 +61,12 @@ def sparse_memory_goal(root: Path, arg: str) -> str:
                 f"{max(every) - MEMORY_GOAL:.2f} ({min(every):.2f}–{max(every):.2f}× measured)")
     if arg == "floor":
         return floor
-    raise DataError(f"sparse_memory_goal: unknown part {arg!r} (measured, met, gap or floor)")
+    if arg == "per_token":     # the longest length's peaks per token and layer, in fp32 numbers
+        n, layers = lens[-1], d["layers"]
+        dense, low = (peak[(v, n)] * 2 ** 20 / (layers * n) for v in ("dense-sdpa", FLOOR))
+        return (f"{peak[('dense-sdpa', n)]:.0f} MiB / ({layers} layers × {n} tokens) ≈ {dense / 1e3:.1f} KB ≈ "
+                f"{dense / 4:,.0f} fp32 numbers, the floor at ≈ {low / 4:,.0f}; the ≈ {(dense - low) / 4:,.0f} numbers")
+    raise DataError(f"sparse_memory_goal: unknown part {arg!r} (measured, met, gap, floor or per_token)")
 
 
 def sparse_kernel_goal(root: Path, arg: str) -> str:
