@@ -24,8 +24,10 @@ def _sparse_module(root: Path):
 
 
 def sparse_speed(root: Path, arg: str) -> str:
-    """`FILE`: the tables benchmarks/sparse_speed.py --report prints for that run's JSON."""
-    return _benchmark(root, "sparse_speed").tables(_json(root, arg)["rows"])
+    """`FILE` or `FILE:PART,PART`: the tables benchmarks/sparse_speed.py --report prints for that run's
+    JSON (of those parts only: attention, body, flex, decode)."""
+    path, _, parts = arg.partition(":")
+    return _benchmark(root, "sparse_speed").tables(_json(root, path)["rows"], parts.split(",") if parts else None)
 
 
 @functools.lru_cache(maxsize=None)
