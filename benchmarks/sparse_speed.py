@@ -240,7 +240,7 @@ def tables(rows: list[dict], parts: list[str] | None = None) -> str:
                     and x["mode"] == r["mode"] and x["variant"] == name)
 
     out = ["| tokens | mode | variant | density | work | × SDPA (CPU) | × SDPA (wall) | × ideal (CPU) |",
-           "|---:|---|---|---:|---:|---:|---:|---:|"]
+           "|---:|---|---|---:|---:|---:|---:|---:|"] if any(x["part"] == "attention" for x in rows) else []
     for r in (x for x in rows if x["part"] == "attention" and not x["variant"].startswith("ideal")):
         d = ref(r, "dense-sdpa")
         ideal = f"{r['cpu_s'] / ref(r, 'ideal (' + r['variant'] + ')')['cpu_s']:.2f}" if r["variant"] != "dense-sdpa" else "–"
@@ -253,7 +253,7 @@ def tables(rows: list[dict], parts: list[str] | None = None) -> str:
     def section(part, header, cells):
         chosen = [x for x in rows if x["part"] == part]
         if chosen:
-            out.extend(["", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)])
+            out.extend(([""] if out else []) + ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)])
             out.extend("| " + " | ".join(cells(r, ref(r, "dense-sdpa"))) + " |" for r in chosen)
 
     section("flex", ["tokens", "variant", "× SDPA (CPU)", "× SDPA (wall)"],
