@@ -24,9 +24,9 @@ def _sparse_module(root: Path):
 
 
 def sparse_speed(root: Path, arg: str) -> str:
-    """`FILE` or `FILE:PART,PART`: the tables benchmarks/sparse_speed.py --report prints for that run's
+    """`FILE` or `FILE|PART,PART`: the tables benchmarks/sparse_speed.py --report prints for that run's
     JSON (of those parts only: attention, body, flex, decode)."""
-    path, _, parts = arg.partition(":")
+    path, _, parts = arg.partition("|")
     return _benchmark(root, "sparse_speed").tables(_json(root, path)["rows"], parts.split(",") if parts else None)
 
 
