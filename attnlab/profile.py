@@ -290,6 +290,10 @@ def markdown(rows: list[dict], title: str) -> str:
                 f"{f(r.get('attention_seconds', None) and r['attention_seconds'] * 1e3, '{:.1f}')} | "
                 f"{f(_ratio(rows, r, 'attention_seconds', 'dense-sdpa'), '{:.2f}')} | "
                 f"{f(r.get('sparsity'), '{:.2f}')} | {f(r.get('work'), '{:.2f}')} |")
+        caches = dict.fromkeys(f"{r['variant']} {r['cache']}" for r in sel if "cache" in r)
+        if caches:
+            lines += ["", "KV cache (dynamic: transformers' DynamicCache; growing: attnlab.kvcache.GrowingCache): "
+                      + ", ".join(caches) + "."]
         lines.append("")
     notes = sorted({f"{r['variant']}: peak memory {r['peak_note']}" for r in rows if "peak_note" in r})
     lines += [f"Note: {n}." for n in notes] + ([""] if notes else [])
