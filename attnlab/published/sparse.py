@@ -132,3 +132,57 @@ def sparse_quality_rows(root: Path) -> list[str]:
                f"`python benchmarks/sparse_quality.py --length 2048 --report` (and `--length 4096`) | {cmp} | beats Quest "
                f"{_mark(False)} |")
     return out
+
+
+GRANULARITY_SAME = ("model", "length", "block_size", "text_tokens", "sequences")   # the text: by these and its name
+
+
+def _granularity_data(root: Path, length: str) -> dict:
+    """The row-wise run's dense, window, quest and oracle points and the block-shared run's quest and
+    oracle points (renamed `quest·block`, `oracle·block`) in one data dict, on the sequences both read;
+    refused when the runs differ in model, length, block size, text (its name and token count: the
+    two runs may have read it from different folders) or a sequence's dense NLL."""
+    row = _json(root, f"benchmarks/results/sparse_quality_{length}.json")
+    block = _json(root, f"benchmarks/results/sparse_quality_{length}_block.json")
+    bad = [k for k in GRANULARITY_SAME if row["meta"].get(k) != block["meta"].get(k)]
+    bad += ["text"] if Path(row["meta"]["text"]).name != Path(block["meta"]["text"]).name else []
+    if bad:
+        raise DataError(f"sparse_quality_{length}_block.json differs from sparse_quality_{length}.json in "
+                        f"{', '.join(bad)}: rerun it with the row-wise run's settings")
+    points = {k: p for k, p in row["points"].items() if p["selector"] in ("dense", "window", "quest", "oracle")}
+    for k, p in block["points"].items():
+        if p["selector"] == "dense":
+            for si, r in p["sequences"].items():
+                d = row["points"]["dense"]["sequences"].get(si)
+                if d is not None and abs(d["nll"] - r["nll"]) > 1e-3 * abs(d["nll"]):
+                    raise DataError(f"sequence {si}: the block-shared run's dense NLL differs from the row-wise run's")
+        elif p["selector"] in ("quest", "oracle"):
+            name = p["selector"] + "·block"
+            points[f"{name}:{k.split(':', 1)[1]}"] = {**p, "selector": name}
+    return {"meta": row["meta"], "points": points}
+
+
+def sparse_granularity(root: Path, arg: str) -> str:
+    """`LENGTH`: the block-shared selection (granularity: block) against the row-wise one and the
+    window, at equal density, on the held-out sequences both sparse_quality_LENGTH runs read
+    (quality.compare: per sequence, NLL per token interpolated in density; paired over sequences)."""
+    from ..modules.sparse import quality
+    from .sparse_ablation import _pct
+
+    data = _granularity_data(root, arg)
+    seqs = quality.complete(data)
+    if len(seqs) < quality.MIN_SEQUENCES:
+        raise DataError(f"sparse_quality_{arg}_block.json: fewer than {quality.MIN_SEQUENCES} held-out sequences "
+                        f"read by every budget of both runs")
+    lines = [f"{len(seqs)} held-out sequences of {arg} tokens (sequences {_ranges([int(s) for s in seqs])}), read by "
+             f"both runs; A ÷ B − 1 in perplexity at equal density (negative: A is better); intervals: 95% "
+             f"bootstrap over sequences, and the t-interval.", "",
+             "| A | B | density 0.25 | density 0.3 | density 0.4 |", "|---|---|---:|---:|---:|"]
+    for a, b in (("quest·block", "quest"), ("oracle·block", "oracle"), ("quest·block", "window"),
+                 ("oracle·block", "window"), ("quest·block", "dense"), ("oracle·block", "dense")):
+        cells = []
+        for density in (0.25, 0.3, 0.4):
+            rows = quality.compare(data, seqs, [(a, b)], [density])
+            cells.append(_pct(rows[0]) if rows else "– (density not reached)")
+        lines.append(f"| {a} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
