@@ -151,8 +151,10 @@ def cmd_generate(a) -> int:
     kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, pad_token_id=tok.pad_token_id)
     kw.update(temperature=a.temperature, top_k=a.top_k or 0) if a.sample else kw.update(
         temperature=None, top_p=None, top_k=None)
+    from .kvcache import generation_cache
+    cache = generation_cache(bb.model)          # a sparse plug-in: appends in place (kvcache.py)
     with torch.no_grad():
-        out = bb.model.generate(**ids, **kw)
+        out = bb.model.generate(**ids, **kw, **({"past_key_values": cache} if cache is not None else {}))
     print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     return 0
 
@@ -272,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(window, learned, quest, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
     pr.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training", "decode"],
                     help="decode: one generated token with a KV cache of each --lengths context")
+    pr.add_argument("--decode-cache", default="generate", choices=["generate", "dynamic", "growing"],
+                    help="the KV cache of decode: what `attnlab generate` uses (growing with a sparse plug-in, "
+                    "transformers' DynamicCache otherwise; default), or one of those for every variant")
     pr.add_argument("--layers", type=int, help="profile only the first N transformer layers (default: all)")
     pr.add_argument("--batch", type=int, default=1)
     pr.add_argument("--repeat", type=int, default=3, help="timed calls per measurement, after one warm-up")
@@ -323,7 +328,8 @@ def cmd_profile(a) -> int:
     model = build_model(a.model, random_weights=a.random_weights, layers=a.layers, device=dev)
     for n in a.lengths:
         check_length(model, n, "--lengths")
-    rows = profile(model, a.variants, a.lengths, tuple(a.modes), repeat=a.repeat, batch=a.batch)
+    rows = profile(model, a.variants, a.lengths, tuple(a.modes), repeat=a.repeat, batch=a.batch,
+                   decode_cache=a.decode_cache)
     where = torch.cuda.get_device_name() if dev else f"cpu, {torch.get_num_threads()} threads"
     title = (f"attnlab profile: {a.model}{' (random weights)' if a.random_weights else ''}, "
              f"{model.config.num_hidden_layers} layers, batch {a.batch}, {where}")

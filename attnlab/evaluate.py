@@ -19,6 +19,7 @@ from torch import nn
 from .backbone import decoder, max_positions
 from .data import IGNORE, Example, collate, collate_prompts
 from .errors import DataError
+from .kvcache import generation_cache
 
 # --- answers -------------------------------------------------------------------------------------
 #
@@ -388,6 +389,9 @@ def generate(model: nn.Module, tokenizer, examples: list[Example], max_new_token
             kwargs.update(temperature=temperature, top_k=top_k or 0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        cache = generation_cache(model)             # a sparse plug-in: appends in place (kvcache.py)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         out = model.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)

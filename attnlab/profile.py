@@ -7,7 +7,9 @@ model's transformer body (the LM head is the same for every variant and is left 
     embeddings require grad, so no parameter gradients are needed to exercise the backward);
   - decode: one generated token of the whole model (LM head included, logits of that token only)
     with a KV cache holding `length` tokens (prefilled untimed by the same variant; the cache is
-    cropped back after each timed step); a sparse plug-in reads its page metadata (pages.py);
+    cropped back after each timed step); a sparse plug-in reads its page metadata (pages.py); the
+    cache is the one `attnlab generate` uses (kvcache.generation_cache: GrowingCache with a sparse
+    plug-in, DynamicCache otherwise) unless decode_cache names one; the row says which;
   - attention time: the time spent inside the attention functions during the inference forward
     (decode: during the step), isolated with torch.profiler (every variant runs through a labelled
     wrapper).
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from .backbone import RANDOM, RANDOM_PREFIX, TINY, decoder, layers as block_stack, load_backbone
+from .kvcache import GrowingCache, generation_cache
 from .memory import peak_bytes
 
 # SmolLM2-135M's shape, for random-weight profiling where the embedded file is not at hand.
@@ -155,8 +158,10 @@ def _available_bytes() -> int:
 
 def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[int] | None = None,
             modes: tuple[str, ...] = ("inference", "training"), repeat: int = 3, batch: int = 1,
-            log=print) -> list[dict]:
-    """One row per (variant, length, mode): seconds, peak MiB, and (inference) attention seconds."""
+            log=print, decode_cache: str = "generate") -> list[dict]:
+    """One row per (variant, length, mode): seconds, peak MiB, and (inference) attention seconds.
+    decode_cache: the KV cache of decode ("generate": what generation uses, kvcache.generation_cache;
+    "dynamic": transformers' DynamicCache; "growing": kvcache.GrowingCache)."""
     from .modules import attach
 
     variants = [parse_variant(v) for v in (variants or DEFAULT_VARIANTS)]
@@ -198,7 +203,8 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
                     row = {"variant": v.name, "tokens": T, "mode": mode, "batch": batch}
                     fn = {"inference": forward, "training": train_step, "decode": decode_step}[mode]
                     if mode == "decode":
-                        state["cache"] = _prefilled(model, ids)
+                        state["cache"] = _prefilled(model, ids, decode_cache)
+                        row["cache"] = "growing" if isinstance(state["cache"], GrowingCache) else "dynamic"
                     if mode == "training" and v.kind == "dense-eager" and _eager_train_bytes(model, T) > 0.7 * _available_bytes():
                         row["skipped"] = (f"needs ~{_eager_train_bytes(model, T) / 2**30:.1f} GiB for the eager "
                                           f"attention maps; {_available_bytes() / 2**30:.1f} GiB free")
@@ -238,10 +244,12 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
     return rows
 
 
-def _prefilled(model: nn.Module, ids: torch.Tensor):
-    """A KV cache holding ids (B, T), filled by the model as it is now (untimed)."""
+def _prefilled(model: nn.Module, ids: torch.Tensor, cache: str = "dynamic"):
+    """A KV cache holding ids (B, T), filled by the model as it is now (untimed): transformers'
+    DynamicCache, a GrowingCache, or ("generate") the one generation would use."""
+    start = {"dynamic": None, "growing": GrowingCache(), "generate": generation_cache(model)}[cache]
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1, past_key_values=start).past_key_values
 
 
 def _ratio(rows, row, key, ref_kind):
@@ -282,6 +290,10 @@ def markdown(rows: list[dict], title: str) -> str:
                 f"{f(r.get('attention_seconds', None) and r['attention_seconds'] * 1e3, '{:.1f}')} | "
                 f"{f(_ratio(rows, r, 'attention_seconds', 'dense-sdpa'), '{:.2f}')} | "
                 f"{f(r.get('sparsity'), '{:.2f}')} | {f(r.get('work'), '{:.2f}')} |")
+        caches = dict.fromkeys(f"{r['variant']} {r['cache']}" for r in sel if "cache" in r)
+        if caches:
+            lines += ["", "KV cache (dynamic: transformers' DynamicCache; growing: attnlab.kvcache.GrowingCache): "
+                      + ", ".join(caches) + "."]
         lines.append("")
     notes = sorted({f"{r['variant']}: peak memory {r['peak_note']}" for r in rows if "peak_note" in r})
     lines += [f"Note: {n}." for n in notes] + ([""] if notes else [])

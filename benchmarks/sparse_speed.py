@@ -189,37 +189,58 @@ def body_rows(model, T: int, repeat: int) -> list[dict]:
 def decode_rows(model, T: int, repeat: int) -> list[dict]:
     """One generated token of the whole model with a KV cache of T tokens (prefilled once, by dense
     SDPA: the cache's contents do not change the timing; each plug-in builds its page store in its
-    untimed warm-up step), cropped back after each step."""
+    untimed warm-up step), cropped back after each step. Each variant with both caches:
+    transformers' DynamicCache (appends with torch.cat: copies the layer's K and V every token) and
+    attnlab.kvcache.GrowingCache (appends in place; what generation uses with a sparse plug-in);
+    the ideal: the dense model with a GrowingCache of as many tokens as a sparse step attends to."""
+    from attnlab.kvcache import GrowingCache
     from attnlab.profile import _prefilled
     ids = torch.randint(0, model.config.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(T))
-    cache = _prefilled(model, ids[:, :T])
+    dynamic = _prefilled(model, ids[:, :T])
+    bs = options(T)["quest"]["block_size"]
+    kept = (TOP_K + 2) * bs + ((T + 1) % bs or bs)   # blocks 0, i-1, the top_k and the diagonal's T+1-i*bs keys
 
-    def step():
+    def growing(n):
+        cache = GrowingCache()
+        for i, layer in enumerate(dynamic.layers):
+            cache.update(layer.keys[:, :, :n], layer.values[:, :, :n], i)
+        return cache
+
+    caches = {"dynamic": dynamic, "growing": growing(T), "ideal": growing(kept - 1)}
+    variants = {"dense-sdpa": (None, "dynamic"), "dense-sdpa (growing cache)": (None, "growing"),
+                f"ideal (dense, {kept} keys)": (None, "ideal")}
+    for name in ("quest", "learned"):
+        variants[name] = (options(T)[name], "growing")
+        variants[f"{name} (dynamic cache)"] = (options(T)[name], "dynamic")
+
+    def step(cache):
         with torch.no_grad():
             model(input_ids=ids[:, T:], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.crop(-1)
 
-    opts = {"dense-sdpa": None, "quest": options(T)["quest"], "learned": options(T)["learned"]}
-    timings = interleaved({name: step for name in opts}, repeat, attached(model, opts))
+    fns = {name: (lambda c=caches[kind]: step(c)) for name, (_, kind) in variants.items()}
+    timings = interleaved(fns, repeat, attached(model, {name: o for name, (o, _) in variants.items()}))
     rows = []
-    for name in opts:
+    for name, (opts, kind) in variants.items():
         row = {"part": "decode", "tokens": T, "layers": model.config.num_hidden_layers, "variant": name,
-               "mode": "decode", "wall_s": timings[name][0], "cpu_s": timings[name][1],
-               "tokens_per_s_cpu": 1 / timings[name][1], "options": opts[name]}
+               "mode": "decode", "cache": "growing" if kind == "ideal" else kind, "wall_s": timings[name][0],
+               "cpu_s": timings[name][1], "tokens_per_s_cpu": 1 / timings[name][1], "options": opts,
+               **({"keys": kept} if kind == "ideal" else {})}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def tables(rows: list[dict]) -> str:
-    """Markdown tables of the rows: ratios of CPU seconds (wall in brackets) to dense SDPA and to
-    the variant's ideal, measured in the same run."""
+def tables(rows: list[dict], parts: list[str] | None = None) -> str:
+    """Markdown tables of the rows (of `parts` only, when given): ratios of CPU seconds (wall in
+    brackets) to dense SDPA and to the variant's ideal, measured in the same run."""
+    rows = [r for r in rows if parts is None or r["part"] in parts]
     def ref(r, name):
         return next(x for x in rows if x["part"] == r["part"] and x["tokens"] == r["tokens"]
                     and x["mode"] == r["mode"] and x["variant"] == name)
 
     out = ["| tokens | mode | variant | density | work | × SDPA (CPU) | × SDPA (wall) | × ideal (CPU) |",
-           "|---:|---|---|---:|---:|---:|---:|---:|"]
+           "|---:|---|---|---:|---:|---:|---:|---:|"] if any(x["part"] == "attention" for x in rows) else []
     for r in (x for x in rows if x["part"] == "attention" and not x["variant"].startswith("ideal")):
         d = ref(r, "dense-sdpa")
         ideal = f"{r['cpu_s'] / ref(r, 'ideal (' + r['variant'] + ')')['cpu_s']:.2f}" if r["variant"] != "dense-sdpa" else "–"
@@ -232,7 +253,7 @@ def tables(rows: list[dict]) -> str:
     def section(part, header, cells):
         chosen = [x for x in rows if x["part"] == part]
         if chosen:
-            out.extend(["", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)])
+            out.extend(([""] if out else []) + ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)])
             out.extend("| " + " | ".join(cells(r, ref(r, "dense-sdpa"))) + " |" for r in chosen)
 
     section("flex", ["tokens", "variant", "× SDPA (CPU)", "× SDPA (wall)"],
@@ -240,9 +261,15 @@ def tables(rows: list[dict]) -> str:
     section("body", ["tokens", "body layers", "variant", "step × SDPA (CPU)", "step × SDPA (wall)", "peak MiB", "peak × SDPA"],
             lambda r, d: [str(r["tokens"]), str(r["layers"]), r["variant"], f"{r['cpu_s'] / d['cpu_s']:.2f}",
                           f"{r['wall_s'] / d['wall_s']:.2f}", f"{r['peak_MiB']:.0f}", f"{r['peak_MiB'] / d['peak_MiB']:.3f}"])
-    section("decode", ["context", "variant", "ms per token (CPU)", "tokens/s × dense (CPU)", "tokens/s × dense (wall)"],
-            lambda r, d: [str(r["tokens"]), r["variant"], f"{r['cpu_s'] * 1e3:.1f}", f"{d['cpu_s'] / r['cpu_s']:.2f}",
-                          f"{d['wall_s'] / r['wall_s']:.2f}"])
+    def same_cache(r):   # tokens/s against dense SDPA with the row's own cache
+        d = next((x for x in rows if x["part"] == "decode" and x["tokens"] == r["tokens"]
+                  and x["variant"].startswith("dense-sdpa") and x.get("cache", "dynamic") == r.get("cache", "dynamic")), None)
+        return f"{d['cpu_s'] / r['cpu_s']:.2f}" if d else "–"
+
+    section("decode", ["context", "variant", "KV cache", "ms per token (CPU)", "tokens/s × dense (CPU)",
+                       "tokens/s × dense (wall)", "× dense, same cache (CPU)"],
+            lambda r, d: [str(r["tokens"]), r["variant"], r.get("cache", "dynamic"), f"{r['cpu_s'] * 1e3:.1f}",
+                          f"{d['cpu_s'] / r['cpu_s']:.2f}", f"{d['wall_s'] / r['wall_s']:.2f}", same_cache(r)])
     return "\n".join(out)
 
 
@@ -256,10 +283,12 @@ def main(argv=None):
                     choices=["attention", "body", "decode", "flex"], help="flex: compiled FlexAttention inference "
                     "against the gather kernel (not in the default: the first compile takes minutes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_speed.json"))
-    ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON")
+    ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON (of --parts, "
+                    "when given)")
     args = ap.parse_args(argv)
     if args.report:
-        print(tables(json.loads(Path(args.report).read_text())["rows"]))
+        given = "--parts" in (argv if argv is not None else sys.argv)
+        print(tables(json.loads(Path(args.report).read_text())["rows"], args.parts if given else None))
         return
     started = time.time()
     meta = {"command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), "python"] + sys.argv),

@@ -80,3 +80,7 @@ def test_decode_mode_times_one_cached_token_and_the_sparse_step_reads_fewer_keys
     assert all(r["mode"] == "decode" and r["seconds"] > 0 and "attention_seconds" in r for r in rows)
     assert by["quest:block_size=16,top_k=1"]["work"] < 0.3          # 4 blocks of 16 of the 257 keys
     assert model.config._attn_implementation == "sdpa"
+    # the cache generation would use: appending in place with a sparse plug-in, transformers' otherwise
+    assert by["dense-sdpa"]["cache"] == "dynamic" and by["quest:block_size=16,top_k=1"]["cache"] == "growing"
+    same = profile(model, ["dense-sdpa"], [64], modes=("decode",), repeat=1, log=lambda *_: None, decode_cache="growing")
+    assert same[0]["cache"] == "growing"

@@ -160,16 +160,20 @@ def test_model_gradients_with_block_selection_equal_the_masked_reference(tiny, v
 
 # --- decoding with page metadata ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("cache", ["dynamic", "growing"])
 @pytest.mark.parametrize("variant", ["quest", "learned"])
-def test_decode_steps_equal_a_full_recomputation_with_row_selection(tiny, variant):
-    # Prefill 26 tokens with the cache, then 9 one-token steps; each step's logits against a full
+def test_decode_steps_equal_a_full_recomputation_with_row_selection(tiny, variant, cache):
+    # Prefill 26 tokens with the cache (transformers' DynamicCache, or kvcache.GrowingCache whose
+    # keys are strided views of a buffer), then 9 one-token steps; each step's logits against a full
     # forward (no cache) of the same tokens with granularity row; page metadata computed once per block.
+    from attnlab.kvcache import GrowingCache
     x = ids(35, batch=1, seed=5)
     plugin = attach(tiny.model, variant=variant, top_k=1, granularity="row")
     with torch.no_grad():
         full = tiny.model(input_ids=x).logits
         before = [layer.pages.computed for layer in plugin.layers()]
-        out = tiny.model(input_ids=x[:, :26], use_cache=True)
+        out = tiny.model(input_ids=x[:, :26], use_cache=True,
+                         past_key_values=GrowingCache() if cache == "growing" else None)
         cache, steps = out.past_key_values, []
         for t in range(26, 35):
             out = tiny.model(input_ids=x[:, t:t + 1], past_key_values=cache, use_cache=True)

@@ -18,8 +18,8 @@ from .bench import (benchmark_table, factorized_goal, factorized_recompute, fact
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
 from .kept import kept_run, kept_sweep
 from .sparse_ablation import gate_ablation
-from .sparse import (sparse_block_vs_row, sparse_block_vs_row_summary, sparse_compare, sparse_gate_kl, sparse_goal,
-                     sparse_point, sparse_speed, sparse_table, sparse_text)
+from .sparse import (sparse_compare, sparse_gate_kl, sparse_goal,
+                     sparse_granularity, sparse_point, sparse_speed, sparse_table, sparse_text)
 from .sparse_goals import sparse_speed_goals
 from .sparse_verdict import (sparse_compare_at, sparse_flex, sparse_kernel_goal, sparse_memory_goal, sparse_next_budget,
                              sparse_targets)
@@ -32,14 +32,14 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "sparse_table": sparse_table, "sparse_compare": sparse_compare, "sparse_text": sparse_text,
              "sparse_speed": sparse_speed, "gpu_train": gpu_train_table, "gpu_sparse": gpu_sparse_table, "gpu_checks": gpu_checks,
              "gate_ablation": gate_ablation, "sparse_speed_goals": sparse_speed_goals,
-             "sparse_block_vs_row": sparse_block_vs_row, "sparse_block_vs_row_summary": sparse_block_vs_row_summary,
              "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute,
              "json_table": json_table, "sparse_memory_table": sparse_memory_table,
              "sparse_kernel_table": sparse_kernel_table, "kept_run": kept_run, "kept_sweep": kept_sweep,
              "sparse_memory_goal": sparse_memory_goal, "sparse_kernel_goal": sparse_kernel_goal,
              "sparse_next_budget": sparse_next_budget, "sparse_targets": sparse_targets, "sparse_flex": sparse_flex,
              "sparse_compare_at": sparse_compare_at, "lm_eval": lm_eval,
-             "sparse_point": sparse_point, "json_value": json_value, "sparse_gate_kl": sparse_gate_kl}
+             "sparse_point": sparse_point, "json_value": json_value, "sparse_gate_kl": sparse_gate_kl,
+             "sparse_granularity": sparse_granularity}
 
 
 def render_one(expr: str, root: Path) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from pathlib import Path
 
 from ..errors import DataError
 from .tables import _json, _mark, md_tables
+
 
 @functools.lru_cache(maxsize=None)
 def _benchmark(root: Path, name: str):
@@ -25,8 +25,10 @@ def _sparse_module(root: Path):
 
 
 def sparse_speed(root: Path, arg: str) -> str:
-    """`FILE`: the tables benchmarks/sparse_speed.py --report prints for that run's JSON."""
-    return _benchmark(root, "sparse_speed").tables(_json(root, arg)["rows"])
+    """`FILE` or `FILE|PART,PART`: the tables benchmarks/sparse_speed.py --report prints for that run's
+    JSON (of those parts only: attention, body, flex, decode)."""
+    path, _, parts = arg.partition("|")
+    return _benchmark(root, "sparse_speed").tables(_json(root, path)["rows"], parts.split(",") if parts else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,48 +171,55 @@ def sparse_quality_rows(root: Path) -> list[str]:
     return out
 
 
-def _per_sequence(data: dict, key: str) -> dict[str, float]:
-    """Perplexity change against dense of one point, per sequence: exp((NLL − NLL_dense) / tokens) − 1."""
-    dense, point = data["points"]["dense"]["sequences"], data["points"][key]["sequences"]
-    return {s: math.exp((point[s]["nll"] - dense[s]["nll"]) / point[s]["tokens"]) - 1 for s in point if s in dense}
+GRANULARITY_SAME = ("model", "length", "block_size", "text_tokens", "sequences")   # the text: by these and its name
 
 
-def _block_vs_row(root: Path, arg: str):
-    """(sequences, [(budget, density, row changes, block changes)]) of SELECTOR in the block-shared
-    run against the row-wise run of the same LENGTH, on the sequences both scored."""
-    length, selector = arg.split("|")
+def _granularity_data(root: Path, length: str) -> dict:
+    """The row-wise run's dense, window, quest and oracle points and the block-shared run's quest and
+    oracle points (renamed `quest·block`, `oracle·block`) in one data dict, on the sequences both read;
+    refused when the runs differ in model, length, block size, text (its name and token count: the
+    two runs may have read it from different folders) or a sequence's dense NLL."""
     row = _json(root, f"benchmarks/results/sparse_quality_{length}.json")
     block = _json(root, f"benchmarks/results/sparse_quality_{length}_block.json")
-    out, seqs = [], None
-    for key, p in block["points"].items():
-        if p["selector"] != selector or key not in row["points"]:
-            continue
-        b, r = _per_sequence(block, key), _per_sequence(row, key)
-        seqs = sorted(set(b) & set(r), key=int)
-        out.append((p["budget"], row["points"][key]["summary"]["density"], [r[s] for s in seqs], [b[s] for s in seqs]))
-    if not out:
-        raise DataError(f"sparse_quality_{length}_block.json has no {selector!r} point the row-wise run has")
-    return seqs, sorted(out, key=lambda t: t[1])
+    bad = [k for k in GRANULARITY_SAME if row["meta"].get(k) != block["meta"].get(k)]
+    bad += ["text"] if Path(row["meta"]["text"]).name != Path(block["meta"]["text"]).name else []
+    if bad:
+        raise DataError(f"sparse_quality_{length}_block.json differs from sparse_quality_{length}.json in "
+                        f"{', '.join(bad)}: rerun it with the row-wise run's settings")
+    points = {k: p for k, p in row["points"].items() if p["selector"] in ("dense", "window", "quest", "oracle")}
+    for k, p in block["points"].items():
+        if p["selector"] == "dense":
+            for si, r in p["sequences"].items():
+                d = row["points"]["dense"]["sequences"].get(si)
+                if d is not None and abs(d["nll"] - r["nll"]) > 1e-3 * abs(d["nll"]):
+                    raise DataError(f"sequence {si}: the block-shared run's dense NLL differs from the row-wise run's")
+        elif p["selector"] in ("quest", "oracle"):
+            name = p["selector"] + "·block"
+            points[f"{name}:{k.split(':', 1)[1]}"] = {**p, "selector": name}
+    return {"meta": row["meta"], "points": points}
 
 
-def sparse_block_vs_row(root: Path, arg: str) -> str:
-    """`LENGTH|SELECTOR`: per sequence, the perplexity change against dense of SELECTOR's row-wise
-    selection (sparse_quality_LENGTH.json) and its block-shared one (sparse_quality_LENGTH_block.json)
-    at each budget both ran."""
-    seqs, rows = _block_vs_row(root, arg)
-    sel, s = arg.split("|")[1], " / ".join(seqs)
-    lines = [f"| {sel} budget | density | row-wise, seq {s} | block-shared, seq {s} |", "|---|---:|---:|---:|"]
-    pct = lambda xs: " / ".join(f"{100 * x:+.1f}%" for x in xs)   # noqa: E731
-    lines += [f"| {_budget(b)} | {d:.2f} | {pct(r)} | {pct(k)} |" for b, d, r, k in rows]
+def sparse_granularity(root: Path, arg: str) -> str:
+    """`LENGTH`: the block-shared selection (granularity: block) against the row-wise one and the
+    window, at equal density, on the held-out sequences both sparse_quality_LENGTH runs read
+    (quality.compare: per sequence, NLL per token interpolated in density; paired over sequences)."""
+    from ..modules.sparse import quality
+    from .sparse_ablation import _pct
+
+    data = _granularity_data(root, arg)
+    seqs = quality.complete(data)
+    if len(seqs) < quality.MIN_SEQUENCES:
+        raise DataError(f"sparse_quality_{arg}_block.json: fewer than {quality.MIN_SEQUENCES} held-out sequences "
+                        f"read by every budget of both runs")
+    lines = [f"{len(seqs)} held-out sequences of {arg} tokens (sequences {_ranges([int(s) for s in seqs])}), read by "
+             f"both runs; A ÷ B − 1 in perplexity at equal density (negative: A is better); intervals: 95% "
+             f"bootstrap over sequences, and the t-interval.", "",
+             "| A | B | density 0.25 | density 0.3 | density 0.4 |", "|---|---|---:|---:|---:|"]
+    for a, b in (("quest·block", "quest"), ("oracle·block", "oracle"), ("quest·block", "window"),
+                 ("oracle·block", "window"), ("quest·block", "dense"), ("oracle·block", "dense")):
+        cells = []
+        for density in (0.25, 0.3, 0.4):
+            rows = quality.compare(data, seqs, [(a, b)], [density])
+            cells.append(_pct(rows[0]) if rows else "– (density not reached)")
+        lines.append(f"| {a} | {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def sparse_block_vs_row_summary(root: Path, arg: str) -> str:
-    """`LENGTH|SELECTOR`: one line: in how many (budget, sequence) pairs the block-shared selection is
-    worse than the row-wise one, and by how much (points of perplexity change)."""
-    seqs, rows = _block_vs_row(root, arg)
-    gaps = [k - r for _, _, rs, ks in rows for r, k in zip(rs, ks)]
-    worse = sum(g > 0 for g in gaps)
-    return (f"{arg.split('|')[1]} only, {len(seqs)} sequences at {arg.split('|')[0]} tokens: block-shared worse than "
-            f"row-wise in {worse} of {len(gaps)} (budget, sequence) pairs, by {100 * min(gaps):+.1f} to "
-            f"{100 * max(gaps):+.1f} points of perplexity change")

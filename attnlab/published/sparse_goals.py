@@ -14,6 +14,12 @@ for reference and not judged. A goal whose rows the run lacks reads "not in this
 the ceiling is printed too: if attention cost nothing at context T, a step would cost at least the
 dense step at the shortest context measured (the part that does not depend on the context, taken
 as that step), so tokens/s could rise at most by dense(T) / dense(shortest).
+
+A decode run that names each row's KV cache (`sparse_speed.py --parts decode`, given as the second
+file) is read twice: against dense as it generates (transformers' DynamicCache, the default without a
+sparse plug-in) and against dense on the same cache the sparse rows used (GrowingCache), beside the
+ideal on that cache (a dense step over only the keys a sparse step reads). The verdict is given for
+each reading; it replaces the first file's decode rows.
 """
 
 from __future__ import annotations
@@ -104,11 +110,43 @@ def goal_row(rows: list[dict], text: str, part: str, mode: str, tokens: int | No
     return f"| {text} | {'; '.join(by_len)} | {verdict} |"
 
 
+def _cached(rows: list[dict], variant: str, tokens: int, cache: str) -> dict | None:
+    return next((r for r in rows if r["tokens"] == tokens and r.get("cache") == cache
+                 and (r["variant"] == variant or r["variant"].startswith(f"{variant} ("))), None)
+
+
+def decode_row(rows: list[dict], text: str, tokens: int, goal: float) -> str:
+    """One Markdown row for a decode goal from rows that name their cache: the sparse variants on
+    the growing cache against dense on the dynamic cache and against dense on the growing cache."""
+    sparse = [r for v in JUDGED if (r := _cached(rows, v, tokens, "growing")) is not None]
+    dyn, grow = _cached(rows, "dense-sdpa", tokens, "dynamic"), _cached(rows, "dense-sdpa", tokens, "growing")
+    ideal = _cached(rows, "ideal", tokens, "growing")
+    if not sparse or dyn is None or grow is None:
+        return f"| {text} | not in this run | – |"
+    cells, marks = [], []
+    for ref, name in ((dyn, "vs dense as it generates (DynamicCache)"), (grow, "vs dense on the same GrowingCache")):
+        xs = [(r["variant"], ref["cpu_s"] / r["cpu_s"]) for r in sparse]
+        cell = f"{name}: " + ", ".join(f"{v} {x:.2f}×" for v, x in xs)
+        if ref is grow and ideal is not None:
+            cell += f" (ideal {grow['cpu_s'] / ideal['cpu_s']:.2f}×)"
+        cells.append(cell)
+        miss = [f"{v} ({x:.2f}×, by {goal - x:.{2 if round(goal - x, 2) else 3}f})" for v, x in xs if x < goal]
+        marks.append(f"{'✘ ' + ', '.join(miss) if miss else '✔'} {name.split(' (')[0].split(':')[0]}")
+    return f"| {text} | {'; '.join(cells)} | {'; '.join(marks)} |"
+
+
 def sparse_speed_goals(root: Path, arg: str) -> str:
-    """`FILE`: issue 26's goals table from a benchmarks/sparse_speed.py JSON (its `rows`), the
-    verdict of each goal computed from the rows (quest and learned judged, the window shown)."""
-    rows = _json(root, arg)["rows"]
+    """`FILE[|DECODE_FILE]`: issue 26's goals table from a benchmarks/sparse_speed.py JSON (its
+    `rows`), the verdict of each goal computed from the rows (quest and learned judged, the window
+    shown); the decode goals from DECODE_FILE's rows (each naming its cache) when it is given."""
+    path, _, decode = arg.partition("|")
+    rows = _json(root, path)["rows"]
+    drows = _json(root, decode)["rows"] if decode else None
     lines = ["| goal (quest and learned; window for reference) | measured (CPU-time ratios, this run) | met? |",
              "|---|---|---|"]
-    lines += [goal_row(rows, *g) for g in GOALS]
+    for g in GOALS:
+        if drows is not None and g[1] == "decode":
+            lines.append(decode_row(drows, g[0], g[3], g[5]))
+        else:
+            lines.append(goal_row(rows, *g))
     return "\n".join(lines)

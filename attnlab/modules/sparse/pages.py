@@ -76,6 +76,7 @@ class Pages:
         for learned, each (B, Hkv, nfull, E); only blocks not yet in the store are computed."""
         if not self._matches(k, p):
             self.reset()
+        probed = self.n                                     # the stored probe holds these blocks' last keys
         if p.nfull > self.n:
             lo, hi = self.n * p.bs, p.nfull * p.bs
             new = k[:, :, lo:hi]
@@ -90,5 +91,7 @@ class Pages:
             b, h, _, d = k.shape
             width = d if self.kind == "quest" else 3 * d
             return tuple(k.new_zeros(b, h, 0, width) for _ in range(2 if self.kind == "quest" else 1))
-        self.probe = k[:, :, p.bs - 1:self.n * p.bs:p.bs].clone()
+        if self.n > probed:                                 # only new blocks' last keys are copied
+            fresh = k[:, :, probed * p.bs + p.bs - 1:self.n * p.bs:p.bs]
+            self.probe = fresh.clone() if probed == 0 else torch.cat([self.probe, fresh], 2)
         return self.parts

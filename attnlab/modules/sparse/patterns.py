@@ -23,6 +23,7 @@ cache) chooses from exactly the keys a full forward chooses from, with the same 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ class Selection:
     idx: torch.Tensor        # (B|1, Hkv|1, S, R, K) long: key blocks; R = nq (per_block) or Tq
     valid: torch.Tensor      # same shape, bool
     per_block: bool
+    whole: bool = False      # every slot real, the fixed blocks 0, i-1, i first (a decoding step's top_k)
 
 
 class Pattern:
@@ -49,10 +51,23 @@ class Pattern:
         self.nb = (tk + bs - 1) // bs
         self.nfull = tk // bs                       # complete key blocks: the only ones a selector scores
         self.window, self.sinks = window, sinks
-        self.qpos = torch.arange(self.qoff, tk, device=device)
-        self.qblocks = torch.arange(self.qb0, self.qb0 + self.nq, device=device)   # global ids
-        self.rowblock = self.qpos // bs             # (tq,) the block of each query row
         self.has_candidates = (tk - 1) // bs >= 3   # the last row's block i has candidates 1 .. i-2
+
+    # made when first read (a decoding step reads none of them)
+    @functools.cached_property
+    def qpos(self) -> torch.Tensor:
+        """(tq,) the position of each query row."""
+        return torch.arange(self.qoff, self.tk, device=self.device)
+
+    @functools.cached_property
+    def qblocks(self) -> torch.Tensor:
+        """(nq,) the global ids of the query blocks."""
+        return torch.arange(self.qb0, self.qb0 + self.nq, device=self.device)
+
+    @functools.cached_property
+    def rowblock(self) -> torch.Tensor:
+        """(tq,) the block of each query row."""
+        return self.qpos // self.bs
 
     def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """The token-level rule: causal, and for window the band plus the sinks."""

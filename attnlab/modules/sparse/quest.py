@@ -38,8 +38,10 @@ def quest_row_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tor
     """q (B, Hq, Tq, D), key-block min/max lo, hi (B, Hkv, nfull, D) -> u (B, Hkv, G, Tq, nfull)."""
     b, hq, tq, d = q.shape
     hkv = lo.shape[1]
-    qg = q.view(b, hkv, hq // hkv, tq, d)
-    return qg.clamp(min=0) @ hi[:, :, None].transpose(-1, -2) + qg.clamp(max=0) @ lo[:, :, None].transpose(-1, -2)
+    qg = q.reshape(b, hkv, hq // hkv * tq, d)        # the G heads' rows share their kv head's blocks
+    u = torch.baddbmm(qg.clamp(max=0).flatten(0, 1) @ lo.flatten(0, 1).transpose(-1, -2),
+                      qg.clamp(min=0).flatten(0, 1), hi.flatten(0, 1).transpose(-1, -2))
+    return u.view(b, hkv, hq // hkv, tq, -1)
 
 
 def quest_scores(q: torch.Tensor, k: torch.Tensor, p: Pattern) -> torch.Tensor:

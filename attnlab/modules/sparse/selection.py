@@ -96,7 +96,7 @@ def decode_top_k(scores: torch.Tensor, p: Pattern, top_k: int) -> Selection:
     the candidates are the contiguous blocks 1 .. i-2, so top_k of scores (B, Hkv, S, 1, nfull) there,
     after the fixed blocks 0, i-1, i; every slot is real."""
     i = (p.tk - 1) // p.bs
-    top = scores[..., 1:i - 1].topk(min(top_k, i - 2), dim=-1).indices + 1
+    top = scores[..., 1:i - 1].topk(min(top_k, i - 2), dim=-1).indices.add_(1)
     fixed = torch.tensor([0, i - 1, i], device=scores.device).expand(*top.shape[:-1], 3)
     idx = torch.cat([fixed, top], -1)
-    return Selection(idx, torch.ones_like(idx, dtype=torch.bool), per_block=False)
+    return Selection(idx, torch.ones_like(idx, dtype=torch.bool), per_block=False, whole=True)
