@@ -43,7 +43,7 @@ from .data.arithmetic import check_options as check_arithmetic
 from .data.sources import SourceUnavailable
 from .errors import AttnlabError, ConfigError
 from .evaluate import answer_metrics, base_reference, generate, score
-from .keep import Keep, Reached, fresh_check, read_result, stop_at, train_result
+from .keep import Keep, Reached, check_folder, fresh_check, read_result, stop_at, train_result
 from .run_order import arm_seeds, cell_order
 from .runfolder import MARKER, inside, lexical, prepare_run_folder, unlock  # noqa: F401  (MARKER: re-exported)
 from .modules import METHODS, make_config
@@ -279,6 +279,7 @@ def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: 
         cfg["keep"] = as_str("--keep", keep)
     if fresh:
         fresh_check(cfg.get("keep"))
+    check_folder(cfg.get("keep"))
     names = [m["name"] for m in cfg["methods"]]
     if only_methods is not None:
         unknown = [m for m in only_methods if m not in names]

@@ -34,6 +34,7 @@ A run so loses at most the training in progress when its session ends.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .atomic import write_json_atomic, write_text_atomic
@@ -67,8 +68,11 @@ def read_result(path: Path, spec: dict, fix: str, log=print) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         log(f"[attnlab] {path} is damaged (not JSON); recomputing this cell")
         return None
-    if not isinstance(cell, dict) or cell.get("spec") != spec:
-        diff = differences(cell.get("spec") if isinstance(cell, dict) else None, spec)
+    if not isinstance(cell, dict) or not isinstance(cell.get("spec"), dict):
+        raise ConfigError(f"{path} is not a result attnlab wrote (no spec); move it out of the way, or name another "
+                          f"folder")
+    if cell["spec"] != spec:
+        diff = differences(cell["spec"], spec)
         raise ConfigError(f"{path} was computed with other settings ({', '.join(diff)} differ); {fix}")
     return cell
 
@@ -80,7 +84,7 @@ class Keep:
            "to recompute it)")
 
     def __init__(self, root, main: bool = True):
-        self.root = Path(root) if root else None
+        self.root = Path(os.path.expanduser(str(root))) if root else None   # '~' as the run folder reads it
         self.main = main   # only the main process writes
 
     def _cell(self, name: str, seed: int) -> Path:
@@ -110,6 +114,9 @@ class Keep:
             kept = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None   # damaged: the point is trained again and the file rewritten
+        if not isinstance(kept, dict) or not isinstance(kept.get("mark"), dict):
+            raise ConfigError(f"{path} is not a sweep point attnlab kept (no mark); move it out of the way, or name "
+                              f"another keep folder")
         if kept.get("mark") != mark:
             raise ConfigError(f"{path} was trained with other settings "
                               f"({', '.join(differences(kept.get('mark'), mark, nested=True))} differ); {self.FIX}")
@@ -159,6 +166,25 @@ def stop_at(val_fn, plugin, step: int, eval_every: int, steps: int):
         return val
 
     return wrapped
+
+
+def check_folder(root) -> None:
+    """Refuse, before any model is loaded, a keep folder that could not take the first finished
+    cell: a file (or a link to one, or to nothing), below a file, or in a folder that is not writable."""
+    if not root:
+        return
+    p = Path(os.path.abspath(os.path.expanduser(str(root))))
+    if p.is_symlink() and not p.exists():
+        raise ConfigError(f"keep: {root} is a symlink to nothing; point it at a folder, or name another keep folder")
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"keep: {root} is a file, not a folder; name a folder (it is created if missing)")
+    up = p
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise ConfigError(f"keep: {root} lies below {up}, which is a file; name a folder elsewhere")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise ConfigError(f"keep: {up} is not writable; make it writable, or name another keep folder")
 
 
 def fresh_check(root) -> None:

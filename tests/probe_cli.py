@@ -53,6 +53,19 @@ def _config(text: str, name: str = "c.yaml"):
     return setup
 
 
+def _keep(kind: str):
+    """A run config, and a keep folder that cannot take its results."""
+    def setup(tmp: Path) -> dict:
+        fields = {**_file(tmp), **_config(RUN.format(max_length=400))(tmp)}
+        if kind == "dangling":
+            (tmp / "gone").symlink_to(tmp / "nowhere")
+        elif kind == "foreign":
+            (tmp / "kept" / "lora" / "seed0").mkdir(parents=True)
+            (tmp / "kept" / "lora" / "seed0" / "result.json").write_text('{"accuracy": 0.9}')
+        return fields
+    return setup
+
+
 def _imports_raise(tmp: Path) -> dict:
     (tmp / "mods").mkdir(exist_ok=True)
     (tmp / "mods" / "boom_methods.py").write_text("1 / 0\n")
@@ -137,6 +150,15 @@ CASES: list[Case] = [
          "imports: importing 'boom_methods' raised ZeroDivisionError", _imports_raise, writes_nothing="{tmp}/runs"),
     Case("yaml key given twice", ["run", "{config}", "--out", "{tmp}/runs"], "the key 'train' appears twice",
          _config(RUN.format(max_length=400) + "train: {steps: 5}\n"), writes_nothing="{tmp}/runs"),
+    # keep: folders (attnlab/keep.py) that cannot take the results: refused before the model loads
+    Case("run --keep a file", ["run", "{config}", "--out", "{tmp}/runs", "--keep", "{file}"],
+         "is a file, not a folder", _keep("file"), writes_nothing="{tmp}/runs"),
+    Case("run --keep below a file", ["run", "{config}", "--out", "{tmp}/runs", "--keep", "{file}/kept"],
+         "which is a file", _keep("file"), writes_nothing="{tmp}/runs"),
+    Case("run --keep a dangling symlink", ["run", "{config}", "--out", "{tmp}/runs", "--keep", "{tmp}/gone"],
+         "is a symlink to nothing", _keep("dangling"), writes_nothing="{tmp}/runs"),
+    Case("run --keep holding a foreign result.json", ["run", "{config}", "--out", "{tmp}/runs", "--keep",
+         "{tmp}/kept"], "is not a result attnlab wrote", _keep("foreign")),
     # data files
     Case("data path a device", ["data", "preview", "--dataset", "local", "--path", "/dev/zero"],
          "is not a regular file"),

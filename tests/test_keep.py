@@ -149,3 +149,22 @@ def test_the_chosen_point_is_retrained_only_to_its_kept_best_step(tmp_path):
     assert any("to its best step 2" in l for l in logs)
     assert c["train"]["retrained"]["val_loss"] == pytest.approx(c["val_loss"], rel=1e-6)
     assert c["train"]["best_step"] == 2
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '{"val_loss": 1.5}'])
+def test_a_sweep_point_file_attnlab_did_not_write_is_refused_in_one_line_not_retrained_over(tmp_path, text):
+    from attnlab.keep import Keep
+
+    path = tmp_path / "kept" / "lora" / "seed0" / "sweep" / "lr0.001.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="is not a sweep point attnlab kept"):
+        Keep(tmp_path / "kept").point("lora", 0, "lr0.001", {"base": "x"})
+    assert path.read_text() == text
+
+
+def test_a_keep_folder_under_home_is_read_as_the_run_folder_reads_it(monkeypatch, tmp_path):
+    from attnlab.keep import Keep
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Keep("~/kept").root == tmp_path / "kept"
