@@ -30,13 +30,17 @@ def cell_order(cfg: dict, methods: list[dict] | None = None) -> list[tuple[dict,
     methods = cfg["methods"] if methods is None else methods
     by_name = {m["name"]: m for m in cfg["methods"]}
     todo = {m["name"]: arm_seeds(cfg, m) for m in methods}
-    order = cfg.get("order") or []
+    order = [] if cfg.get("order") is None else cfg["order"]
     if not isinstance(order, list) or not all(isinstance(x, str) and x for x in order):
         raise ConfigError(f"order: expected a list of arm names (NAME or NAME:SEED), got {order!r}")
-    out, seen = [], set()
+    out, seen, whole = [], set(), set()
     for i, entry in enumerate(order + [m["name"] for m in methods]):
         name, _, seed = entry.partition(":")
         where = f"order[{i}] ({entry!r})"
+        if i < len(order) and not seed:
+            if name in whole:
+                raise ConfigError(f"{where}: {name} is listed twice; list each arm (or NAME:SEED cell) once")
+            whole.add(name)
         if name not in by_name:
             raise ConfigError(f"{where}: no arm is named {name!r}; the arms are: {', '.join(by_name)}")
         if name not in todo:   # an arm --methods left out

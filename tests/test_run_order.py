@@ -35,6 +35,10 @@ def test_order_follows_a_methods_selection():
     (["a:0", "a:0"], "listed twice"),
     (["a:zero"], "must be an integer"),
     ("a", "expected a list"),
+    ({}, "expected a list"),
+    ("", "expected a list"),
+    (0, "expected a list"),
+    (["a", "a"], "a is listed twice"),
 ])
 def test_a_bad_order_is_refused_in_one_line(order, message):
     with pytest.raises(ConfigError, match=message):
