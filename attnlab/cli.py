@@ -316,18 +316,25 @@ def cmd_profile(a) -> int:
 
     from .profile import build_model, profile, write
 
-    from .backbone import check_length
+    from .backbone import check_length, max_positions
 
     from .errors import ConfigError
 
     for flag, n in (("--layers", a.layers), ("--batch", a.batch), ("--repeat", a.repeat)):
         if n is not None and n < 1:
             raise ConfigError(f"{flag}: {n} is not allowed; expected a number >= 1")
+    if a.decode_cache != "generate" and "decode" not in a.modes:
+        raise ConfigError(f"--decode-cache {a.decode_cache}: only decode has a KV cache; add decode to --modes, or "
+                          f"drop --decode-cache")
     _folder_arg(a.out, "--out", claim=True)
     dev = "cuda" if torch.cuda.is_available() else None
     model = build_model(a.model, random_weights=a.random_weights, layers=a.layers, device=dev)
     for n in a.lengths:
         check_length(model, n, "--lengths")
+    limit = max_positions(model)
+    if "decode" in a.modes and limit is not None and max(a.lengths) >= limit:   # the decoded token is one more
+        raise ConfigError(f"--lengths: decode generates one token after a context of {max(a.lengths)}, past the "
+                          f"{limit} positions {a.model} reads; use at most {limit - 1} with --modes decode")
     rows = profile(model, a.variants, a.lengths, tuple(a.modes), repeat=a.repeat, batch=a.batch,
                    decode_cache=a.decode_cache)
     where = torch.cuda.get_device_name() if dev else f"cpu, {torch.get_num_threads()} threads"
