@@ -30,6 +30,7 @@ them: a JSON file a top-level `command` (or `meta.command`), a Markdown report a
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -53,8 +54,13 @@ def results_files(root: Path = ROOT) -> list[Path]:
 def command_of(path: Path) -> str | None:
     """The command recorded in a results file, or None when it records none."""
     if path.suffix == ".json":
-        d = json.loads(path.read_text())
-        cmd = d.get("command") or (d.get("meta") or {}).get("command") if isinstance(d, dict) else None
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        meta = d.get("meta") if isinstance(d, dict) else None
+        cmd = d.get("command") or (meta.get("command") if isinstance(meta, dict) else None) if isinstance(
+            d, dict) else None
         return cmd if isinstance(cmd, str) and cmd.strip() else None
     m = re.search(r"^Command: `([^`]+)`", path.read_text(), re.M)
     return m.group(1) if m else None
@@ -135,9 +141,12 @@ def stale(root: Path = ROOT) -> list[str]:
             which = [e for (e, a), (_, b) in zip(old_blocks, new_blocks) if a != b]
             problems.append(f"{doc.relative_to(root)}: rendered blocks differ from their results files: "
                             f"{', '.join(which)} (run `python -m attnlab.docs render`)")
-    for path in results_files(root):
+    read = {root / m.group("expr").replace("\\|", "|").partition(":")[2].split("|")[0]
+            for doc in documents(root) for m in BLOCK.finditer(doc.read_text())}
+    others = sorted(p for p in read if p.suffix in (".json", ".md") and p.is_file() and p not in results_files(root))
+    for path in results_files(root) + others:   # a block may read a file outside the results folders too
         if command_of(path) is None:
-            problems.append(f"{path.relative_to(root)}: records no command (add a `command` field, or a "
+            problems.append(f"{os.path.relpath(path, root)}: records no command (add a `command` field, or a "
                             f"'Command: `...`' line to a report)")
     return problems
 

@@ -218,3 +218,22 @@ def test_the_memory_per_token_clause_divides_the_peaks_by_layers_and_tokens_in_f
         {"command": "x", "layers": 2, "rows": [{"variant": v, "tokens": 1024, "peak_MiB": m} for v, m in peaks.items()]}))
     assert render_one("sparse_memory_goal:per_token", tmp_path) == (   # 64 MiB / 2048 = 32,768 bytes = 8,192 numbers
         "64 MiB / (2 layers × 1024 tokens) ≈ 32.8 KB ≈ 8,192 fp32 numbers, the floor at ≈ 6,144; the ≈ 2,048 numbers")
+
+
+@pytest.mark.parametrize("expr", ["table:r.md", "cell:r.md|PPL", "json_value:r.json", "run_tables:r.json",
+                                  "json_table:r.json"])
+def test_a_malformed_block_argument_is_one_line_naming_the_block_not_a_traceback(tmp_path, expr):
+    (tmp_path / "r.md").write_text("Command: `x`\n\n| method | PPL |\n|---|---:|\n| lora | 3.50 |\n")
+    (tmp_path / "r.json").write_text(json.dumps({"command": "x", "rows": [1]}))
+    (tmp_path / "README.md").write_text(f"<!-- render:{expr} -->1<!-- /render -->\n")
+    [problem] = docs.stale(tmp_path)
+    assert problem.startswith(f"README.md: cannot render: render:{expr}: ") and "\n" not in problem, problem
+
+
+def test_a_block_reading_a_file_outside_the_results_folders_still_needs_its_command(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r.json").write_text(json.dumps({"meta": ["not a mapping"], "ppl": 3.5}))
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "bad.json").write_text("not json")
+    (tmp_path / "README.md").write_text("<!-- render:json_value:runs/r.json|ppl|.1f -->3.5<!-- /render -->\n")
+    assert sorted(p.split(":")[0] for p in docs.stale(tmp_path)) == ["docs/results/bad.json", "runs/r.json"]

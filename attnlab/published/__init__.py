@@ -47,4 +47,12 @@ def render_one(expr: str, root: Path) -> str:
     name, _, arg = expr.replace("\\|", "|").partition(":")
     if name not in RENDERERS:
         raise DataError(f"unknown renderer {name!r} in a rendered block (known: {', '.join(RENDERERS)})")
-    return RENDERERS[name](root, arg)
+    fn = RENDERERS[name]
+    try:
+        return fn(root, arg)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, ZeroDivisionError) as e:
+        if isinstance(e, DataError):
+            raise
+        usage = next((x.strip() for x in (fn.__doc__ or "").splitlines() if x.strip()), "see its docstring")
+        raise DataError(f"render:{expr}: {type(e).__name__}: {' '.join(str(e).split())[:160]}; check the argument "
+                        f"against {name}'s form ({usage[:160]}) and the file it reads") from None
