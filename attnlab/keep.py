@@ -100,8 +100,12 @@ class Keep:
         return cell
 
     def save_result(self, name: str, seed: int, cell: dict) -> None:
+        """Mirror a finished cell; a kept result of other settings that appeared meanwhile (another run
+        sharing the folder) is refused, never overwritten, and one of the same settings is left as it is."""
         if self.root is not None and self.main:
-            write_json_atomic(self._cell(name, seed) / "result.json", cell)
+            path = self._cell(name, seed) / "result.json"
+            if read_result(path, cell["spec"], self.FIX, log=lambda *_: None) is None:
+                write_json_atomic(path, cell)
 
     def point(self, name: str, seed: int, label: str, mark: dict) -> dict | None:
         """A finished sweep point's summary ({row, n_trainable, train}), or None if not kept."""
@@ -125,8 +129,8 @@ class Keep:
     def save_point(self, name: str, seed: int, label: str, mark: dict, row: dict, n_trainable: int | None = None,
                    tr=None) -> None:
         """Mirror one finished point: its sweep row, and how its training went (no weights)."""
-        if self.root is None or not self.main:
-            return
+        if self.root is None or not self.main or self.point(name, seed, label, mark) is not None:
+            return   # (point() refuses a point of other settings that another run kept meanwhile)
         train = None
         if tr is not None:
             train = {k: getattr(tr, k) for k in POINT_TRAIN}

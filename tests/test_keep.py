@@ -168,3 +168,18 @@ def test_a_keep_folder_under_home_is_read_as_the_run_folder_reads_it(monkeypatch
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert Keep("~/kept").root == tmp_path / "kept"
+
+
+def test_a_run_sharing_the_keep_folder_never_overwrites_a_cell_or_point_another_config_kept_meanwhile(tmp_path):
+    from attnlab.keep import Keep
+
+    keep = Keep(tmp_path / "kept")
+    theirs = {"spec": {"method": {"lr": 1e-2}}, "test": {"ppl": 3.0}}
+    keep.save_result("lora", 0, theirs)                     # the other run finished first
+    with pytest.raises(ConfigError, match="computed with other settings"):
+        keep.save_result("lora", 0, {"spec": {"method": {"lr": 1e-3}}, "test": {"ppl": 4.0}})
+    keep.save_point("lora", 0, "lr0.01", {"plugin": "theirs"}, {"val_loss": 1.0})
+    with pytest.raises(ConfigError, match="trained with other settings"):
+        keep.save_point("lora", 0, "lr0.01", {"plugin": "ours"}, {"val_loss": 2.0})
+    assert json.loads((tmp_path / "kept" / "lora" / "seed0" / "result.json").read_text()) == theirs
+    assert keep.point("lora", 0, "lr0.01", {"plugin": "theirs"})["row"] == {"val_loss": 1.0}
