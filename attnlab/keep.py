@@ -80,8 +80,8 @@ def read_result(path: Path, spec: dict, fix: str, log=print) -> dict | None:
 class Keep:
     """The kept folder of one dataset of a run (None: nothing is kept; every method is a no-op)."""
 
-    FIX = ("restore the arm's settings, or add the change as a new arm (or remove that kept file by hand "
-           "to recompute it)")
+    FIX = ("restore the arm's settings, or add the change as a new arm (a config of its own: its own keep folder; "
+           "or remove that kept file by hand to recompute it)")
 
     def __init__(self, root, main: bool = True):
         self.root = Path(os.path.expanduser(str(root))) if root else None   # '~' as the run folder reads it
