@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from attnlab.cli import main
+from attnlab.errors import DataError
 from attnlab.experiment import ConfigError, run_experiment
 
 SWEEP = {
@@ -183,3 +184,23 @@ def test_a_run_sharing_the_keep_folder_never_overwrites_a_cell_or_point_another_
         keep.save_point("lora", 0, "lr0.01", {"plugin": "ours"}, {"val_loss": 2.0})
     assert json.loads((tmp_path / "kept" / "lora" / "seed0" / "result.json").read_text()) == theirs
     assert keep.point("lora", 0, "lr0.01", {"plugin": "theirs"})["row"] == {"val_loss": 1.0}
+
+
+def test_kept_cells_and_points_of_an_edited_arm_are_refused_by_the_renderers_not_published(tmp_path):
+    import dataclasses
+
+    from attnlab.modules import make_config
+    from attnlab.published import render_one
+
+    cfg = {**SWEEP, "keep": "kept", "methods": [{"name": "lora", "method": "lora", "r": 8}]}   # r was 4
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    cell = tmp_path / "kept" / "lora" / "seed0"
+    (cell / "sweep").mkdir(parents=True)
+    plugin = json.loads(json.dumps({"method": "lora", "options": dataclasses.asdict(make_config("lora", r=4))}))
+    (cell / "sweep" / "lr0.001.json").write_text(json.dumps({"mark": {"run": {"plugin": plugin}, "point": {"steps": 6}},
+                                                            "row": {"lr": 1e-3, "val_loss": 2.0}}))
+    with pytest.raises(DataError, match="a point trained with other settings of lora"):
+        render_one("kept_sweep:c.yaml", tmp_path)
+    (cell / "result.json").write_text(json.dumps({"spec": {"method": {"name": "lora", "method": "lora", "r": 4}}}))
+    with pytest.raises(DataError, match=r"computed with other settings of lora \(r differ\)"):
+        render_one("kept_run:c.yaml", tmp_path)

@@ -7,10 +7,15 @@ CONFIG is the run's config (relative to the repository root); its `keep:` names 
 The numbers are the kept files' own; no interval is computed here (the run's report.md has the
 paired intervals once every cell is in). A point's curve is "still falling" when its last
 validation interval lowered the loss by 0.5% or more, the criterion the config states.
+
+The run refuses a kept file of other settings (attnlab/keep.py); the tables do too, as far as the
+config alone tells (the arm's method options; the base and data fingerprints need the model): a
+cell or point of an edited arm is an error, not a row of numbers the config no longer makes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,12 +34,45 @@ def _load(root: Path, arg: str):
     return cfg, root / cfg["keep"], cell_order(cfg)
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _json(path: Path, key: str) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path} is damaged (not JSON); rerun the config to rewrite it") from None
+    if not isinstance(d, dict) or not isinstance(d.get(key), dict):
+        raise DataError(f"{path} is not a file attnlab kept (no {key}); move it out of the keep folder")
+    return d
 
 
-def _points(cell_dir: Path) -> list[dict]:
-    points = [json.loads(p.read_text()) for p in sorted((cell_dir / "sweep").glob("*.json"))]
+def _arm(m: dict) -> dict:
+    """The arm's method options as a kept cell's spec records them (its training settings aside)."""
+    return json.loads(json.dumps({k: v for k, v in m.items() if k not in ("seeds", "train")}, default=str))
+
+
+def _read(path: Path, m: dict) -> dict | None:
+    """A kept cell of arm `m`, refused when its spec records other method options (an edited arm:
+    the table would show numbers of settings the config no longer has)."""
+    if not path.is_file():
+        return None
+    c = _json(path, "spec")
+    kept = {k: v for k, v in (c["spec"].get("method") or {}).items() if k not in ("train", "_chosen_on_seed")}
+    if kept != _arm(m):
+        from ..keep import differences
+        raise DataError(f"{path} was computed with other settings of {m['name']} "
+                        f"({', '.join(differences(kept, _arm(m)))} differ); restore them, or make the change a new arm")
+    return c
+
+
+def _points(cell_dir: Path, m: dict) -> list[dict]:
+    from ..experiment import _options, make_config
+
+    plugin = json.loads(json.dumps({"method": m["method"], "options": dataclasses.asdict(
+        make_config(m["method"], **_options(m)))}, default=str))
+    points = [_json(p, "mark") for p in sorted((cell_dir / "sweep").glob("*.json"))]
+    for p in points:
+        if (p["mark"].get("run") or {}).get("plugin") != plugin:
+            raise DataError(f"{cell_dir / 'sweep'} holds a point trained with other settings of {m['name']}; "
+                            f"restore them, or make the change a new arm")
     return sorted(points, key=lambda p: json.dumps({k: v for k, v in p["row"].items() if k != "val_loss"}))
 
 
@@ -57,7 +95,7 @@ def kept_run(root: Path, arg: str) -> str:
     from ..experiment import SWEEP_KEYS
 
     cfg, keep, order = _load(root, arg)
-    cells = {(m["name"], s): _read(keep / m["name"] / f"seed{s}" / "result.json") for m, s in order}
+    cells = {(m["name"], s): _read(keep / m["name"] / f"seed{s}" / "result.json", m) for m, s in order}
     frozen = next((c for c in cells.values() if c and c["type"] == "frozen"), None)
     lines = ["| # | arm | seed | state | chosen | val CE | steps | test CE | test PPL | vs frozen | answers "
              "| transfer PPL |", "|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -65,7 +103,7 @@ def kept_run(root: Path, arg: str) -> str:
     for i, (m, s) in enumerate(order, 1):
         c = cells[(m["name"], s)]
         if c is None:
-            pts = _points(keep / m["name"] / f"seed{s}")
+            pts = _points(keep / m["name"] / f"seed{s}", m)
             state = f"sweep: {len(pts)} point{'s' * (len(pts) != 1)} done" if pts else "to do"
             lines.append(f"| {i} | {m['name']} | {s} | {state} |  |  |  |  |  |  |  |  |")
             continue
@@ -92,9 +130,9 @@ def kept_sweep(root: Path, arg: str) -> str:
     lines = ["| arm | seed | value | val CE | steps | ended | chosen |", "|---|---:|---|---:|---:|---|:---:|"]
     for m, s in order:
         cell_dir = keep / m["name"] / f"seed{s}"
-        cell = _read(cell_dir / "result.json")
+        cell = _read(cell_dir / "result.json", m)
         chosen = (cell or {}).get("train", {}).get("chosen")
-        for p in _points(cell_dir):
+        for p in _points(cell_dir, m):
             row = p["row"]
             val = "–" if row.get("val_loss") is None else f"{row['val_loss']:.4f}"
             mark = "✓" if chosen and all(row.get(k) == v for k, v in chosen.items()) else ""
