@@ -36,7 +36,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = re.compile(r"<!-- render:(?P<expr>.+?) -->(?P<body>.*?)<!-- /render -->", re.S)
+BLOCK = re.compile(r"<!-- render:(?P<expr>(?:(?!-->)[^\n])+?) -->"     # NAME:ARG on one line
+                   r"(?P<body>(?:(?!<!-- render:).)*?)<!-- /render -->", re.S)   # no block inside a body
+OPENER = "<!-- render:"
 DOC_GLOBS = ("README.md", "docs/*.md")
 RENDERING_RESULTS = "docs/results/*.md"   # a results report is also a document once it renders a block (kept cells)
 RESULT_GLOBS = ("benchmarks/results/*.json", "docs/results/*.json", "docs/results/*.md")
@@ -113,7 +115,15 @@ def typed_prose(text: str) -> list[str]:
 
 def render_text(text: str, root: Path = ROOT) -> str:
     """`text` with every rendered block's body replaced by its renderer's output."""
+    from .errors import DataError
     from .published import render_one
+
+    closed = {m.start() for m in BLOCK.finditer(text)}
+    for m in re.finditer(re.escape(OPENER), text):   # an opener whose block does not close: its text is kept as is
+        if m.start() not in closed:
+            line = text.count("\n", 0, m.start()) + 1
+            raise DataError(f"line {line}: a rendered block opened here has no `<!-- /render -->` before the next "
+                            f"block (or the end); close it, so that rendering replaces only its body")
 
     def sub(m: re.Match) -> str:
         out = render_one(m.group("expr").strip(), root)
@@ -156,9 +166,14 @@ def render(root: Path = ROOT) -> list[Path]:
     from .atomic import write_text_atomic
 
     changed = []
+    from .errors import DataError
+
     for doc in documents(root):
         text = doc.read_text()
-        new = render_text(text, root)
+        try:
+            new = render_text(text, root)
+        except DataError as e:
+            raise DataError(f"{doc.relative_to(root)}: {e}") from None
         if new != text:
             write_text_atomic(doc, new)
             changed.append(doc)

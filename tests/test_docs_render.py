@@ -237,3 +237,17 @@ def test_a_block_reading_a_file_outside_the_results_folders_still_needs_its_comm
     (tmp_path / "docs" / "results" / "bad.json").write_text("not json")
     (tmp_path / "README.md").write_text("<!-- render:json_value:runs/r.json|ppl|.1f -->3.5<!-- /render -->\n")
     assert sorted(p.split(":")[0] for p in docs.stale(tmp_path)) == ["docs/results/bad.json", "runs/r.json"]
+
+
+def test_a_block_without_its_closing_marker_is_refused_and_the_text_after_it_is_never_rendered_away(tmp_path):
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "r.md").write_text("Command: `x`\n\n| method | PPL |\n|---|---:|\n| lora | 3.50 |\n")
+    text = ("A <!-- render:cell:docs/results/r.md|PPL|lora -->3.40<!-- /render--> the user's sentence.\n\n"
+            "B <!-- render:cell:docs/results/r.md|PPL|lora -->3.50<!-- /render -->\n")
+    (tmp_path / "README.md").write_text(text)
+    assert docs.stale(tmp_path) == ["README.md: cannot render: line 1: a rendered block opened here has no "
+                                    "`<!-- /render -->` before the next block (or the end); close it, so that "
+                                    "rendering replaces only its body"]
+    with pytest.raises(DataError, match="README.md: line 1: a rendered block"):
+        docs.render(tmp_path)
+    assert (tmp_path / "README.md").read_text() == text
