@@ -251,3 +251,21 @@ def test_a_block_without_its_closing_marker_is_refused_and_the_text_after_it_is_
     with pytest.raises(DataError, match="README.md: line 1: a rendered block"):
         docs.render(tmp_path)
     assert (tmp_path / "README.md").read_text() == text
+
+
+@pytest.mark.parametrize("rel", ["/etc/hostname", "../outside.md", "link/outside.md"])
+def test_a_block_naming_a_file_outside_the_repository_is_refused(tmp_path, rel):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (tmp_path / "outside.md").write_text("Command: `x`\n")
+    (repo / "link").symlink_to(tmp_path)
+    with pytest.raises(DataError, match="lies outside the repository"):
+        render_one(f"include:{rel}", repo)
+
+
+def test_a_kept_run_whose_keep_folder_lies_outside_the_repository_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "c.yaml").write_text("model: tiny-gpt2\nkeep: ../kept\nmethods: [{method: frozen}]\n")
+    with pytest.raises(DataError, match="keep folder a rendered block names lies outside"):
+        render_one("kept_run:c.yaml", repo)

@@ -28,10 +28,12 @@ def _load(root: Path, arg: str):
     from ..experiment import load_config
     from ..run_order import cell_order
 
-    cfg = load_config(root / arg)
+    from .tables import in_repo
+
+    cfg = load_config(in_repo(root, arg, "config"))
     if not cfg.get("keep"):
         raise DataError(f"{arg} has no keep: folder; kept_run / kept_sweep render a run that keeps its cells")
-    return cfg, root / cfg["keep"], cell_order(cfg)
+    return cfg, in_repo(root, cfg["keep"], "keep folder"), cell_order(cfg)
 
 
 def _json(path: Path, key: str) -> dict:

@@ -107,8 +107,18 @@ def leading_number(cell: str) -> float:
     return float(m.group(0).replace("−", "-").replace(",", ""))
 
 
-def _read(root: Path, rel: str) -> str:
+def in_repo(root: Path, rel: str, what: str = "results file") -> Path:
+    """root/rel, refused when it lies outside the repository (an absolute path, '..', a link out):
+    a rendered number must come from a file that is committed with the document."""
     path = root / rel
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise DataError(f"{rel}: the {what} a rendered block names lies outside the repository; commit it "
+                        f"inside and name it relative to the repository root")
+    return path
+
+
+def _read(root: Path, rel: str) -> str:
+    path = in_repo(root, rel)
     if not path.is_file():
         raise DataError(f"{rel}: no such results file (a rendered block names it)")
     return path.read_text()
