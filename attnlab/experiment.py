@@ -279,7 +279,6 @@ def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: 
         cfg["keep"] = as_str("--keep", keep)
     if fresh:
         fresh_check(cfg.get("keep"))
-    check_folder(cfg.get("keep"))
     names = [m["name"] for m in cfg["methods"]]
     if only_methods is not None:
         unknown = [m for m in only_methods if m not in names]
@@ -287,6 +286,7 @@ def _run_experiment(config, out_root="runs", fresh: bool = False, only_methods: 
             raise ConfigError(f"--methods: {unknown or only_methods} not in this config; its methods are: "
                               f"{', '.join(names)}")
     out = run_folder(cfg, out_root)
+    check_folder(cfg.get("keep"), out)
     if proc.is_main_process:
         _LOCKS.append(prepare_run_folder(out, fresh, cfg["name"], link=run_folder(cfg, out_root, resolve=False),
                                          log=log))

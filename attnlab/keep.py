@@ -172,12 +172,17 @@ def stop_at(val_fn, plugin, step: int, eval_every: int, steps: int):
     return wrapped
 
 
-def check_folder(root) -> None:
+def check_folder(root, run_folder: Path | None = None) -> None:
     """Refuse, before any model is loaded, a keep folder that could not take the first finished
-    cell: a file (or a link to one, or to nothing), below a file, or in a folder that is not writable."""
+    cell: a file (or a link to one, or to nothing), below a file, or in a folder that is not writable;
+    and one inside the run folder (git ignores it, and --fresh deletes it with the run folder)."""
     if not root:
         return
     p = Path(os.path.abspath(os.path.expanduser(str(root))))
+    if run_folder is not None and (p.resolve() == Path(run_folder).resolve()
+                                   or p.resolve().is_relative_to(Path(run_folder).resolve())):
+        raise ConfigError(f"keep: {root} lies inside the run folder {run_folder}, which --fresh deletes and git "
+                          f"ignores; name a folder outside it (e.g. docs/results/<name>/cells)")
     if p.is_symlink() and not p.exists():
         raise ConfigError(f"keep: {root} is a symlink to nothing; point it at a folder, or name another keep folder")
     if p.exists() and not p.is_dir():

@@ -161,6 +161,8 @@ CASES: list[Case] = [
          "which is a file", _keep("file"), writes_nothing="{tmp}/runs"),
     Case("run --keep a dangling symlink", ["run", "{config}", "--out", "{tmp}/runs", "--keep", "{tmp}/gone"],
          "is a symlink to nothing", _keep("dangling"), writes_nothing="{tmp}/runs"),
+    Case("run --keep inside the run folder", ["run", "{config}", "--out", "{tmp}/runs", "--keep", "{tmp}/runs/c/kept"],
+         "lies inside the run folder", _keep("file"), writes_nothing="{tmp}/runs"),
     Case("run --keep holding a foreign result.json", ["run", "{config}", "--out", "{tmp}/runs", "--keep",
          "{tmp}/kept"], "is not a result attnlab wrote", _keep("foreign")),
     # data files
