@@ -66,7 +66,7 @@ HEADLINE = {"window": {"window": 256, "sinks": 4}, "quest": {"top_k": 2}, "learn
 
 def common(args) -> dict:
     """The options every selector shares (recipe.options picks what each needs)."""
-    return {"block_size": BLOCK, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim}
+    return {"block_size": args.block_size, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim}
 
 
 def attach(model, selector: str, budget: dict, args, gate_state):
@@ -74,9 +74,13 @@ def attach(model, selector: str, budget: dict, args, gate_state):
     return recipe.attach(model, selector, budget, common(args), gate_state)
 
 
-def keep(budget: dict, top_k) -> bool:
-    """Whether --top-k keeps this budget: a top_k budget in the list; every window and mass budget."""
-    return top_k is None or "top_k" not in budget or budget["top_k"] in top_k
+def selector_budgets(selector: str, args) -> list[dict]:
+    """The selector's budgets at --block-size; --top-k replaces those of the top-k selectors (quest,
+    learned, oracle: e.g. 5 7 11 at block 32 keep about the tokens of 1 2 4 at block 64)."""
+    own = budgets(args.block_size)[selector]
+    if args.top_k is None or not any("top_k" in b for b in own):
+        return own
+    return [{"top_k": k} for k in args.top_k]
 
 
 def read_text(spec: str) -> str:
@@ -112,7 +116,8 @@ def main(argv=None):
                          "(where ablations are compared; the held-out ones are left unread)")
     ap.add_argument("--validation", type=int, default=8, help="with --split validation: how many sequences")
     ap.add_argument("--top-k", type=int, nargs="+", default=None,
-                    help="only these top_k budgets of quest, learned and oracle (default: every one)")
+                    help="the top_k budgets of quest, learned and oracle (default: 1 2 4 8)")
+    ap.add_argument("--block-size", type=int, default=BLOCK, help="key block (and query block) size")
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"))
     ap.add_argument("--train-text", default=None,
                     help="distil the gate from another text (a .txt file, a GSM8K-style .jsonl of question/answer, "
@@ -128,6 +133,12 @@ def main(argv=None):
     ap.add_argument("--gate-steps", type=int, default=2000)
     ap.add_argument("--gate-lr", type=float, default=3e-3)
     ap.add_argument("--gate-dim", type=int, default=64)
+    ap.add_argument("--gate-target", default="peak", choices=["peak", "mass"],
+                    help="what the gate learns: the max-pooled attention (SeerAttention-R) or the block mass "
+                         "(what the oracle ranks by); teacher.py")
+    ap.add_argument("--teacher-cache", default=None,
+                    help="a file for the dense teacher's cache: loaded when it holds the same training "
+                         "sequences, rows and block size, else written, so that gate recipes share one teacher pass")
     ap.add_argument("--metric-sequences", type=int, default=0,
                     help="held-out sequences for attention MSE and gradient cosine (headline budgets; 0: skip)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_quality_<length>.json)")
@@ -182,11 +193,14 @@ def main(argv=None):
                              f"{args.length} tokens: use --train {len(other) // args.length} or fewer")
         train = other[:args.train * args.length].view(args.train, args.length)
     data = load(out)
-    meta = {"model": "smollm2-135m", "length": args.length, "block_size": BLOCK, "text": args.text,
+    gate_meta = {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim}
+    if args.gate_target != "peak":        # the earlier files have no key: peak
+        gate_meta["target"] = args.gate_target
+    meta = {"model": "smollm2-135m", "length": args.length, "block_size": args.block_size, "text": args.text,
             "text_tokens": len(ids), "sequences": n, "train_sequences": list(range(args.train)),
             "split": args.split, "heldout_sequences": list(range(first, first + count)), "kernel": args.kernel,
             "granularity": args.granularity, "train_text": args.train_text or args.text,
-            "gate": {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim},
+            "gate": gate_meta,
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     old = data.setdefault("meta", meta)
     commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
@@ -213,10 +227,11 @@ def main(argv=None):
         if gate_file.is_file():          # distilled by an earlier (or the main) run of this length
             gate_state = load_file(str(gate_file))
         else:
-            plugin = attnlab.attach(model, "sparse", variant="learned", block_size=BLOCK, gate_dim=args.gate_dim)
+            plugin = attnlab.attach(model, "sparse", variant="learned", block_size=args.block_size,
+                                    gate_dim=args.gate_dim)
             log(f"[gate] teacher pass over {args.train} x {args.length} tokens, then {args.gate_steps} steps per layer")
             gate_record = recipe.distil(plugin, train, rows=args.gate_rows, steps=args.gate_steps, lr=args.gate_lr,
-                                        log=log)
+                                        log=log, target=args.gate_target, teacher_file=args.teacher_cache)
             gate_state = plugin.state_dict()
             plugin.detach()
             save_file(gate_state, str(gate_file))
@@ -224,7 +239,7 @@ def main(argv=None):
             save(out, data)
 
     # -- per held-out sequence (keyed by its index in the text): dense once, then every budget --------
-    points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in BUDGETS[s] if keep(b, args.top_k)]
+    points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in selector_budgets(s, args)]
     recipe.sweep(model, {} if args.metrics_only else {first + i: seq for i, seq in enumerate(heldout)},
                  points, common(args), gate_state, data, save=lambda d: save(out, d), log=log,
                  count_work=args.kernel == "gather")

@@ -1,8 +1,9 @@
 """The learned gate's recipe ablations (issue 27), read on VALIDATION sequences of the text (never
 the held-out ones the docs report): every JSON of benchmarks/results/sparse_gate_ablation/ is one
 `benchmarks/sparse_quality.py --split validation` run. `reference.json` holds dense and the
-selectors that need no training (quest, oracle, window); every other file one distilled gate
-(selectors learned and learned-mass), named by its file. Each gate is merged with the reference on
+selectors that need no training (quest, oracle, window); `reference_<tag>.json` more of them with
+other settings (e.g. reference_b32.json: the oracle at block size 32), rows named `selector·<tag>`;
+every other file one distilled gate (selectors learned and learned-mass), named by its file. Each gate is merged with the reference on
 the sequences both read and compared at equal density by the benchmark's own summary
 (quality.compare: per sequence, NLL per token interpolated in density; paired over sequences)."""
 
@@ -18,19 +19,25 @@ DIR = "benchmarks/results/sparse_gate_ablation"
 SAME = ("model", "length", "block_size", "text", "split")
 
 
-def _runs(root: Path) -> tuple[dict, dict[str, dict]]:
+def _runs(root: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
+    """reference.json, the other references by tag, the gates by name."""
     folder = root / DIR
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not any(f.name == "reference.json" for f in files):
         raise DataError(f"{DIR}/reference.json is missing: run the reference command of docs/sparse_attention.md")
     ref = _json(root, f"{DIR}/reference.json")
-    return ref, {f.stem: _json(root, f"{DIR}/{f.name}") for f in files if f.name != "reference.json"}
+    refs = {f.stem.split("_", 1)[1]: _json(root, f"{DIR}/{f.name}") for f in files
+            if f.stem.startswith("reference_")}
+    return ref, refs, {f.stem: _json(root, f"{DIR}/{f.name}") for f in files if not f.stem.startswith("reference")}
 
 
-def merged(ref: dict, run: dict, name: str) -> dict:
-    """The reference's points and the run's learned points (renamed `name`, `name·mass`) in one data
-    dict; refused when the two were read on different text, length, split or sequences' dense NLL."""
-    bad = [k for k in SAME if ref["meta"].get(k) != run["meta"].get(k)]
+def merged(ref: dict, run: dict, name: str, tag: str | None = None) -> dict:
+    """The reference's points and the run's learned points (renamed `name`, `name·mass`), or with a
+    tag (another reference, at another block size, say) its every selector as `selector·tag`, in one
+    data dict; refused when the two were read on different text, length, split (or, for a gate, block
+    size) or sequences' dense NLL."""
+    same = [k for k in SAME if not (tag and k == "block_size")]
+    bad = [k for k in same if ref["meta"].get(k) != run["meta"].get(k)]
     if bad:
         raise DataError(f"{DIR}/{name}.json differs from reference.json in {', '.join(bad)}: rerun it with the "
                         f"reference's settings")
@@ -42,7 +49,7 @@ def merged(ref: dict, run: dict, name: str) -> dict:
                 if d is not None and abs(d["nll"] - r["nll"]) > 1e-3 * abs(d["nll"]):
                     raise DataError(f"{DIR}/{name}.json's dense NLL of sequence {si} differs from the reference's")
             continue
-        sel = name + ("·mass" if p["selector"] == "learned-mass" else "")
+        sel = f"{p['selector']}·{tag}" if tag else name + ("·mass" if p["selector"] == "learned-mass" else "")
         points[f"{sel}:{k.split(':', 1)[1]}"] = {**p, "selector": sel}
     return {"meta": run["meta"], "points": points}
 
@@ -76,7 +83,7 @@ def gate_ablation(root: Path, arg: str) -> str:
     gate (a file's name), all at equal density on the validation sequences."""
     density, baseline = arg.split("|")
     d = float(density)
-    ref, runs = _runs(root)
+    ref, refs, runs = _runs(root)
     if baseline not in runs:
         raise DataError(f"{DIR}/{baseline}.json is missing (the baseline gate of the ablation table)")
     seqs = quality.complete(ref)
@@ -87,6 +94,11 @@ def gate_ablation(root: Path, arg: str) -> str:
         if any(p["selector"] == sel for p in ref["points"].values()):
             lines.append(f"| {sel} | no training | {_cell(ref, sel, 'dense', d)} | "
                          f"{'–' if sel == 'quest' else _cell(ref, sel, 'quest', d)} | – |")
+    for tag, other in refs.items():
+        data = merged(ref, other, f"reference_{tag}", tag)
+        for sel in dict.fromkeys(p["selector"] for p in other["points"].values() if p["selector"] != "dense"):
+            lines.append(f"| {sel}·{tag} | no training, block {other['meta']['block_size']} | "
+                         f"{_cell(data, f'{sel}·{tag}', 'dense', d)} | {_cell(data, f'{sel}·{tag}', 'quest', d)} | – |")
     base = merged(ref, runs[baseline], baseline)
     for name, run in runs.items():
         data = merged(ref, run, name)
