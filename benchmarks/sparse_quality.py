@@ -6,6 +6,8 @@
     python benchmarks/sparse_quality.py --length 2048 --report --publish   # ... and into docs/img/ (the docs' figure)
     python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --train 96 --top-k 1 2 4 \
         --selectors learned --out benchmarks/results/sparse_gate_ablation/n96.json    # one ablation (docs: "Gate v3")
+    python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --train 48 --top-k 1 2 \
+        --selectors learned quest window --recover-steps 200 --out .../recovered.json   # recovery, the same for each
 
 (the runs in docs/sparse_attention.md, on one CPU thread: ~5 min per held-out sequence at 2048 tokens
 and ~20 at 4096, ~5 min per metric sequence; the teacher pass and gate training ~4-5 min per length)
@@ -139,6 +141,12 @@ def main(argv=None):
     ap.add_argument("--teacher-cache", default=None,
                     help="a file for the dense teacher's cache: loaded when it holds the same training "
                          "sequences, rows and block size, else written, so that gate recipes share one teacher pass")
+    ap.add_argument("--recover-steps", type=int, default=0,
+                    help="recovery training (attnlab/modules/sparse/recovery.py): each (selector, budget) gets its "
+                         "own LoRA adapter trained this many steps by token KL to dense on the --train sequences, "
+                         "with its selection frozen, and is read with it (0: none)")
+    ap.add_argument("--recover-lr", type=float, default=1e-3)
+    ap.add_argument("--recover-r", type=int, default=8, help="the adapter's rank")
     ap.add_argument("--metric-sequences", type=int, default=0,
                     help="held-out sequences for attention MSE and gradient cosine (headline budgets; 0: skip)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_quality_<length>.json)")
@@ -202,6 +210,8 @@ def main(argv=None):
             "granularity": args.granularity, "train_text": args.train_text or args.text,
             "gate": gate_meta,
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+    if args.recover_steps:
+        meta["recover"] = {"steps": args.recover_steps, "lr": args.recover_lr, "r": args.recover_r}
     old = data.setdefault("meta", meta)
     commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
     if meta["command"] not in commands:
@@ -209,9 +219,10 @@ def main(argv=None):
     old.setdefault("split", "heldout")       # the files written before --split read the held-out sequences
     old.setdefault("granularity", "block" if out.stem.endswith("_block") else "row")   # ... and had no key for it
     old.setdefault("train_text", old["text"])
-    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text")
-    if any(old.get(k) != meta[k] for k in same):
-        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta[k])}); "
+    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text",
+            "recover")
+    if any(old.get(k) != meta.get(k) for k in same):
+        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta.get(k))}); "
                          "rerun with those, or give another --out")
     # held-out sequences are keyed by their index in the text, so a rerun with a larger --heldout adds
     # the earlier sequences to the ones already read
@@ -240,9 +251,27 @@ def main(argv=None):
 
     # -- per held-out sequence (keyed by its index in the text): dense once, then every budget --------
     points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in selector_budgets(s, args)]
-    recipe.sweep(model, {} if args.metrics_only else {first + i: seq for i, seq in enumerate(heldout)},
-                 points, common(args), gate_state, data, save=lambda d: save(out, d), log=log,
-                 count_work=args.kernel == "gather")
+    if args.recover_steps:
+        from safetensors.torch import load_file, save_file
+        from attnlab.modules.sparse.recovery import sweep_recovered
+        adapters_file = state_dir / "adapters.safetensors"
+        flat = load_file(str(adapters_file)) if adapters_file.is_file() else {}
+        adapters = {}
+        for name, v in flat.items():                  # "point key|parameter name" -> tensor
+            k, param = name.split("|", 1)
+            adapters.setdefault(k, {})[param] = v
+
+        def keep(d):                                  # the JSON and the finished adapters, together
+            save_file({f"{k}|{n}": v for k, st in adapters.items() for n, v in st.items()}, str(adapters_file))
+            save(out, d)
+
+        sweep_recovered(model, list(train), {first + i: seq for i, seq in enumerate(heldout)}, points, common(args),
+                        gate_state, data, adapters, steps=args.recover_steps, lr=args.recover_lr, r=args.recover_r,
+                        save=keep, log=log)
+    else:
+        recipe.sweep(model, {} if args.metrics_only else {first + i: seq for i, seq in enumerate(heldout)},
+                     points, common(args), gate_state, data, save=lambda d: save(out, d), log=log,
+                     count_work=args.kernel == "gather")
 
     # -- attention MSE (causal entries) and gradient cosine at the headline budgets, per sequence ----
     if args.metric_sequences:

@@ -3,11 +3,12 @@ brings the sparse model closer to dense, and leaves the selector untouched. (On 
 the text has little to generalise from, so the test reads the sequences trained on; the held-out
 effect is what the 2048-token runs measure.)"""
 
+import pytest
 import torch
 
 import attnlab
 from attnlab.modules.base import disabled
-from attnlab.modules.sparse.recovery import recover, token_kl
+from attnlab.modules.sparse.recovery import recover, sweep_recovered, token_kl
 
 from .test_sparse_gate import _peaky_llama, _sequences
 
@@ -50,3 +51,25 @@ def test_recovery_trains_only_the_adapter_and_not_the_learned_gate():
     assert all(torch.equal(p, gate[n]) for n, p in sparse.trainable_parameters().items())
     lora.detach()
     sparse.detach()
+
+
+def test_a_recovered_sweep_reads_each_point_with_its_own_adapter_against_the_base():
+    from attnlab.modules.sparse import quality
+
+    bb = _peaky_llama()
+    seqs = _sequences(bb, 4)
+    points = [("window", {"window": 4, "sinks": 0}), ("quest", {"top_k": 1})]
+    data, adapters = {}, {}
+    sweep_recovered(bb.model, seqs[:2], {7: seqs[2], 8: seqs[3]}, points, {"block_size": 4}, None, data, adapters,
+                    steps=4, lr=1e-3, r=2)
+    assert sorted(adapters) == ["quest:top_k=1", "window:window=4,sinks=0"] and not attnlab.attached(bb.model)
+    assert sorted(data["points"]) == ["dense", "quest:top_k=1", "window:window=4,sinks=0"]
+    assert quality.complete(data) == ["7", "8"] and data["recovery"]["quest:top_k=1"]["steps"] == 4
+    with torch.no_grad():                                    # dense is the base function itself
+        base = bb.model(input_ids=seqs[2].view(1, -1)).logits
+    assert data["points"]["dense"]["sequences"]["7"]["nll"] == pytest.approx(
+        -torch.log_softmax(base[0, :-1], -1).gather(-1, seqs[2][1:, None]).sum().item(), rel=1e-5)
+    del adapters["quest:top_k=1"]                            # a rerun trains only what is missing
+    sweep_recovered(bb.model, seqs[:2], {7: seqs[2], 8: seqs[3]}, points, {"block_size": 4}, None, data, adapters,
+                    steps=1, lr=1e-3, r=2)
+    assert data["recovery"]["quest:top_k=1"]["steps"] == 1 and data["recovery"]["window:window=4,sinks=0"]["steps"] == 4

@@ -58,3 +58,68 @@ def recover(model, sequences, steps: int = 100, lr: float = 1e-3, r: int = 8, se
     k = min(10, len(losses))
     return lora, {"steps": steps, "lr": lr, "r": r, "tokens": tokens, "seconds": time.perf_counter() - start,
                   "kl_first": sum(losses[:k]) / max(k, 1), "kl_last": sum(losses[-k:]) / max(k, 1)}
+
+
+def sweep_recovered(model, train, sequences: dict, points: list[tuple[str, dict]], common: dict, gate_state,
+                    data: dict, adapters: dict, steps: int = 100, lr: float = 1e-3, r: int = 8, save=None,
+                    log=None) -> dict:
+    """recipe.sweep with recovery: every (selector, budget) of `points` first gets its own adapter,
+    `recover` on the `train` sequences with that selection in place (the same budget for every point;
+    `adapters` {point key: LoRA state} holds the finished ones and is filled, so a rerun reuses them),
+    then is read on every held-out sequence with its adapter, against the dense base function (every
+    plug-in off). Records as recipe.sweep, in data["points"]; the recoveries' records in data["recovery"]."""
+    from . import recipe
+    from ... import attach
+
+    data.setdefault("points", {})
+    rec = data.setdefault("recovery", {})
+    for s, b in points:
+        k = recipe.key(s, b)
+        if k in adapters:
+            continue
+        plugin = recipe.attach(model, s, b, common, gate_state)
+        try:
+            lora, rec[k] = recover(model, train, steps=steps, lr=lr, r=r, log=log)
+            adapters[k] = lora.state_dict()
+            lora.detach()
+        finally:
+            plugin.detach()
+        if save:
+            save(data)
+        if log:
+            log(f"[recover] {k}: KL {rec[k]['kl_first']:.4f} -> {rec[k]['kl_last']:.4f} in {rec[k]['seconds']:.0f} s")
+    dev = next(model.parameters()).device
+    for si, seq in sequences.items():
+        si = str(si)
+        todo = [(s, b) for s, b in points if si not in data["points"].get(recipe.key(s, b), {}).get("sequences", {})]
+        if not todo:
+            continue
+        x = seq.view(1, -1).to(dev)
+        with torch.no_grad(), disabled(model):
+            dense_logits = model(input_ids=x, use_cache=False).logits
+        entry = data["points"].setdefault("dense", {"selector": "dense", "budget": {}, "sequences": {}})
+        entry["sequences"][si] = {**recipe.token_stats(dense_logits, x[0], None), "density": 1.0}
+        dense_logp = F.log_softmax(dense_logits[0, :-1].float(), -1)
+        del dense_logits
+        for s, b in todo:
+            k = recipe.key(s, b)
+            plugin = recipe.attach(model, s, b, common, gate_state)
+            lora = attach(model, "lora", r=r)
+            try:
+                lora.load_state_dict(adapters[k])
+                start = time.perf_counter()
+                with torch.no_grad():
+                    logits = model(input_ids=x, use_cache=False).logits
+                row = recipe.token_stats(logits, x[0], dense_logp)
+                row.update(density=1 - plugin.sparsity(), seconds=time.perf_counter() - start)
+                del logits
+            finally:
+                lora.detach()
+                plugin.detach()
+            data["points"].setdefault(k, {"selector": s, "budget": b, "sequences": {}})["sequences"][si] = row
+            if save:
+                save(data)
+            if log:
+                log(f"[{k} recovered] seq {si}: density {row['density']:.3f}, nll/token {row['nll'] / row['tokens']:.4f}, "
+                    f"KL {row['kl'] / row['tokens']:.4f}")
+    return data
