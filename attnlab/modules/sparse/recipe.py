@@ -82,7 +82,9 @@ def teacher(plugin, sequences, rows: int, path=None, log=None):
         return saved["caches"], saved["record"]
     caches, record = collect_teacher(plugin.model, plugin, sequences, rows=rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": k, "caches": caches, "record": record}, path)
+    tmp = path.with_name(path.name + ".tmp")           # whole or absent: another run may be waiting for it
+    torch.save({"key": k, "caches": caches, "record": record}, tmp)
+    tmp.replace(path)
     return caches, record
 
 
