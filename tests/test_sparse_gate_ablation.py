@@ -71,6 +71,15 @@ def test_another_reference_such_as_the_oracle_at_block_32_is_a_row_of_its_own(tm
     assert row[3].startswith(f"{100 * (math.exp(-0.2) - 1):+.1f}%")        # against quest (block 64)
 
 
+def test_the_same_text_read_from_another_worktree_path_is_the_same_text():
+    ref, other = _run({"quest": lambda i: 0.0}), _run({"learned": lambda i: 0.0})
+    ref["meta"]["text"], other["meta"]["text"] = "/work/shared/data/wikitext-2/valid.txt", "/w/x/shared/data/wikitext-2/valid.txt"
+    assert any(k.startswith("learned:") for k in merged(ref, other, "learned")["points"])
+    other["meta"]["text"] = "/work/shared/data/other/valid.txt"
+    with pytest.raises(DataError, match="text"):
+        merged(ref, other, "learned")
+
+
 def test_a_gate_read_on_other_sequences_or_text_than_the_reference_is_refused(tmp_path):
     ref = _run({"quest": lambda i: 0.0})
     other = _run({"learned": lambda i: 0.0})

@@ -16,7 +16,13 @@ from ..modules.sparse import quality
 from .tables import _json
 
 DIR = "benchmarks/results/sparse_gate_ablation"
-SAME = ("model", "length", "block_size", "text", "split")
+SAME = ("model", "length", "block_size", "text", "text_tokens", "split")
+
+
+def _same(meta: dict, k: str):
+    """The setting compared between files; the text by its folder and name (the runs were made from
+    worktrees at different paths, ../shared being the same data), and its token count."""
+    return "/".join(Path(meta["text"]).parts[-2:]) if k == "text" else meta.get(k)
 
 
 def _runs(root: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
@@ -37,7 +43,7 @@ def merged(ref: dict, run: dict, name: str, tag: str | None = None) -> dict:
     data dict; refused when the two were read on different text, length, split (or, for a gate, block
     size) or sequences' dense NLL."""
     same = [k for k in SAME if not (tag and k == "block_size")]
-    bad = [k for k in same if ref["meta"].get(k) != run["meta"].get(k)]
+    bad = [k for k in same if _same(ref["meta"], k) != _same(run["meta"], k)]
     if bad:
         raise DataError(f"{DIR}/{name}.json differs from reference.json in {', '.join(bad)}: rerun it with the "
                         f"reference's settings")
