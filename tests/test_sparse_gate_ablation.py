@@ -113,3 +113,17 @@ def test_a_gsm8k_style_jsonl_distillation_text_is_each_problem_then_its_solution
     f.write_text('{"question": "Q1?", "answer": "A1"}\n\n{"question": "Q2?", "answer": "A2"}\n')
     assert sq.read_text(str(f)) == "Q1?\nA1\n\nQ2?\nA2"
     assert "Python" in sq.read_text("python_docs")
+
+
+def test_a_pair_of_rows_is_one_line_at_equal_density_and_an_unknown_row_names_the_table(tmp_path):
+    from attnlab.published.sparse_ablation import gate_pair
+
+    _write(tmp_path, "reference", _run({"quest": lambda i: 0.0, "oracle": lambda i: -0.1}))
+    b32 = _run({"oracle": lambda i: -0.2}, train=0)
+    b32["meta"]["block_size"] = 32
+    _write(tmp_path, "reference_b32", b32)
+    _write(tmp_path, "n12", _run({"learned": lambda i: 0.0}))
+    assert gate_pair(tmp_path, "0.25|oracle·b32|oracle").startswith(f"{100 * (math.exp(-0.1) - 1):+.1f}%")
+    assert "\n" not in gate_pair(tmp_path, "0.25|n12|quest")
+    with pytest.raises(DataError, match="no row named n99"):
+        gate_pair(tmp_path, "0.25|n99|quest")

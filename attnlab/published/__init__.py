@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import DataError
 from .bench import benchmark_table, factorized_table, feature_cache_table
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
-from .sparse_ablation import gate_ablation
+from .sparse_ablation import gate_ablation, gate_pair
 from .sparse import sparse_compare, sparse_goal, sparse_speed, sparse_table, sparse_text
 from .tables import (bench_ratio, cell, column_range, gguf, include, md_tables, ratio, run_change, run_tables,
                      run_wall, table, table_cell)
@@ -24,7 +24,7 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "benchmarks": benchmark_table, "factorized_bench": factorized_table, "feature_cache": feature_cache_table, "sparse_goal": sparse_goal,
              "sparse_table": sparse_table, "sparse_compare": sparse_compare, "sparse_text": sparse_text,
              "sparse_speed": sparse_speed, "gpu_train": gpu_train_table, "gpu_sparse": gpu_sparse_table, "gpu_checks": gpu_checks,
-             "gate_ablation": gate_ablation}
+             "gate_ablation": gate_ablation, "gate_pair": gate_pair}
 
 
 def render_one(expr: str, root: Path) -> str:

@@ -117,3 +117,21 @@ def gate_ablation(root: Path, arg: str) -> str:
             lines.append(f"| {sel} | {_recipe(run['meta'])} | {_cell(data, sel, 'dense', d)} | "
                          f"{_cell(data, sel, 'quest', d)} | {vs_base} |")
     return "\n".join(lines)
+
+
+def gate_pair(root: Path, arg: str) -> str:
+    """`DENSITY|A|B`: one line, A against B at that density on the validation sequences both read, A
+    and B being rows of the gate_ablation table (a reference selector, `selector·tag` of another
+    reference, a gate's file name or `name·mass`) or dense."""
+    density, a, b = arg.split("|")
+    ref, refs, runs = _runs(root)
+    points = dict(ref["points"])
+    for tag, other in refs.items():
+        points.update(merged(ref, other, f"reference_{tag}", tag)["points"])
+    for name, run in runs.items():
+        points.update(merged(ref, run, name)["points"])
+    missing = [x for x in (a, b) if not any(p["selector"] == x for p in points.values())]
+    if missing:
+        raise DataError(f"{DIR}: no row named {', '.join(missing)} (the gate_ablation table's row names)")
+    keep = {k: p for k, p in points.items() if p["selector"] in (a, b, "dense")}
+    return _cell({"meta": ref["meta"], "points": keep}, a, b, float(density))
