@@ -66,9 +66,15 @@ def test_another_reference_such_as_the_oracle_at_block_32_is_a_row_of_its_own(tm
     b32 = _run({"oracle": lambda i: -0.2}, train=0)
     b32["meta"]["block_size"] = 32
     _write(tmp_path, "reference_b32", b32)
-    row = _row(gate_ablation(tmp_path, "0.25|n12"), "oracle·b32")
+    g32 = _run({"learned": lambda i: -0.05})
+    g32["meta"]["block_size"] = 32
+    _write(tmp_path, "n12_b32", g32)
+    table = gate_ablation(tmp_path, "0.25|n12")
+    row = _row(table, "oracle·b32")
     assert row[1] == "no training, block 32"
     assert row[3].startswith(f"{100 * (math.exp(-0.2) - 1):+.1f}%")        # against quest (block 64)
+    row = _row(table, "n12_b32")                                            # a gate at block 32, at equal density
+    assert row[1].endswith("row, block 32") and row[3].startswith(f"{100 * (math.exp(-0.05) - 1):+.1f}%")
 
 
 def test_the_same_text_read_from_another_worktree_path_is_the_same_text():

@@ -16,7 +16,7 @@ from ..modules.sparse import quality
 from .tables import _json
 
 DIR = "benchmarks/results/sparse_gate_ablation"
-SAME = ("model", "length", "block_size", "text", "text_tokens", "split")
+SAME = ("model", "length", "text", "text_tokens", "split")     # block size may differ: compared at equal density
 
 
 def _same(meta: dict, k: str):
@@ -40,10 +40,9 @@ def _runs(root: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
 def merged(ref: dict, run: dict, name: str, tag: str | None = None) -> dict:
     """The reference's points and the run's learned points (renamed `name`, `name·mass`), or with a
     tag (another reference, at another block size, say) its every selector as `selector·tag`, in one
-    data dict; refused when the two were read on different text, length, split (or, for a gate, block
-    size) or sequences' dense NLL."""
-    same = [k for k in SAME if not (tag and k == "block_size")]
-    bad = [k for k in same if _same(ref["meta"], k) != _same(run["meta"], k)]
+    data dict; refused when the two were read on different text, length, split or sequences' dense
+    NLL (a different block size is allowed: the comparisons are at equal density)."""
+    bad = [k for k in SAME if _same(ref["meta"], k) != _same(run["meta"], k)]
     if bad:
         raise DataError(f"{DIR}/{name}.json differs from reference.json in {', '.join(bad)}: rerun it with the "
                         f"reference's settings")
@@ -71,8 +70,9 @@ def _recipe(meta: dict) -> str:
     g = meta["gate"]
     extra = ", ".join(f"{k} {v}" for k, v in g.items() if k not in ("rows", "steps", "lr", "dim"))
     text = "" if meta.get("train_text", meta["text"]) == meta["text"] else f" of {Path(meta['train_text']).name}"
+    block = f", block {meta['block_size']}" if meta.get("block_size", 64) != 64 else ""
     return (f"{len(meta['train_sequences'])} seq{text}, {g['rows']} rows, {g['steps']} steps, lr {g['lr']}, "
-            f"width {g['dim']}, {meta.get('granularity', 'row')}" + (f", {extra}" if extra else ""))
+            f"width {g['dim']}, {meta.get('granularity', 'row')}{block}" + (f", {extra}" if extra else ""))
 
 
 def _cell(data: dict, a: str, b: str, density: float) -> str:
