@@ -4,12 +4,18 @@ sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.p
 (attnlab/modules/sparse/recipe.py, quality.py).
 
     distill: {sequences: 64, rows: 512, steps: 2000, lr: 3.0e-3, heldout: 16}    # every key optional
+    distill: {..., recover_steps: 200, recover_lr: 1.0e-3, recover_r: 8}        # and recovery training
 
   - sequences: the first N examples of the training split are the teacher's sequences (one dense
     pass each); rows: query rows cached per sequence and layer; steps, lr: Adam on every layer's gate;
   - heldout: the first N examples of the test split (never distilled from) are read by dense and by
     window, quest, learned (top-k and cumulative mass, with the distilled gate) and oracle at each of
     their budgets, with the method's block_size, kernel, granularity, gate_dim and layers.
+  - recover_steps (default 0: none): recovery training with the selection frozen
+    (modules/sparse/recovery.py): every budget of window, quest and learned top-k gets its own LoRA
+    adapter (rank recover_r, Adam at recover_lr) trained recover_steps steps by token KL to dense on
+    the same training examples, and is read on the same held-out examples: report.md adds that table
+    and its comparisons at equal density (each selector with the same recovery budget).
 The cell's `train:` options are not used (the gate takes `steps` steps of its own).
 """
 
@@ -23,7 +29,10 @@ from .errors import ConfigError
 from .modules.sparse import quality, recipe
 from .train import TrainResult
 
-DEFAULTS = {"sequences": 64, "rows": 512, "steps": 2000, "lr": 3e-3, "heldout": 16}
+DEFAULTS = {"sequences": 64, "rows": 512, "steps": 2000, "lr": 3e-3, "heldout": 16,
+            "recover_steps": 0, "recover_lr": 1e-3, "recover_r": 8}
+MAY_BE_ZERO = ("recover_steps",)
+RECOVERED = ("window", "quest", "learned")      # the selectors recovery training is given to
 SHARED = ("block_size", "kernel", "granularity", "gate_dim", "layers")
 # the benchmark's densities, and higher ones: short held-out blocks (few key blocks) never get sparser
 DENSITIES = quality.DENSITIES + (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -45,9 +54,11 @@ def distill_options(m: dict, where: str) -> dict | None:
         raise ConfigError(f"{where}.distill: unknown key(s) {unknown}; the keys are {', '.join(DEFAULTS)}")
     out = {**DEFAULTS, **d}
     for k, v in out.items():
-        kind = float if k == "lr" else int
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v <= 0:
-            raise ConfigError(f"{where}.distill.{k}: expected a positive {kind.__name__}, got {v!r}")
+        kind = float if k.endswith("lr") else int
+        low = 0 if k in MAY_BE_ZERO else 1e-300
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v < low:
+            raise ConfigError(f"{where}.distill.{k}: expected a {'non-negative' if low == 0 else 'positive'} "
+                              f"{kind.__name__}, got {v!r}")
         out[k] = kind(v)
     return out
 
@@ -79,6 +90,15 @@ def heldout_sweep(model, splits, options, opts: dict, gate_state, gate_record: d
             "gate": gate_record}
     recipe.sweep(model, dict(enumerate(seqs)), points, common, gate_state, data, log=log)
     quality.summarise(data, densities=DENSITIES)
+    if opts["recover_steps"]:
+        from .modules.sparse.recovery import sweep_recovered
+        rec = {"meta": {**data["meta"], "recover": {k: opts[k] for k in ("recover_steps", "recover_lr", "recover_r")}}}
+        sweep_recovered(model, _sequences(splits.train, opts["sequences"]), dict(enumerate(seqs)),
+                        [(s, b) for s, b in points if s in RECOVERED], common, gate_state, rec, {},
+                        steps=opts["recover_steps"], lr=opts["recover_lr"], r=opts["recover_r"], log=log)
+        quality.summarise(rec, pairs=[("learned", "quest"), ("learned", "window"), ("quest", "window")],
+                          densities=DENSITIES)
+        data["recovered"] = rec
     return data
 
 
@@ -95,4 +115,10 @@ def report_lines(results: dict) -> list[str]:
                       f"(`distill: {data['meta']['distill']}`); every selector on the patched layers with "
                       f"{', '.join(f'{k} {v}' for k, v in data['meta']['common'].items() if v is not None)}.", "",
                       quality.report(data)]
+            rec = data.get("recovered")
+            if rec:
+                r = rec["meta"]["recover"]
+                lines += ["", f"### With recovery training: each budget its own LoRA adapter (rank {r['recover_r']}, "
+                          f"{r['recover_steps']} steps at lr {r['recover_lr']}, token KL to dense on the same "
+                          f"training examples), the selection frozen", "", quality.report(rec)]
     return lines

@@ -6,6 +6,8 @@
     python benchmarks/sparse_quality.py --length 2048 --report --publish   # ... and into docs/img/ (the docs' figure)
     python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --train 96 --top-k 1 2 4 \
         --selectors learned --out benchmarks/results/sparse_gate_ablation/n96.json    # one ablation (docs: "Gate v3")
+    python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --train 48 --top-k 1 2 \
+        --selectors learned quest window --recover-steps 200 --out .../recovered.json   # recovery, the same for each
 
 (the runs in docs/sparse_attention.md, on one CPU thread: ~5 min per held-out sequence at 2048 tokens
 and ~20 at 4096, ~5 min per metric sequence; the teacher pass and gate training ~4-5 min per length)
@@ -66,7 +68,7 @@ HEADLINE = {"window": {"window": 256, "sinks": 4}, "quest": {"top_k": 2}, "learn
 
 def common(args) -> dict:
     """The options every selector shares (recipe.options picks what each needs)."""
-    return {"block_size": BLOCK, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim}
+    return {"block_size": args.block_size, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim}
 
 
 def attach(model, selector: str, budget: dict, args, gate_state):
@@ -74,9 +76,13 @@ def attach(model, selector: str, budget: dict, args, gate_state):
     return recipe.attach(model, selector, budget, common(args), gate_state)
 
 
-def keep(budget: dict, top_k) -> bool:
-    """Whether --top-k keeps this budget: a top_k budget in the list; every window and mass budget."""
-    return top_k is None or "top_k" not in budget or budget["top_k"] in top_k
+def selector_budgets(selector: str, args) -> list[dict]:
+    """The selector's budgets at --block-size; --top-k replaces those of the top-k selectors (quest,
+    learned, oracle: e.g. 5 7 11 at block 32 keep about the tokens of 1 2 4 at block 64)."""
+    own = budgets(args.block_size)[selector]
+    if args.top_k is None or not any("top_k" in b for b in own):
+        return own
+    return [{"top_k": k} for k in args.top_k]
 
 
 def read_text(spec: str) -> str:
@@ -112,7 +118,8 @@ def main(argv=None):
                          "(where ablations are compared; the held-out ones are left unread)")
     ap.add_argument("--validation", type=int, default=8, help="with --split validation: how many sequences")
     ap.add_argument("--top-k", type=int, nargs="+", default=None,
-                    help="only these top_k budgets of quest, learned and oracle (default: every one)")
+                    help="the top_k budgets of quest, learned and oracle (default: 1 2 4 8)")
+    ap.add_argument("--block-size", type=int, default=BLOCK, help="key block (and query block) size")
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"))
     ap.add_argument("--train-text", default=None,
                     help="distil the gate from another text (a .txt file, a GSM8K-style .jsonl of question/answer, "
@@ -128,6 +135,18 @@ def main(argv=None):
     ap.add_argument("--gate-steps", type=int, default=2000)
     ap.add_argument("--gate-lr", type=float, default=3e-3)
     ap.add_argument("--gate-dim", type=int, default=64)
+    ap.add_argument("--gate-target", default="peak", choices=["peak", "mass"],
+                    help="what the gate learns: the max-pooled attention (SeerAttention-R) or the block mass "
+                         "(what the oracle ranks by); teacher.py")
+    ap.add_argument("--teacher-cache", default=None,
+                    help="a file for the dense teacher's cache: loaded when it holds the same training "
+                         "sequences, rows and block size, else written, so that gate recipes share one teacher pass")
+    ap.add_argument("--recover-steps", type=int, default=0,
+                    help="recovery training (attnlab/modules/sparse/recovery.py): each (selector, budget) gets its "
+                         "own LoRA adapter trained this many steps by token KL to dense on the --train sequences, "
+                         "with its selection frozen, and is read with it (0: none)")
+    ap.add_argument("--recover-lr", type=float, default=1e-3)
+    ap.add_argument("--recover-r", type=int, default=8, help="the adapter's rank")
     ap.add_argument("--metric-sequences", type=int, default=0,
                     help="held-out sequences for attention MSE and gradient cosine (headline budgets; 0: skip)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_quality_<length>.json)")
@@ -182,12 +201,17 @@ def main(argv=None):
                              f"{args.length} tokens: use --train {len(other) // args.length} or fewer")
         train = other[:args.train * args.length].view(args.train, args.length)
     data = load(out)
-    meta = {"model": "smollm2-135m", "length": args.length, "block_size": BLOCK, "text": args.text,
+    gate_meta = {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim}
+    if args.gate_target != "peak":        # the earlier files have no key: peak
+        gate_meta["target"] = args.gate_target
+    meta = {"model": "smollm2-135m", "length": args.length, "block_size": args.block_size, "text": args.text,
             "text_tokens": len(ids), "sequences": n, "train_sequences": list(range(args.train)),
             "split": args.split, "heldout_sequences": list(range(first, first + count)), "kernel": args.kernel,
             "granularity": args.granularity, "train_text": args.train_text or args.text,
-            "gate": {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim},
+            "gate": gate_meta,
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+    if args.recover_steps:
+        meta["recover"] = {"steps": args.recover_steps, "lr": args.recover_lr, "r": args.recover_r}
     old = data.setdefault("meta", meta)
     commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
     if meta["command"] not in commands:
@@ -195,9 +219,10 @@ def main(argv=None):
     old.setdefault("split", "heldout")       # the files written before --split read the held-out sequences
     old.setdefault("granularity", "block" if out.stem.endswith("_block") else "row")   # ... and had no key for it
     old.setdefault("train_text", old["text"])
-    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text")
-    if any(old.get(k) != meta[k] for k in same):
-        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta[k])}); "
+    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text",
+            "recover")
+    if any(old.get(k) != meta.get(k) for k in same):
+        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta.get(k))}); "
                          "rerun with those, or give another --out")
     # held-out sequences are keyed by their index in the text, so a rerun with a larger --heldout adds
     # the earlier sequences to the ones already read
@@ -213,10 +238,11 @@ def main(argv=None):
         if gate_file.is_file():          # distilled by an earlier (or the main) run of this length
             gate_state = load_file(str(gate_file))
         else:
-            plugin = attnlab.attach(model, "sparse", variant="learned", block_size=BLOCK, gate_dim=args.gate_dim)
+            plugin = attnlab.attach(model, "sparse", variant="learned", block_size=args.block_size,
+                                    gate_dim=args.gate_dim)
             log(f"[gate] teacher pass over {args.train} x {args.length} tokens, then {args.gate_steps} steps per layer")
             gate_record = recipe.distil(plugin, train, rows=args.gate_rows, steps=args.gate_steps, lr=args.gate_lr,
-                                        log=log)
+                                        log=log, target=args.gate_target, teacher_file=args.teacher_cache)
             gate_state = plugin.state_dict()
             plugin.detach()
             save_file(gate_state, str(gate_file))
@@ -224,10 +250,28 @@ def main(argv=None):
             save(out, data)
 
     # -- per held-out sequence (keyed by its index in the text): dense once, then every budget --------
-    points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in BUDGETS[s] if keep(b, args.top_k)]
-    recipe.sweep(model, {} if args.metrics_only else {first + i: seq for i, seq in enumerate(heldout)},
-                 points, common(args), gate_state, data, save=lambda d: save(out, d), log=log,
-                 count_work=args.kernel == "gather")
+    points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in selector_budgets(s, args)]
+    if args.recover_steps:
+        from safetensors.torch import load_file, save_file
+        from attnlab.modules.sparse.recovery import sweep_recovered
+        adapters_file = state_dir / "adapters.safetensors"
+        flat = load_file(str(adapters_file)) if adapters_file.is_file() else {}
+        adapters = {}
+        for name, v in flat.items():                  # "point key|parameter name" -> tensor
+            k, param = name.split("|", 1)
+            adapters.setdefault(k, {})[param] = v
+
+        def keep(d):                                  # the JSON and the finished adapters, together
+            save_file({f"{k}|{n}": v for k, st in adapters.items() for n, v in st.items()}, str(adapters_file))
+            save(out, d)
+
+        sweep_recovered(model, list(train), {first + i: seq for i, seq in enumerate(heldout)}, points, common(args),
+                        gate_state, data, adapters, steps=args.recover_steps, lr=args.recover_lr, r=args.recover_r,
+                        save=keep, log=log)
+    else:
+        recipe.sweep(model, {} if args.metrics_only else {first + i: seq for i, seq in enumerate(heldout)},
+                     points, common(args), gate_state, data, save=lambda d: save(out, d), log=log,
+                     count_work=args.kernel == "gather")
 
     # -- attention MSE (causal entries) and gradient cosine at the headline budgets, per sequence ----
     if args.metric_sequences:

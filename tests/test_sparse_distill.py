@@ -56,8 +56,21 @@ def test_the_distill_block_trains_saves_and_reports_the_gate_against_every_selec
     assert json.loads((out / "results.json").read_text())["cells"][1]["sparse_quality"]["comparisons"]
 
 
+def test_recovery_in_the_distill_block_gives_window_quest_and_learned_each_an_adapter_and_a_table(tmp_path):
+    cfg = {**CFG, "methods": [{**DISTILLED, "distill": {**DISTILLED["distill"], "steps": 5, "heldout": 1,
+                                                        "recover_steps": 2, "recover_r": 2}}]}
+    res = run_experiment(cfg, out_root=tmp_path, log=lambda *a: None)
+    rec = res["cells"][0]["sparse_quality"]["recovered"]
+    b = budgets(8)
+    assert sorted(rec["recovery"]) == sorted(f"{s}:" + ",".join(f"{k}={v}" for k, v in x.items())
+                                             for s in ("window", "quest", "learned") for x in b[s])
+    assert all(r["steps"] == 2 and r["r"] == 2 for r in rec["recovery"].values())
+    assert "### With recovery training" in (tmp_path / "distill" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("distill, message", [
-    ({"stpes": 3}, "unknown key"), ({"steps": 0}, "positive int"), ({"lr": "fast"}, "positive float")])
+    ({"stpes": 3}, "unknown key"), ({"steps": 0}, "positive int"), ({"lr": "fast"}, "positive float"),
+    ({"recover_steps": -1}, "non-negative int")])
 def test_a_bad_distill_block_is_one_line_naming_the_fix(distill, message):
     with pytest.raises(ConfigError, match=message):
         load_config({**CFG, "methods": [{**DISTILLED, "distill": distill}]})

@@ -60,6 +60,32 @@ def test_a_gate_better_than_quest_by_a_known_margin_is_rendered_with_that_margin
     assert _row(table, "oracle")[2].startswith(f"{100 * (math.exp(0.65) - 1):+.1f}%")
 
 
+def test_another_reference_such_as_the_oracle_at_block_32_is_a_row_of_its_own(tmp_path):
+    _write(tmp_path, "reference", _run({"quest": lambda i: 0.0, "oracle": lambda i: -0.1}))
+    _write(tmp_path, "n12", _run({"learned": lambda i: 0.0}))
+    b32 = _run({"oracle": lambda i: -0.2}, train=0)
+    b32["meta"]["block_size"] = 32
+    _write(tmp_path, "reference_b32", b32)
+    g32 = _run({"learned": lambda i: -0.05})
+    g32["meta"]["block_size"] = 32
+    _write(tmp_path, "n12_b32", g32)
+    table = gate_ablation(tmp_path, "0.25|n12")
+    row = _row(table, "oracle·b32")
+    assert row[1] == "no training, block 32"
+    assert row[3].startswith(f"{100 * (math.exp(-0.2) - 1):+.1f}%")        # against quest (block 64)
+    row = _row(table, "n12_b32")                                            # a gate at block 32, at equal density
+    assert row[1].endswith("row, block 32") and row[3].startswith(f"{100 * (math.exp(-0.05) - 1):+.1f}%")
+
+
+def test_the_same_text_read_from_another_worktree_path_is_the_same_text():
+    ref, other = _run({"quest": lambda i: 0.0}), _run({"learned": lambda i: 0.0})
+    ref["meta"]["text"], other["meta"]["text"] = "/work/shared/data/wikitext-2/valid.txt", "/w/x/shared/data/wikitext-2/valid.txt"
+    assert any(k.startswith("learned:") for k in merged(ref, other, "learned")["points"])
+    other["meta"]["text"] = "/work/shared/data/other/valid.txt"
+    with pytest.raises(DataError, match="text"):
+        merged(ref, other, "learned")
+
+
 def test_a_gate_read_on_other_sequences_or_text_than_the_reference_is_refused(tmp_path):
     ref = _run({"quest": lambda i: 0.0})
     other = _run({"learned": lambda i: 0.0})
@@ -79,9 +105,13 @@ def test_a_comparison_against_dense_uses_the_dense_nll_of_each_sequence():
     assert c["a_better_on"] == 0 and c["sequences"] == 4
 
 
-def test_top_k_keeps_only_the_listed_top_k_budgets_and_every_window_and_mass_budget():
-    assert sq.keep({"top_k": 2}, [1, 2]) and not sq.keep({"top_k": 8}, [1, 2])
-    assert sq.keep({"window": 512, "sinks": 4}, [1]) and sq.keep({"mass": 0.9}, [1]) and sq.keep({"top_k": 8}, None)
+def test_top_k_sets_the_top_k_budgets_and_leaves_every_window_and_mass_budget():
+    args = lambda top_k, bs=64: type("A", (), {"top_k": top_k, "block_size": bs})  # noqa: E731
+    assert sq.selector_budgets("quest", args([1, 2])) == [{"top_k": 1}, {"top_k": 2}]
+    assert sq.selector_budgets("oracle", args([5, 7, 11], 32)) == [{"top_k": 5}, {"top_k": 7}, {"top_k": 11}]
+    assert sq.selector_budgets("window", args([1], 32))[0] == {"window": 32, "sinks": 4}
+    assert len(sq.selector_budgets("learned-mass", args([1]))) == 4
+    assert sq.selector_budgets("learned", args(None)) == [{"top_k": k} for k in (1, 2, 4, 8)]
 
 
 def test_a_gsm8k_style_jsonl_distillation_text_is_each_problem_then_its_solution(tmp_path):
@@ -89,3 +119,17 @@ def test_a_gsm8k_style_jsonl_distillation_text_is_each_problem_then_its_solution
     f.write_text('{"question": "Q1?", "answer": "A1"}\n\n{"question": "Q2?", "answer": "A2"}\n')
     assert sq.read_text(str(f)) == "Q1?\nA1\n\nQ2?\nA2"
     assert "Python" in sq.read_text("python_docs")
+
+
+def test_a_pair_of_rows_is_one_line_at_equal_density_and_an_unknown_row_names_the_table(tmp_path):
+    from attnlab.published.sparse_ablation import gate_pair
+
+    _write(tmp_path, "reference", _run({"quest": lambda i: 0.0, "oracle": lambda i: -0.1}))
+    b32 = _run({"oracle": lambda i: -0.2}, train=0)
+    b32["meta"]["block_size"] = 32
+    _write(tmp_path, "reference_b32", b32)
+    _write(tmp_path, "n12", _run({"learned": lambda i: 0.0}))
+    assert gate_pair(tmp_path, "0.25|oracle·b32|oracle").startswith(f"{100 * (math.exp(-0.1) - 1):+.1f}%")
+    assert "\n" not in gate_pair(tmp_path, "0.25|n12|quest")
+    with pytest.raises(DataError, match="no row named n99"):
+        gate_pair(tmp_path, "0.25|n99|quest")

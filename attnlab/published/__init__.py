@@ -17,7 +17,7 @@ from .bench import (benchmark_table, factorized_goal, factorized_recompute, fact
                     sparse_kernel_table, sparse_memory_table)
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
 from .kept import kept_run, kept_sweep
-from .sparse_ablation import gate_ablation
+from .sparse_ablation import gate_ablation, gate_pair
 from .sparse import (sparse_compare, sparse_gate_kl, sparse_goal,
                      sparse_granularity, sparse_point, sparse_speed, sparse_table, sparse_text)
 from .sparse_goals import sparse_speed_goals
@@ -39,7 +39,7 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "sparse_next_budget": sparse_next_budget, "sparse_targets": sparse_targets, "sparse_flex": sparse_flex,
              "sparse_compare_at": sparse_compare_at, "lm_eval": lm_eval,
              "sparse_point": sparse_point, "json_value": json_value, "sparse_gate_kl": sparse_gate_kl,
-             "sparse_granularity": sparse_granularity}
+             "sparse_granularity": sparse_granularity, "gate_pair": gate_pair}
 
 
 def render_one(expr: str, root: Path) -> str:

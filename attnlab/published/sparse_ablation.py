@@ -1,8 +1,9 @@
 """The learned gate's recipe ablations (issue 27), read on VALIDATION sequences of the text (never
 the held-out ones the docs report): every JSON of benchmarks/results/sparse_gate_ablation/ is one
 `benchmarks/sparse_quality.py --split validation` run. `reference.json` holds dense and the
-selectors that need no training (quest, oracle, window); every other file one distilled gate
-(selectors learned and learned-mass), named by its file. Each gate is merged with the reference on
+selectors that need no training (quest, oracle, window); `reference_<tag>.json` more of them with
+other settings (e.g. reference_b32.json: the oracle at block size 32), rows named `selector·<tag>`;
+every other file one distilled gate (selectors learned and learned-mass), named by its file. Each gate is merged with the reference on
 the sequences both read and compared at equal density by the benchmark's own summary
 (quality.compare: per sequence, NLL per token interpolated in density; paired over sequences)."""
 
@@ -15,22 +16,33 @@ from ..modules.sparse import quality
 from .tables import _json
 
 DIR = "benchmarks/results/sparse_gate_ablation"
-SAME = ("model", "length", "block_size", "text", "split")
+SAME = ("model", "length", "text", "text_tokens", "split")     # block size may differ: compared at equal density
 
 
-def _runs(root: Path) -> tuple[dict, dict[str, dict]]:
+def _same(meta: dict, k: str):
+    """The setting compared between files; the text by its folder and name (the runs were made from
+    worktrees at different paths, ../shared being the same data), and its token count."""
+    return "/".join(Path(meta["text"]).parts[-2:]) if k == "text" else meta.get(k)
+
+
+def _runs(root: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
+    """reference.json, the other references by tag, the gates by name."""
     folder = root / DIR
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not any(f.name == "reference.json" for f in files):
         raise DataError(f"{DIR}/reference.json is missing: run the reference command of docs/sparse_attention.md")
     ref = _json(root, f"{DIR}/reference.json")
-    return ref, {f.stem: _json(root, f"{DIR}/{f.name}") for f in files if f.name != "reference.json"}
+    refs = {f.stem.split("_", 1)[1]: _json(root, f"{DIR}/{f.name}") for f in files
+            if f.stem.startswith("reference_")}
+    return ref, refs, {f.stem: _json(root, f"{DIR}/{f.name}") for f in files if not f.stem.startswith("reference")}
 
 
-def merged(ref: dict, run: dict, name: str) -> dict:
-    """The reference's points and the run's learned points (renamed `name`, `name·mass`) in one data
-    dict; refused when the two were read on different text, length, split or sequences' dense NLL."""
-    bad = [k for k in SAME if ref["meta"].get(k) != run["meta"].get(k)]
+def merged(ref: dict, run: dict, name: str, tag: str | None = None) -> dict:
+    """The reference's points and the run's learned points (renamed `name`, `name·mass`), or with a
+    tag (another reference, at another block size, say) its every selector as `selector·tag`, in one
+    data dict; refused when the two were read on different text, length, split or sequences' dense
+    NLL (a different block size is allowed: the comparisons are at equal density)."""
+    bad = [k for k in SAME if _same(ref["meta"], k) != _same(run["meta"], k)]
     if bad:
         raise DataError(f"{DIR}/{name}.json differs from reference.json in {', '.join(bad)}: rerun it with the "
                         f"reference's settings")
@@ -42,7 +54,7 @@ def merged(ref: dict, run: dict, name: str) -> dict:
                 if d is not None and abs(d["nll"] - r["nll"]) > 1e-3 * abs(d["nll"]):
                     raise DataError(f"{DIR}/{name}.json's dense NLL of sequence {si} differs from the reference's")
             continue
-        sel = name + ("·mass" if p["selector"] == "learned-mass" else "")
+        sel = f"{p['selector']}·{tag}" if tag else name + ("·mass" if p["selector"] == "learned-mass" else "")
         points[f"{sel}:{k.split(':', 1)[1]}"] = {**p, "selector": sel}
     return {"meta": run["meta"], "points": points}
 
@@ -58,8 +70,9 @@ def _recipe(meta: dict) -> str:
     g = meta["gate"]
     extra = ", ".join(f"{k} {v}" for k, v in g.items() if k not in ("rows", "steps", "lr", "dim"))
     text = "" if meta.get("train_text", meta["text"]) == meta["text"] else f" of {Path(meta['train_text']).name}"
+    block = f", block {meta['block_size']}" if meta.get("block_size", 64) != 64 else ""
     return (f"{len(meta['train_sequences'])} seq{text}, {g['rows']} rows, {g['steps']} steps, lr {g['lr']}, "
-            f"width {g['dim']}, {meta.get('granularity', 'row')}" + (f", {extra}" if extra else ""))
+            f"width {g['dim']}, {meta.get('granularity', 'row')}{block}" + (f", {extra}" if extra else ""))
 
 
 def _cell(data: dict, a: str, b: str, density: float) -> str:
@@ -76,7 +89,7 @@ def gate_ablation(root: Path, arg: str) -> str:
     gate (a file's name), all at equal density on the validation sequences."""
     density, baseline = arg.split("|")
     d = float(density)
-    ref, runs = _runs(root)
+    ref, refs, runs = _runs(root)
     if baseline not in runs:
         raise DataError(f"{DIR}/{baseline}.json is missing (the baseline gate of the ablation table)")
     seqs = quality.complete(ref)
@@ -87,6 +100,11 @@ def gate_ablation(root: Path, arg: str) -> str:
         if any(p["selector"] == sel for p in ref["points"].values()):
             lines.append(f"| {sel} | no training | {_cell(ref, sel, 'dense', d)} | "
                          f"{'–' if sel == 'quest' else _cell(ref, sel, 'quest', d)} | – |")
+    for tag, other in refs.items():
+        data = merged(ref, other, f"reference_{tag}", tag)
+        for sel in dict.fromkeys(p["selector"] for p in other["points"].values() if p["selector"] != "dense"):
+            lines.append(f"| {sel}·{tag} | no training, block {other['meta']['block_size']} | "
+                         f"{_cell(data, f'{sel}·{tag}', 'dense', d)} | {_cell(data, f'{sel}·{tag}', 'quest', d)} | – |")
     base = merged(ref, runs[baseline], baseline)
     for name, run in runs.items():
         data = merged(ref, run, name)
@@ -99,3 +117,21 @@ def gate_ablation(root: Path, arg: str) -> str:
             lines.append(f"| {sel} | {_recipe(run['meta'])} | {_cell(data, sel, 'dense', d)} | "
                          f"{_cell(data, sel, 'quest', d)} | {vs_base} |")
     return "\n".join(lines)
+
+
+def gate_pair(root: Path, arg: str) -> str:
+    """`DENSITY|A|B`: one line, A against B at that density on the validation sequences both read, A
+    and B being rows of the gate_ablation table (a reference selector, `selector·tag` of another
+    reference, a gate's file name or `name·mass`) or dense."""
+    density, a, b = arg.split("|")
+    ref, refs, runs = _runs(root)
+    points = dict(ref["points"])
+    for tag, other in refs.items():
+        points.update(merged(ref, other, f"reference_{tag}", tag)["points"])
+    for name, run in runs.items():
+        points.update(merged(ref, run, name)["points"])
+    missing = [x for x in (a, b) if not any(p["selector"] == x for p in points.values())]
+    if missing:
+        raise DataError(f"{DIR}: no row named {', '.join(missing)} (the gate_ablation table's row names)")
+    keep = {k: p for k, p in points.items() if p["selector"] in (a, b, "dense")}
+    return _cell({"meta": ref["meta"], "points": keep}, a, b, float(density))

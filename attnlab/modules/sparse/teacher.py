@@ -15,7 +15,10 @@ predict, for `rows` sampled query rows that have candidates:
     mass    (N, Hkv, nfull)    sum over the G heads of mass (to score a selection's recall)
     cand    (N, nfull)         the candidate blocks of each row
 Then each layer's gate trains for `steps` Adam steps on minibatches of its own rows (gate.gate_kl);
-the layers are independent, and train side by side as one batched computation (their weights
+the target is `peak` (SeerAttention-R's max-pool, above) or `mass`: the kv head's mass on the
+candidates, normalised to sum 1, i.e. the very quantity the oracle ranks by, so that a top-k of the
+gate's scores aims at the blocks that hold the most attention rather than the sharpest single key
+(the two differ when a block holds many moderate weights). The layers are independent, and train side by side as one batched computation (their weights
 stacked along a layer axis): the model is not run again.
 """
 
@@ -155,14 +158,24 @@ def train_gate(gate, cache: dict, **options) -> dict:
     return train_gates([gate], [cache], **options)[0]
 
 
+TARGETS = ("peak", "mass")
+
+
+def mass_target(cache: dict) -> torch.Tensor:
+    """The cache's mass (N, Hkv, nfull) on each row's candidates, normalised to sum 1 (0 without mass)."""
+    t = cache["mass"] * cache["cand"][:, None]
+    return t / t.sum(-1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
+
+
 def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 3e-3, batch: int = 256,
-                seed: int = 0, holdout: float = 0.1) -> list[dict]:
+                seed: int = 0, holdout: float = 0.1, target: str = "peak") -> list[dict]:
     """Adam on each layer's gate against its own cached rows; the layers are independent (each gate
     sees only its layer's cache), and they train side by side as one batched computation: their
     weights are stacked along a leading layer axis, which the gate's products broadcast over. Each
     step takes `batch` rows of one training sequence (its pooled keys are shared by them); the last
     `holdout` share of the sequences (at least one when there are two or more) is held out. The
-    caches must come from one collect_teacher call (the same rows in every layer). Returns, per
+    caches must come from one collect_teacher call (the same rows in every layer). target: what the
+    gates learn, "peak" (the cache's max-pooled target) or "mass" (mass_target). Returns, per
     layer, the KL(target || gate) on train and held-out rows before and after, and seconds."""
     from .gate import BlockGate
 
@@ -175,7 +188,10 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
     stack.register_buffer("inv_freq", gates[0].inv_freq.clone(), persistent=False)
     stack.wq = torch.nn.Parameter(torch.stack([g.wq.detach() for g in gates]))      # (L, Hkv, G*D, dg)
     stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
-    cache = {k: torch.stack([c[k] for c in caches]) for k in ("q", "stats", "target")}
+    if target not in TARGETS:
+        raise ValueError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
+    cache = {k: torch.stack([c[k] for c in caches]) for k in ("q", "stats")}
+    cache["target"] = torch.stack([c["target"] if target == "peak" else mass_target(c) for c in caches])
     cache.update(pos=caches[0]["pos"], seq=caches[0]["seq"], cand=caches[0]["cand"])
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(stack.parameters(), lr=lr)
