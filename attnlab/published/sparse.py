@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import DataError
+from ..modules.sparse import quality
 from .tables import _json, _mark, md_tables
 
 
@@ -186,14 +187,11 @@ def _granularity_data(root: Path, length: str) -> dict:
     if bad:
         raise DataError(f"sparse_quality_{length}_block.json differs from sparse_quality_{length}.json in "
                         f"{', '.join(bad)}: rerun it with the row-wise run's settings")
+    if (si := quality.dense_mismatch(row, block)) is not None:
+        raise DataError(f"sequence {si}: the block-shared run's dense NLL differs from the row-wise run's")
     points = {k: p for k, p in row["points"].items() if p["selector"] in ("dense", "window", "quest", "oracle")}
     for k, p in block["points"].items():
-        if p["selector"] == "dense":
-            for si, r in p["sequences"].items():
-                d = row["points"]["dense"]["sequences"].get(si)
-                if d is not None and abs(d["nll"] - r["nll"]) > 1e-3 * abs(d["nll"]):
-                    raise DataError(f"sequence {si}: the block-shared run's dense NLL differs from the row-wise run's")
-        elif p["selector"] in ("quest", "oracle"):
+        if p["selector"] in ("quest", "oracle"):
             name = p["selector"] + "·block"
             points[f"{name}:{k.split(':', 1)[1]}"] = {**p, "selector": name}
     return {"meta": row["meta"], "points": points}

@@ -113,6 +113,17 @@ def compare(data: dict, seqs: list[str], pairs=None, densities=None) -> list[dic
     return rows
 
 
+def dense_mismatch(a: dict, b: dict, rtol: float = 1e-3) -> str | None:
+    """The first sequence both runs read whose dense NLL differs by more than rtol (relative), or
+    None: two runs merged into one comparison must have read the same tokens with the same model."""
+    ours = a["points"]["dense"]["sequences"]
+    for si, r in b["points"]["dense"]["sequences"].items():
+        d = ours.get(si)
+        if d is not None and abs(d["nll"] - r["nll"]) > rtol * abs(d["nll"]):
+            return si
+    return None
+
+
 def dense_nll(data: dict, seqs: list[str]):
     """Per sequence, the dense model's NLL per token (B = "dense" in a comparison: A at the density
     against the unchanged model)."""
