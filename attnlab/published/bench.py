@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from . import sparse_goals
 from .sparse import sparse_quality_rows
 from .tables import _json, _mark, _x
 
@@ -145,7 +146,8 @@ def sparse_kernel_rows(root: Path) -> list[str]:
 
     ok = {v: _kernel_ratio(d["rows"], v, "inference") <= 0.4 for v in
           ("window 256 + 4 sinks", "quest top-2", "learned top-2 (distilled gate)")}
-    return [f"| Sparse attention time at {T} tokens vs dense SDPA, forward / training (WikiText-2 text, median over "
+    return [f"| Sparse attention time at {T} tokens vs dense SDPA, forward / training (v2: per-row selection, superseded "
+            f"by the block-shared rows below; WikiText-2 text, median over "
             f"layers of CPU-time ratios, one run) | `{d['command']}` | window 256 **{x('window 256 + 4 sinks')}**; learned "
             f"top-2 (distilled gate) {x('learned top-2 (distilled gate)')}; quest top-2 {x('quest top-2')} | ≤ 0.4× "
             f"{_mark(ok['window 256 + 4 sinks'])} window, {_mark(ok['quest top-2'])} quest, "
@@ -156,7 +158,7 @@ def benchmark_table(root: Path, arg: str = "") -> str:
     """README: every benchmark row, rendered from benchmarks/results/*.json."""
     lines = ["| benchmark | command (conditions) | result | goal |", "|---|---|---|---|"]
     for rows in (backward_head_rows, feature_cache_rows, linear_ce_rows, factorized_rows, sparse_memory_rows,
-                 sparse_kernel_rows, sparse_quality_rows):
+                 sparse_kernel_rows, sparse_goals.readme_rows, sparse_quality_rows):
         lines += rows(root)
     return "\n".join(lines)
 

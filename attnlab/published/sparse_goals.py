@@ -150,3 +150,26 @@ def sparse_speed_goals(root: Path, arg: str) -> str:
         else:
             lines.append(goal_row(rows, *g))
     return "\n".join(lines)
+
+
+SPEED = "benchmarks/results/sparse_speed.json"
+DECODE = "benchmarks/results/sparse_speed_decode.json"
+
+
+def _command(d: dict) -> str:
+    return d.get("command") or d["meta"]["command"]
+
+
+def readme_rows(root: Path) -> list[str]:
+    """README benchmark rows: each issue-26 goal as the goals table judges it, with the command of
+    the run it was read on (the decode goals on the decode rerun, which names each row's cache)."""
+    speed, decode = _json(root, SPEED), _json(root, DECODE)
+    out = []
+    for g in GOALS:
+        text, _, _, tokens, _, goal, _ = g
+        on_decode = g[1] == "decode"
+        row = decode_row(decode["rows"], text, tokens, goal) if on_decode else goal_row(speed["rows"], *g)
+        _, measured, verdict = row[2:-2].split(" | ")
+        out.append(f"| Sparse v3, block-shared selection (one thread, CPU-time ratios, random weights, density ≈ "
+                   f"0.25): {text} | `{_command(decode if on_decode else speed)}` | {measured} | {verdict} |")
+    return out
