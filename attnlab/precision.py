@@ -5,7 +5,7 @@ that keep training exact where it matters.
     train: {mixed_precision: bf16 | fp16 | no} (default: follow the base's dtype)
 
 `auto` is bf16 on a CUDA GPU that supports it (fp16 on one that does not) and fp32 on CPU. On CPU a
-bf16 base is allowed with a one-line warning (it is ~200x slower than fp32 on the 2-core machine
+bf16 base is allowed with a one-line warning (it is far slower than fp32 on the 2-core machine
 the results were made on, but it runs, and the tiny test models use it); fp16 on CPU is refused
 (no fast kernels, and Accelerate's loss scaler needs a GPU).
 
@@ -39,7 +39,7 @@ from .errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIXED = ("bf16", "fp16", "no")
-CPU_SLOW = "~200x slower than fp32 on CPU here"
+CPU_SLOW = "far slower than fp32 on a CPU without fast bf16 matmul"
 
 
 def resolve_model_dtype(name: str | None, device: str | torch.device | None = None,

@@ -82,20 +82,25 @@ def test_the_sparse_goals_verdict_is_computed_from_the_rows_quest_and_learned_ju
     assert next(x for x in lines if "≥ 1.8×" in x).endswith("| not in this run | – |")
 
 
-def test_the_decode_goals_are_judged_against_dense_on_each_cache_when_the_rows_name_their_cache(tmp_path):
-    def row(variant, cache, cpu_s, tokens=4096):
-        return {"part": "decode", "mode": "decode", "variant": variant, "tokens": tokens, "cache": cache, "cpu_s": cpu_s}
+def test_the_decode_goals_are_judged_on_equal_caches_and_the_cache_alone_is_not_credited_to_sparsity(tmp_path):
+    def row(variant, cache, cpu_s, tokens=4096, **kw):
+        return {"part": "decode", "mode": "decode", "variant": variant, "tokens": tokens, "cache": cache,
+                "cpu_s": cpu_s, **kw}
 
     rows = [row("dense-sdpa", "dynamic", 0.13), row("dense-sdpa (growing cache)", "growing", 0.10),
-            row("ideal (dense, 513 keys)", "growing", 0.05), row("quest", "growing", 0.10),
-            row("learned", "growing", 0.05), row("quest (dynamic cache)", "dynamic", 0.12)]
+            row("ideal (dense, 513 keys)", "growing", 0.05, keys=513), row("quest", "growing", 0.10),
+            row("learned", "growing", 0.05), row("quest (dynamic cache)", "dynamic", 0.12),
+            row("dense-sdpa", "dynamic", 0.06, 1024), row("dense-sdpa (growing cache)", "growing", 0.05, 1024),
+            row("quest", "growing", 0.0625, 1024), row("learned", "growing", 0.05, 1024)]
     (tmp_path / "s.json").write_text(json.dumps({"meta": {"command": "x"}, "rows": []}))
     (tmp_path / "d.json").write_text(json.dumps({"meta": {"command": "y"}, "rows": rows}))
     lines = render_one("sparse_speed_goals:s.json|d.json", tmp_path).splitlines()
     dec = next(x for x in lines if "≥ 1.3×" in x)
-    assert "as it generates (DynamicCache): quest 1.30×, learned 2.60×" in dec
-    assert "same GrowingCache: quest 1.00×, learned 2.00× (ideal 2.00×)" in dec
-    assert dec.endswith("| ✔ vs dense as it generates; ✘ quest (1.00×, by 0.30) vs dense on the same GrowingCache |")
+    assert "same GrowingCache: quest 1.00×, learned 2.00× (ideal 2.00×) (513 of 4096 keys a step, density 0.13)" in dec
+    assert "end to end vs dense on DynamicCache: quest 1.30×, learned 2.60× (of which the cache alone: dense 1.30×)" in dec
+    assert dec.endswith("| ✘ quest (1.00×, by 0.30); ✔ the rest (equal caches) |")      # quest's 1.30× is the cache's
+    short = next(x for x in lines if "at 1024 context (no goal)" in x)
+    assert "same GrowingCache: quest 0.80×, learned 1.00×" in short and short.endswith("| – |")
     assert next(x for x in lines if "≥ 1.8×" in x).endswith("| not in this run | – |")
 
 

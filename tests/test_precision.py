@@ -71,7 +71,7 @@ def test_precision_settings_that_cannot_work_are_refused_in_one_line(tiny_llama,
         compute_dtype(tiny_llama.model, "fp16")
     with pytest.raises(ConfigError, match="model_dtype: 'half' is not one of"):
         load_config({"model": "tiny-llama", "model_dtype": "half"})
-    with pytest.warns(UserWarning, match="bf16 on CPU is ~200x slower"):
+    with pytest.warns(UserWarning, match="bf16 on CPU is far slower than fp32"):
         assert resolve_model_dtype("bf16", "cpu") == torch.bfloat16
     assert resolve_model_dtype("auto", "cpu") == torch.float32 and resolve_model_dtype(None, "cpu") == torch.float32
     with pytest.warns(UserWarning, match="bf16 on CPU"):

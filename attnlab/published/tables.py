@@ -212,15 +212,16 @@ def json_table(root: Path, arg: str) -> str:
 
 
 def json_value(root: Path, arg: str) -> str:
-    """`FILE|KEY.KEY...|FORMAT`: one value of a results JSON (dotted path into nested objects), formatted
-    with FORMAT (e.g. `.1f`) — a single measured number quoted in a sentence."""
-    rel, path, fmt = arg.split("|")
+    """`FILE|KEY.KEY...|FORMAT[|SCALE]`: one value of a results JSON (dotted path into nested objects),
+    times SCALE if given (e.g. 1000: seconds as milliseconds), formatted with FORMAT (e.g. `.1f`) — a
+    single measured number quoted in a sentence."""
+    rel, path, fmt, *scale = arg.split("|")
     v = _json(root, rel)
     for k in path.split("."):
         if not isinstance(v, dict) or k not in v:
             raise DataError(f"{rel}: no field {path!r} (stops at {k!r})")
         v = v[k]
-    return format(v, fmt)
+    return format(v * float(scale[0]) if scale else v, fmt)
 
 
 def lm_eval(root: Path, arg: str) -> str:
