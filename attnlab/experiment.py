@@ -600,8 +600,7 @@ def _run_cell(bb, splits, sets: list[EvalSet], cfg, m, seed, out, log, features,
                        log)
     if cell is not None:
         log(f"[attnlab] {m['name']} seed {seed}: done earlier, read from {done}")
-        if kept.root is not None and kept.result(m["name"], seed, spec, log=lambda *_: None) is None:
-            kept.save_result(m["name"], seed, cell)
+        kept.save_result(m["name"], seed, cell)   # mirrored if not kept yet (a no-op without keep:)
         return cell
     cell = kept.result(m["name"], seed, spec, log)
     if cell is not None:
