@@ -95,3 +95,16 @@ def test_a_bf16_experiment_runs_end_to_end_on_cpu(tmp_path):
         assert math.isfinite(c["eval"]["cross_entropy"]), c["method"]
     assert cells["frozen"]["eval"]["kl_base_model"] < 1e-6
     assert (tmp_path / "bf16" / "lora" / "seed0" / "plugin" / "plugin.safetensors").is_file()
+
+
+def test_flush_subnormals_sets_values_below_the_smallest_normal_float_to_zero():
+    from attnlab.precision import flush_subnormals
+    tiny = torch.tensor([1e-39, 1e-30])
+    try:
+        if not flush_subnormals():
+            pytest.skip("this CPU cannot flush subnormals")
+        out = (tiny * 1.0).tolist()
+        assert out[0] == 0.0 and out[1] == pytest.approx(1e-30)
+    finally:
+        torch.set_flush_denormal(False)     # the default: leave the test process as it was
+    assert (tiny * 1.0)[0].item() != 0.0
