@@ -63,7 +63,7 @@ COMPARE = quality.COMPARE
 DENSITIES = quality.DENSITIES
 MIN_SEQUENCES = quality.MIN_SEQUENCES
 HEADLINE = {"window": {"window": 256, "sinks": 4}, "quest": {"top_k": 2}, "learned": {"top_k": 2},
-            "learned-mass": {"mass": 0.9}, "oracle": {"top_k": 2}}
+            "learned-mass": {"mass": 0.9}, "oracle": {"top_k": 2}, "oracle-qhead": {"top_k": 2}}
 
 
 def common(args) -> dict:

@@ -517,3 +517,30 @@ def test_the_sparse_package_loads_without_distillation_and_distillation_uses_the
     source = inspect.getsource(attnlab.distill)
     assert "plugin.base_function()" in source and "modules.sparse" not in source
     assert "plugin._" not in source
+
+
+def test_a_query_head_oracle_keeps_at_least_the_kv_head_oracles_mass_for_every_query_head():
+    # oracle-qhead ranks each query head's own dense mass; the kv-head oracle ranks the sum over the G
+    # heads that share the kv head. At the same top_k each keeps as many blocks, and per query head the
+    # per-head choice keeps the most of that head's mass: never less than the shared choice.
+    from attnlab.modules.sparse import recipe
+    from attnlab.modules.sparse.patterns import Pattern
+    from attnlab.modules.sparse.selection import select
+    from attnlab.modules.sparse.teacher import row_block_stats
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 48, 8, generator=g) * 2, torch.randn(1, 2, 48, 8, generator=g) * 2
+    p = Pattern(48, 48, 4, "cpu")
+    mass = row_block_stats(q, k, p, None, 8 ** -0.5)[0].view(1, 2, 2, 48, p.nb)   # (B, Hkv, G, Tq, nb)
+    kept, counts = {}, {}
+    for selector in ("oracle", "oracle-qhead"):
+        opts = recipe.options(selector, {"top_k": 2}, {"block_size": 4, "granularity": "row"})
+        assert opts["oracle"] and opts["variant"] == {"oracle": "learned", "oracle-qhead": "quest"}[selector]
+        cfg = SparseConfig(**{k: v for k, v in opts.items() if k != "block_size"}, block_size=4)
+        sel = select(cfg, q, k, p, None, 8 ** -0.5)
+        idx = sel.idx.expand(1, 2, 2, *sel.idx.shape[-2:])                   # (B, Hkv, G, Tq, K): per row
+        got = mass.gather(-1, idx) * sel.valid.expand_as(idx)
+        kept[selector] = got.sum(-1)                                                     # per query head and row
+        counts[selector] = sel.valid.expand_as(idx).sum(-1)
+    assert torch.equal(counts["oracle"], counts["oracle-qhead"])                      # the same density
+    assert (kept["oracle-qhead"] >= kept["oracle"] - 1e-6).all()
+    assert (kept["oracle-qhead"] > kept["oracle"] + 1e-4).any()          # the heads disagree somewhere

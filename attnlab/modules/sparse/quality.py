@@ -18,21 +18,22 @@ import numpy as np
 
 from ...stats import bootstrap_ci, paired_bootstrap_ppl, t_interval
 
-SELECTORS = ("window", "quest", "learned", "learned-mass", "oracle")
+SELECTORS = ("window", "quest", "learned", "learned-mass", "oracle", "oracle-qhead")
 COMPARE = [("learned", "quest"), ("learned", "window"), ("learned-mass", "quest"), ("quest", "window"),
-           ("oracle", "learned")]
+           ("oracle", "learned"), ("oracle-qhead", "oracle")]
 DENSITIES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 MIN_SEQUENCES = 2          # below this, no interval and no comparison
 
 
 def budgets(block: int) -> dict[str, list[dict]]:
-    """Each selector's budgets: windows of 1, 2, 4, 8 blocks + 4 sinks; quest, learned and oracle with
+    """Each selector's budgets: windows of 1, 2, 4, 8 blocks + 4 sinks; quest, learned and the oracles with
     k = 1, 2, 4, 8 extra blocks; learned by cumulative mass 0.5..0.95."""
     return {"window": [{"window": w * block, "sinks": 4} for w in (1, 2, 4, 8)],
             "quest": [{"top_k": k} for k in (1, 2, 4, 8)],
             "learned": [{"top_k": k} for k in (1, 2, 4, 8)],
             "learned-mass": [{"mass": m} for m in (0.5, 0.7, 0.9, 0.95)],
-            "oracle": [{"top_k": k} for k in (1, 2, 4, 8)]}
+            "oracle": [{"top_k": k} for k in (1, 2, 4, 8)],
+            "oracle-qhead": [{"top_k": k} for k in (1, 2, 4, 8)]}
 
 
 def key(selector: str, budget: dict) -> str:

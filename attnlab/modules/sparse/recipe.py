@@ -26,13 +26,17 @@ import torch.nn.functional as F
 
 from .quality import key
 
-VARIANT = {"learned-mass": "learned", "oracle": "learned"}
+# oracle: the dense attention mass of the kv head (summed over its G query heads), the bound for the
+# learned gate, which selects per kv head; oracle-qhead: each query head ranks by its own mass, the bound
+# for a selector per query head (as Quest is)
+VARIANT = {"learned-mass": "learned", "oracle": "learned", "oracle-qhead": "quest"}
 GATED = ("quest", "learned")     # the variants whose selection has a granularity
 
 
 def options(selector: str, budget: dict, common: dict) -> dict:
     """The sparse options of `selector` at `budget` (a learned-mass or oracle selector is the learned
-    variant with mass, or with oracle scores)."""
+    variant with mass, or with oracle scores; oracle-qhead is the per-query-head variant, quest's,
+    with oracle scores)."""
     variant = VARIANT.get(selector, selector)
     out = {"variant": variant, **{k: v for k, v in common.items() if k in ("block_size", "kernel", "layers")},
            **budget}
@@ -40,7 +44,7 @@ def options(selector: str, budget: dict, common: dict) -> dict:
         out["granularity"] = common["granularity"]
     if selector.startswith("learned") and "gate_dim" in common:
         out["gate_dim"] = common["gate_dim"]
-    if selector == "oracle":
+    if selector.startswith("oracle"):
         out["oracle"] = True
     return out
 
