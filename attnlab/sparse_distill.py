@@ -8,6 +8,9 @@ sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.p
 
   - sequences: the first N examples of the training split are the teacher's sequences (one dense
     pass each); rows: query rows cached per sequence and layer; steps, lr: Adam on every layer's gate;
+    with the method's `granularity: block` (the default) the teacher records rows // block_size whole
+    query blocks and the gate learns SeerAttention's 2-D max-pooled block target, scored as the
+    block selection scores (modules/sparse/teacher.py); with `granularity: row`, single rows;
   - heldout: the first N examples of the test split (never distilled from) are read by dense and by
     window, quest, learned (top-k and cumulative mass, with the distilled gate) and oracle at each of
     their budgets, with the method's block_size, kernel, granularity, gate_dim and layers.

@@ -138,6 +138,10 @@ def main(argv=None):
     ap.add_argument("--gate-target", default="peak", choices=["peak", "mass"],
                     help="what the gate learns: the max-pooled attention (SeerAttention-R) or the block mass "
                          "(what the oracle ranks by); teacher.py")
+    ap.add_argument("--gate-unit", default=None, choices=["row", "block"],
+                    help="what one gate training example is: a query row (its own target) or a whole query "
+                         "block (SeerAttention's 2-D max-pooled target, scored by the block's mean gate query); "
+                         "default: the --granularity the gate serves")
     ap.add_argument("--teacher-cache", default=None,
                     help="a file for the dense teacher's cache: loaded when it holds the same training "
                          "sequences, rows and block size, else written, so that gate recipes share one teacher pass")
@@ -204,6 +208,9 @@ def main(argv=None):
     gate_meta = {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim}
     if args.gate_target != "peak":        # the earlier files have no key: peak
         gate_meta["target"] = args.gate_target
+    args.gate_unit = args.gate_unit or args.granularity
+    if args.gate_unit != "row":           # ... nor this one: row
+        gate_meta["unit"] = args.gate_unit
     meta = {"model": "smollm2-135m", "length": args.length, "block_size": args.block_size, "text": args.text,
             "text_tokens": len(ids), "sequences": n, "train_sequences": list(range(args.train)),
             "split": args.split, "heldout_sequences": list(range(first, first + count)), "kernel": args.kernel,
@@ -242,7 +249,8 @@ def main(argv=None):
                                     gate_dim=args.gate_dim)
             log(f"[gate] teacher pass over {args.train} x {args.length} tokens, then {args.gate_steps} steps per layer")
             gate_record = recipe.distil(plugin, train, rows=args.gate_rows, steps=args.gate_steps, lr=args.gate_lr,
-                                        log=log, target=args.gate_target, teacher_file=args.teacher_cache)
+                                        log=log, target=args.gate_target, teacher_file=args.teacher_cache,
+                                        unit=args.gate_unit)
             gate_state = plugin.state_dict()
             plugin.detach()
             save_file(gate_state, str(gate_file))

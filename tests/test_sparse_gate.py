@@ -38,7 +38,7 @@ def test_the_cached_teacher_records_queries_before_rope_and_normalised_targets()
     seqs = _sequences(bb, 2)
     seen = {}
     hook = bb.model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q", []).append(o))
-    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row")
     try:
         caches, cost = collect_teacher(bb.model, plugin, seqs, rows=8)
     finally:
@@ -58,7 +58,7 @@ def test_the_cached_teacher_records_queries_before_rope_and_normalised_targets()
 
 def test_gates_trained_layer_by_layer_from_the_cache_match_the_dense_block_map_better():
     bb = _peaky_llama()
-    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, top_k=2)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, top_k=2, granularity="row")
     before = {n: p.detach().clone() for n, p in plugin.trainable_parameters().items()}
     report = plugin.distil_gates(_sequences(bb, 12), rows=32, steps=150, lr=1e-2, batch=64)
     for idx, r in report["layers"].items():

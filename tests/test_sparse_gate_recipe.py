@@ -22,7 +22,7 @@ def test_the_mass_target_is_the_candidates_mass_normalised_per_row():
 def test_a_gate_distilled_towards_mass_comes_much_closer_to_the_block_mass():
     bb = _peaky_llama()
     seqs = _sequences(bb, 8)
-    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, top_k=2)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, top_k=2, granularity="row")
     caches, _ = collect_teacher(bb.model, plugin, seqs, rows=32)
     report = plugin.distil_gates(seqs, steps=150, lr=1e-2, batch=64, target="mass",
                                  teacher=(caches, {"seconds": 1.0, "tokens": 1}))

@@ -226,18 +226,24 @@ class SparseAttention(Plugin):
         return torch.stack(losses).sum()
 
     def distil_gates(self, sequences, rows: int = 512, steps: int = 2000, lr: float = 3e-3, batch: int = 256,
-                     seed: int = 0, log=None, target: str = "peak", teacher=None) -> dict:
+                     seed: int = 0, log=None, target: str = "peak", teacher=None, unit: str | None = None) -> dict:
         """Train every learned gate layer by layer from a cached dense teacher (teacher.py): one dense
         forward per sequence (1-D token tensors) records `rows` query rows per sequence and layer,
         then each gate takes `steps` Adam steps on them. Returns the teacher pass's and the
         training's seconds and tokens, and each layer's KL before/after on train and held-out rows.
         target: "peak" or "mass" (teacher.train_gates); teacher: the (caches, record) of an earlier
-        collect_teacher over the same sequences and rows, instead of running the teacher again."""
+        collect_teacher over the same sequences and rows, instead of running the teacher again.
+        unit: what one training example is, a query "row" or a whole query "block" (SeerAttention's
+        2-D pooled target; teacher.Recorder); default: the selection's granularity."""
         from .teacher import collect_teacher, train_gates
 
         if self.config.variant != "learned" or self.config.oracle:
             raise PluginError("distil_gates trains the learned gate: attach variant 'learned' (without oracle)")
-        caches, teacher = teacher or collect_teacher(self.model, self, sequences, rows=rows, seed=seed)
+        unit = unit or self.config.granularity
+        caches, teacher = teacher or collect_teacher(self.model, self, sequences, rows=rows, seed=seed, unit=unit)
+        if ("block" in next(iter(caches.values()))) != (unit == "block"):
+            raise PluginError(f"the teacher given was recorded per {'row' if unit == 'block' else 'block'}, "
+                              f"not per {unit}: collect it with unit={unit!r}")
         start = time.perf_counter()
         layers = self.layers()
         results = train_gates([layer.gate for layer in layers], [caches[layer.layer_idx] for layer in layers],

@@ -59,15 +59,16 @@ def attach(model, selector: str, budget: dict, common: dict, gate_state):
     return plugin
 
 
-def teacher_key(sequences, rows: int, block_size: int) -> str:
-    """What a saved teacher cache was collected from: the tokens, the rows per sequence, the block size."""
+def teacher_key(sequences, rows: int, block_size: int, unit: str = "row") -> str:
+    """What a saved teacher cache was collected from: the tokens, the rows per sequence, the block
+    size, and the unit (a per-block teacher: '-block')."""
     h = hashlib.sha256()
     for s in sequences:
         h.update(s.to(torch.int64).numpy().tobytes())
-    return f"{h.hexdigest()[:16]}-rows{rows}-bs{block_size}"
+    return f"{h.hexdigest()[:16]}-rows{rows}-bs{block_size}" + ("-block" if unit == "block" else "")
 
 
-def teacher(plugin, sequences, rows: int, path=None, log=None):
+def teacher(plugin, sequences, rows: int, path=None, log=None, unit: str = "row"):
     """The cached dense teacher (teacher.collect_teacher) over `sequences`; with `path`, loaded from
     that file when it holds the same sequences, rows and block size, else collected and saved there
     (so that several gate recipes share one teacher pass). None without a path: distil_gates collects it."""
@@ -75,16 +76,16 @@ def teacher(plugin, sequences, rows: int, path=None, log=None):
         return None
     from .teacher import collect_teacher
 
-    path, k = Path(path), teacher_key(sequences, rows, plugin.config.block_size)
+    path, k = Path(path), teacher_key(sequences, rows, plugin.config.block_size, unit)
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved["key"] != k:
-            raise ValueError(f"{path} holds the teacher of other sequences, rows or block size ({saved['key']} "
+            raise ValueError(f"{path} holds the teacher of other sequences, rows, block size or unit ({saved['key']} "
                              f"!= {k}): give another teacher file")
         if log:
             log(f"[gate] teacher cache loaded from {path}")
         return saved["caches"], saved["record"]
-    caches, record = collect_teacher(plugin.model, plugin, sequences, rows=rows)
+    caches, record = collect_teacher(plugin.model, plugin, sequences, rows=rows, unit=unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")           # whole or absent: another run may be waiting for it
     torch.save({"key": k, "caches": caches, "record": record}, tmp)
@@ -93,15 +94,16 @@ def teacher(plugin, sequences, rows: int, path=None, log=None):
 
 
 def distil(plugin, sequences, rows: int = 512, steps: int = 2000, lr: float = 3e-3, log=None,
-           target: str = "peak", teacher_file=None) -> dict:
+           target: str = "peak", teacher_file=None, unit: str | None = None) -> dict:
     """Train the attached learned plug-in's gates from the cached teacher over `sequences` (1-D token
     tensors) towards `target` (peak or mass, teacher.train_gates); teacher_file: share one teacher
     pass between recipes (teacher()). Returns the record the reports show: the teacher pass's and the
     training's seconds per token, and each layer's KL(target || gate) before and after on its train
-    and held-out rows."""
+    and held-out rows. unit: per query row or per query block (default: the selection's granularity)."""
     sequences = list(sequences)
-    r = plugin.distil_gates(sequences, rows=rows, steps=steps, lr=lr, log=log, target=target,
-                            teacher=teacher(plugin, sequences, rows, teacher_file, log))
+    unit = unit or plugin.config.granularity
+    r = plugin.distil_gates(sequences, rows=rows, steps=steps, lr=lr, log=log, target=target, unit=unit,
+                            teacher=teacher(plugin, sequences, rows, teacher_file, log, unit))
     t, g = r["teacher"], r["training"]
     return {"teacher_seconds": t["seconds"], "teacher_seconds_per_token": t["seconds"] / t["tokens"],
             "training_seconds": g["seconds"], "training_seconds_per_token": g["seconds"] / g["tokens"],

@@ -14,6 +14,14 @@ predict, for `rows` sampled query rows that have candidates:
     target  (N, Hkv, nfull)    max over the G heads of peak, on the candidates, normalised to sum 1
     mass    (N, Hkv, nfull)    sum over the G heads of mass (to score a selection's recall)
     cand    (N, nfull)         the candidate blocks of each row
+With unit "block" (the gate of a `granularity: block` selection, which scores a query block by the
+mean of its rows' gate queries) whole query blocks are sampled, `rows` // bs of them, and the target
+is per (query block, key block) as SeerAttention computes it: the 2-D max-pool of the attention
+over the block's rows, its G heads and the key block's keys (or, target "mass", the block's summed
+mass: what the block oracle ranks by), on the query block's candidates (the first query blocks have
+none and drop out of the loss), normalised to sum 1:
+    q, pos  (Nb*bs, ...) the blocks' rows, block by block       seq (Nb,)  block (bs,) its size
+    target, mass (Nb, Hkv, nfull)                               cand (Nb, nfull)
 Then each layer's gate trains for `steps` Adam steps on minibatches of its own rows (gate.gate_kl);
 the target is `peak` (SeerAttention-R's max-pool, above) or `mass`: the kv head's mass on the
 candidates, normalised to sum 1, i.e. the very quantity the oracle ranks by, so that a top-k of the
@@ -83,34 +91,51 @@ def gate_target(peak: torch.Tensor, hkv: int, cand: torch.Tensor) -> torch.Tenso
 
 # --- the cached teacher ----------------------------------------------------------------------------
 
-class Recorder:
-    """Set on a SparseLayer while the dense teacher runs: stores what the layer's gate needs."""
+UNITS = ("row", "block")
 
-    def __init__(self, rows: int, seed: int):
-        self.rows, self.seed = rows, seed
+
+class Recorder:
+    """Set on a SparseLayer while the dense teacher runs: stores what the layer's gate needs, per
+    sampled query row (unit "row") or per sampled whole query block (unit "block")."""
+
+    def __init__(self, rows: int, seed: int, unit: str = "row"):
+        if unit not in UNITS:
+            raise ValueError(f"unknown teacher unit {unit!r}; use one of: {', '.join(UNITS)}")
+        self.rows, self.seed, self.unit = rows, seed, unit
         self.parts: list[dict] = []
 
     def __call__(self, layer, q, k, base, scale, p: Pattern):
         if p.qoff or q.shape[0] != 1:
             raise ValueError("the cached teacher records one full sequence at a time (batch 1, no KV cache)")
-        cand = p.candidates()
+        block = self.unit == "block"
+        cand = p.candidates(per_block=block)                                   # (tq | nq, nfull)
+        if block:
+            cand = cand[:p.tq // p.bs]                                         # whole query blocks only
         have = torch.nonzero(cand.any(-1)).flatten()
         if len(have) == 0:
             return
         gen = torch.Generator().manual_seed(self.seed * 100003 + len(self.parts))
-        rows = have[torch.randperm(len(have), generator=gen)[:self.rows].to(have.device)].sort().values
-        mass, peak = row_block_stats(q, k, p, base, scale, rows)
+        n = max(1, self.rows // p.bs) if block else self.rows
+        units = have[torch.randperm(len(have), generator=gen)[:n].to(have.device)].sort().values
+        rows = (units[:, None] * p.bs + torch.arange(p.bs, device=units.device)).flatten() if block else units
+        mass, peak = row_block_stats(q, k, p, base, scale, rows)              # (1, Hq, R, nb)
         hkv = k.shape[1]
         g = q.shape[1] // hkv
+        if block:   # 2-D pooling over each block's rows: max of the peaks, sum of the masses
+            peak = peak.view(1, q.shape[1], len(units), p.bs, p.nb).amax(3)
+            mass = mass.view(1, q.shape[1], len(units), p.bs, p.nb).sum(3)
         kpre = unrope(k, torch.arange(p.tk, device=k.device), layer.rope)
-        self.parts.append({
+        part = {
             "q": unrope(q[:, :, rows], rows + p.qoff, layer.rope)[0].transpose(0, 1).contiguous(),
             "pos": rows + p.qoff,
             "stats": key_stats(kpre, p.nfull, p.bs)[0],
-            "target": gate_target(peak, hkv, cand[rows])[0].transpose(0, 1).contiguous(),
-            "mass": mass.view(1, hkv, g, len(rows), p.nb).sum(2)[0, :, :, :p.nfull].transpose(0, 1).contiguous(),
-            "cand": cand[rows],
-        })
+            "target": gate_target(peak, hkv, cand[units])[0].transpose(0, 1).contiguous(),
+            "mass": mass.view(1, hkv, g, len(units), p.nb).sum(2)[0, :, :, :p.nfull].transpose(0, 1).contiguous(),
+            "cand": cand[units],
+        }
+        if block:
+            part["n"] = len(units)
+        self.parts.append(part)
 
     def cache(self) -> dict:
         """The parts of every recorded sequence as one cache (stats padded to the longest sequence)."""
@@ -122,9 +147,14 @@ class Recorder:
         def pad(x, dim):   # to nfull blocks along `dim`
             return F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, nfull - x.shape[dim]])
 
-        return {"q": torch.cat([part["q"] for part in self.parts]),
+        out = {}
+        if self.unit == "block":   # one seq entry per block; block: (bs,) whose length is the block size
+            bs = self.parts[0]["q"].shape[0] // self.parts[0]["n"]
+            out["block"] = torch.zeros(bs, dtype=torch.bool)
+        return {**out, "q": torch.cat([part["q"] for part in self.parts]),
                 "pos": torch.cat([part["pos"] for part in self.parts]),
-                "seq": torch.cat([torch.full_like(part["pos"], i) for i, part in enumerate(self.parts)]),
+                "seq": torch.cat([torch.full((part.get("n", len(part["pos"])),), i, dtype=torch.long,
+                                             device=part["pos"].device) for i, part in enumerate(self.parts)]),
                 "stats": torch.stack([pad(part["stats"], 1) for part in self.parts]),
                 "target": torch.cat([pad(part["target"], 2) for part in self.parts]),
                 "mass": torch.cat([pad(part["mass"], 2) for part in self.parts]),
@@ -132,11 +162,12 @@ class Recorder:
 
 
 @torch.no_grad()
-def collect_teacher(model, plugin, sequences, rows: int = 512, seed: int = 0) -> tuple[dict[int, dict], dict]:
+def collect_teacher(model, plugin, sequences, rows: int = 512, seed: int = 0,
+                    unit: str = "row") -> tuple[dict[int, dict], dict]:
     """One dense forward per sequence (1-D token tensors); returns {layer_idx: cache} for every
-    patched layer, and {'seconds', 'tokens'} for the teacher pass."""
+    patched layer (per row or per query block: Recorder), and {'seconds', 'tokens'} for the pass."""
     layers = plugin.layers()
-    recorders = {layer.layer_idx: Recorder(rows, seed) for layer in layers}
+    recorders = {layer.layer_idx: Recorder(rows, seed, unit) for layer in layers}
     dev = next(model.parameters()).device
     start, tokens = time.perf_counter(), 0
     try:
@@ -192,7 +223,9 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
         raise ValueError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
     cache = {k: torch.stack([c[k] for c in caches]) for k in ("q", "stats")}
     cache["target"] = torch.stack([c["target"] if target == "peak" else mass_target(c) for c in caches])
-    cache.update(pos=caches[0]["pos"], seq=caches[0]["seq"], cand=caches[0]["cand"])
+    cache.update({k: caches[0][k] for k in ("pos", "seq", "cand", "block") if k in caches[0]})
+    if "block" in cache:
+        batch = max(1, batch // len(cache["block"]))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(stack.parameters(), lr=lr)
     start = time.perf_counter()
@@ -212,6 +245,7 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
             g.wk.copy_(stack.wk[i])
     return [{"before": {k: v[i] for k, v in before.items()}, "after": {k: v[i] for k, v in after.items()},
              "seconds": seconds / len(gates), "rows": len(cache["pos"]), "steps": steps,
+             **({"blocks": len(cache["seq"])} if "block" in cache else {}),
              "train_sequences": len(train), "heldout_sequences": len(held)} for i in range(len(gates))]
 
 
@@ -239,7 +273,14 @@ def cached_kl(gate, cache: dict, spans) -> list[float]:
 
 
 def cached_scores(gate, cache: dict, s: int, rows) -> torch.Tensor:
-    """(L, N, Hkv, nfull) scores of the stacked gate for cached rows of sequence s."""
+    """(L, N, Hkv, nfull) scores of the stacked gate for cached rows of sequence s (a block cache:
+    for N cached query blocks, each the score of its rows' mean gate query, as selection.gate_scores
+    pools them at granularity block)."""
     keys = gate.keys(cache["stats"][:, s])                                       # (L, Hkv, nfull, dg)
-    qg = gate.queries(cache["q"][:, rows].transpose(1, 2), cache["pos"][rows])  # (L, Hkv, N, dg)
+    bs = len(cache["block"]) if "block" in cache else 1
+    rows = torch.as_tensor(rows)
+    rows = (rows[:, None] * bs + torch.arange(bs)).flatten()                     # a block's rows
+    qg = gate.queries(cache["q"][:, rows].transpose(1, 2), cache["pos"][rows])  # (L, Hkv, N*bs, dg)
+    if bs > 1:
+        qg = qg.unflatten(2, (-1, bs)).mean(3)                                  # (L, Hkv, N, dg)
     return gate.scores(qg, keys).transpose(1, 2)
