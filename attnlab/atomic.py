@@ -190,17 +190,27 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
+_UMASK = os.umask(0)        # read once (setting it back at once): the mode a plain new file gets
+os.umask(_UMASK)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a temp file of its own beside `path` (a unique name: two processes writing the
+    same file never share a temp) and rename it into place: readers see the old file or the new one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)                 # as an ordinary new file, not mkstemp's 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass
         raise write_failed(path, e) from None
     return path

@@ -44,8 +44,18 @@ RENDERING_RESULTS = "docs/results/*.md"   # a results report is also a document 
 RESULT_GLOBS = ("benchmarks/results/*.json", "docs/results/*.json", "docs/results/*.md")
 
 
+def read(path: Path) -> str:
+    """A document or results file's text; DataError (one line, naming the file) when it is not UTF-8."""
+    from .errors import DataError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+
+
 def documents(root: Path = ROOT) -> list[Path]:
-    reports = [p for p in root.glob(RENDERING_RESULTS) if "<!-- render:" in p.read_text()]
+    reports = [p for p in root.glob(RENDERING_RESULTS) if "<!-- render:" in read(p)]
     return sorted([p for g in DOC_GLOBS for p in root.glob(g)] + reports)
 
 
@@ -64,7 +74,10 @@ def command_of(path: Path) -> str | None:
         cmd = d.get("command") or (meta.get("command") if isinstance(meta, dict) else None) if isinstance(
             d, dict) else None
         return cmd if isinstance(cmd, str) and cmd.strip() else None
-    m = re.search(r"^Command: `([^`]+)`", path.read_text(), re.M)
+    try:
+        m = re.search(r"^Command: `([^`]+)`", path.read_text(encoding="utf-8"), re.M)
+    except UnicodeDecodeError:
+        return None
     return m.group(1) if m else None
 
 
@@ -140,7 +153,7 @@ def stale(root: Path = ROOT) -> list[str]:
 
     problems = []
     for doc in documents(root):
-        text = doc.read_text()
+        text = read(doc)
         try:
             new = render_text(text, root)
         except AttnlabError as e:
@@ -152,7 +165,7 @@ def stale(root: Path = ROOT) -> list[str]:
             problems.append(f"{doc.relative_to(root)}: rendered blocks differ from their results files: "
                             f"{', '.join(which)} (run `python -m attnlab.docs render`)")
     read = {root / m.group("expr").replace("\\|", "|").partition(":")[2].split("|")[0]
-            for doc in documents(root) for m in BLOCK.finditer(doc.read_text())}
+            for doc in documents(root) for m in BLOCK.finditer(read(doc))}
     others = sorted(p for p in read if p.suffix in (".json", ".md") and p.is_file() and p not in results_files(root))
     for path in results_files(root) + others:   # a block may read a file outside the results folders too
         if command_of(path) is None:
@@ -169,7 +182,7 @@ def render(root: Path = ROOT) -> list[Path]:
     from .errors import DataError
 
     for doc in documents(root):
-        text = doc.read_text()
+        text = read(doc)
         try:
             new = render_text(text, root)
         except DataError as e:
@@ -194,7 +207,13 @@ def main(argv=None) -> int:
             print(f"rendered {p.relative_to(ROOT)}")
         return 0
     if argv[:1] == ["check"]:
-        problems = stale()
+        from .errors import AttnlabError
+
+        try:
+            problems = stale()
+        except AttnlabError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print("\n".join(problems) if problems else "every rendered block matches its results file")
         return 1 if problems else 0
     print(__doc__.split("\n\n")[1])

@@ -274,3 +274,14 @@ def test_a_kept_run_whose_keep_folder_lies_outside_the_repository_is_refused(tmp
     (repo / "c.yaml").write_text("model: tiny-gpt2\nkeep: ../kept\nmethods: [{method: frozen}]\n")
     with pytest.raises(DataError, match="keep folder a rendered block names lies outside"):
         render_one("kept_run:c.yaml", repo)
+
+
+def test_a_results_report_that_is_not_utf8_is_one_line_naming_it_not_a_traceback(tmp_path, capsys, monkeypatch):
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "r.md").write_bytes("# r\n\nCommand: `x`\n\nPPL 3.5 \xb1 0.1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"r\.md is not UTF-8 text \(byte \d+\): save it as UTF-8"):
+        docs.stale(tmp_path)
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs.stale, "__defaults__", (tmp_path,))
+    assert docs.main(["check"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -214,3 +214,31 @@ def test_only_marked_checkpoint_and_feature_cache_temps_are_removed(tiny, tmp_pa
                         log=lambda *_: None)
     assert not any(t.exists() for t in ours)
     assert all((t / "half.bin").is_file() for t in theirs)
+
+
+def test_two_writers_of_one_file_never_share_a_temp_and_the_file_gets_an_ordinary_mode(tmp_path):
+    import stat
+    import threading
+
+    from attnlab.atomic import write_text_atomic
+    target = tmp_path / "result.json"
+    texts = [f'{{"writer": {i}}}' * 20000 for i in range(8)]
+    errors = []
+
+    def write(text):
+        for _ in range(5):
+            try:
+                write_text_atomic(target, text)
+            except Exception as e:                          # a shared temp: renamed away by another writer
+                errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
+    assert target.read_text() in texts                     # one writer's whole text, never a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]   # no temp left behind
+    mode = stat.S_IMODE(target.stat().st_mode)
+    assert mode & stat.S_IRUSR and mode & stat.S_IWUSR and not mode & stat.S_IXUSR
