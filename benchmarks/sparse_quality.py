@@ -68,7 +68,8 @@ HEADLINE = {"window": {"window": 256, "sinks": 4}, "quest": {"top_k": 2}, "learn
 
 def common(args) -> dict:
     """The options every selector shares (recipe.options picks what each needs)."""
-    return {"block_size": args.block_size, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim}
+    out = {"block_size": args.block_size, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim}
+    return {**out, "gate_quest": True} if args.gate_quest else out
 
 
 def attach(model, selector: str, budget: dict, args, gate_state):
@@ -138,6 +139,8 @@ def main(argv=None):
     ap.add_argument("--gate-target", default="peak", choices=["peak", "mass"],
                     help="what the gate learns: the max-pooled attention (SeerAttention-R) or the block mass "
                          "(what the oracle ranks by); teacher.py")
+    ap.add_argument("--gate-quest", action="store_true",
+                    help="the gate's score adds a learned multiple of Quest's bound (gate.py: it starts at Quest)")
     ap.add_argument("--gate-unit", default=None, choices=["row", "block"],
                     help="what one gate training example is: a query row (its own target) or a whole query "
                          "block (SeerAttention's 2-D max-pooled target, scored by the block's mean gate query); "
@@ -211,6 +214,8 @@ def main(argv=None):
     args.gate_unit = args.gate_unit or args.granularity
     if args.gate_unit != "row":           # ... nor this one: row
         gate_meta["unit"] = args.gate_unit
+    if args.gate_quest:                   # ... nor this one: off
+        gate_meta["quest"] = True
     meta = {"model": "smollm2-135m", "length": args.length, "block_size": args.block_size, "text": args.text,
             "text_tokens": len(ids), "sequences": n, "train_sequences": list(range(args.train)),
             "split": args.split, "heldout_sequences": list(range(first, first + count)), "kernel": args.kernel,
@@ -246,7 +251,7 @@ def main(argv=None):
             gate_state = load_file(str(gate_file))
         else:
             plugin = attnlab.attach(model, "sparse", variant="learned", block_size=args.block_size,
-                                    gate_dim=args.gate_dim)
+                                    gate_dim=args.gate_dim, gate_quest=args.gate_quest)
             log(f"[gate] teacher pass over {args.train} x {args.length} tokens, then {args.gate_steps} steps per layer")
             gate_record = recipe.distil(plugin, train, rows=args.gate_rows, steps=args.gate_steps, lr=args.gate_lr,
                                         log=log, target=args.gate_target, teacher_file=args.teacher_cache,

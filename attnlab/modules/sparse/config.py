@@ -30,6 +30,8 @@ class SparseConfig:
                                          # a decoding step is one row: row-wise (selection.py)
     gate_dim: int = 64                   # learned: width of the gate's query and key projections (even; 64: the
                                          # width the distilled recipe measured, benchmarks/sparse_quality.py)
+    gate_quest: bool = False             # learned: the gate's score adds a learned multiple (per kv head, from 1)
+                                         # of Quest's bound, in logit units (gate.py): a gate that starts at Quest
     features: int = 64                   # performer: random features
     train_modules: list[str] = field(default_factory=list)  # e.g. ["model.layers.5.mlp"]
     # distillation from the dense base (attnlab.distill): per token KL(P_base || P_sparse) plus
@@ -61,6 +63,8 @@ class SparseConfig:
                 raise PluginError(f"sparse option {name} must be in (0, 1] (or None for top_k), got {value!r}")
         if self.threshold is not None and self.mass is not None:
             raise PluginError("sparse options threshold and mass are two ways to choose blocks; give one of them")
+        if not isinstance(self.gate_quest, bool):
+            raise PluginError(f"sparse option gate_quest must be true or false, got {self.gate_quest!r}")
         if self.gate_dim % 2:
             raise PluginError(f"sparse option gate_dim must be even (the gate's rotary embedding pairs its "
                               f"dimensions), got {self.gate_dim}")

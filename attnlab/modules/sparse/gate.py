@@ -13,6 +13,14 @@ Per layer and kv head h, a query row at position p scores complete key block j a
     of the block), so the gate sees how far back a block is.
 The selection is per row and shared by the G query heads of the kv head (the kernel's unit).
 
+With `gate_quest`, the score also reads Quest's bound (quest.py) of the row's G heads, in logits:
+
+    s_h(p, j) + a_h * scale * max_g u(q_{h,g}, j),        a_h learned per kv head, starting at 1
+
+so the gate starts as Quest plus a small learned term and training can only move it where the
+teacher says Quest ranks wrongly (the bound sees the exact post-RoPE query against the block's
+key box; the learned part sees the keys' mean and where the block lies).
+
 What it learns from (SeerAttention-R): the dense model's attention of the same row, max-pooled over
 each key block and over the G heads, restricted to the candidate blocks and normalised to sum 1:
     t(p, j) = max_{g, x in block j} A_g(p, x) / sum_j' (same)
@@ -54,11 +62,13 @@ def unrope(x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, float] 
 
 class BlockGate(nn.Module):
     def __init__(self, head_dim: int, hkv: int, groups: int, gate_dim: int, block_size: int, seed: int,
-                 theta: float = 10000.0):
+                 theta: float = 10000.0, quest: bool = False):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.wq = nn.Parameter(torch.randn(hkv, groups * head_dim, gate_dim, generator=gen) / math.sqrt(groups * head_dim))
         self.wk = nn.Parameter(torch.randn(hkv, POOLS * head_dim, gate_dim, generator=gen) / math.sqrt(POOLS * head_dim))
+        if quest:
+            self.quest_scale = nn.Parameter(torch.ones(hkv))
         self.block_size, self.gate_dim = block_size, gate_dim
         self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, gate_dim, 2).float() / gate_dim),
                              persistent=False)
@@ -76,9 +86,19 @@ class BlockGate(nn.Module):
         pos = torch.arange(first, first + stats.shape[2], device=stats.device) * self.block_size
         return rotary(stats @ self.wk, pos, self.inv_freq)
 
-    def scores(self, qg: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, R, gate_dim) x (B, Hkv, nfull, gate_dim) -> (B, Hkv, R, nfull)."""
-        return qg @ kg.transpose(-1, -2) / math.sqrt(self.gate_dim)
+    @property
+    def reads_quest(self) -> bool:
+        return hasattr(self, "quest_scale")
+
+    def scores(self, qg: torch.Tensor, kg: torch.Tensor, bound: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Hkv, R, gate_dim) x (B, Hkv, nfull, gate_dim) -> (B, Hkv, R, nfull); a gate that reads
+        Quest adds quest_scale x bound (B, Hkv, R, nfull), Quest's bound in logits."""
+        s = qg @ kg.transpose(-1, -2) / math.sqrt(self.gate_dim)
+        if self.reads_quest:
+            if bound is None:
+                raise ValueError("this gate reads Quest's bound (gate_quest): pass it")
+            s = s + self.quest_scale[..., None, None] * bound
+        return s
 
 
 def gate_kl(scores: torch.Tensor, target: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .kernels import flex_attention_kernel, masked_attention
 from .pages import Pages
 from .patterns import Pattern, Selection, normalise_mask, scatter_blocks
 from .performer import orthogonal_features, performer_chunked, performer_features, performer_weights, repeat_kv
-from .selection import gate_scores, select
+from .selection import gate_scores, quest_bound, select
 from .teacher import dense_probs, gate_target, row_block_stats
 
 ATTR = "attnlab_sparse"
@@ -33,11 +33,11 @@ class SparseLayer(nn.Module):
         self.rope = rope
         if config.variant == "learned":
             self.gate = BlockGate(head_dim, kv_heads, heads // kv_heads, config.gate_dim, config.block_size,
-                                  seed=1000 + layer_idx)
+                                  seed=1000 + layer_idx, quest=config.gate_quest)
         if config.variant == "performer":
             self.register_buffer("features", orthogonal_features(config.features, head_dim, 2000 + layer_idx),
                                  persistent=False)
-        self.pages = Pages(config.variant) if config.variant in ("quest", "learned") else None   # pages.py
+        self.pages = Pages(config.variant, config.gate_quest) if config.variant in ("quest", "learned") else None
         self.force_dense = False          # dense_reference()
         self.collect_gate_loss = False
         self.recorder = None              # teacher.Recorder while the cached teacher runs
@@ -64,11 +64,12 @@ class SparseLayer(nn.Module):
         """The selection of this layer's variant at the call's granularity."""
         return select(self.config, q, k, p, base, scale, self.pages, getattr(self, "gate", None), self.rope)
 
-    def gate_scores(self, q, k, p: Pattern) -> torch.Tensor:
+    def gate_scores(self, q, k, p: Pattern, scale: float) -> torch.Tensor:
         """(B, Hkv, Tq, nfull): the learned gate's scores per row, from the rows' own queries and the
         complete key blocks (both before the model's RoPE; detached, so its loss trains the gate only)."""
-        stats = self.pages.get(k.detach(), p, self.rope)[0]
-        return gate_scores(self.gate, q.detach(), p, stats, self.rope, block=False)
+        meta = self.pages.get(k.detach(), p, self.rope)
+        return gate_scores(self.gate, q.detach(), p, meta[0], self.rope, block=False,
+                           bound=quest_bound(q.detach(), meta, p, False, None, scale) if self.gate.reads_quest else None)
 
     # -- the forward --------------------------------------------------------------------------------
     def forward(self, q, k, v, attention_mask, scale):
@@ -85,7 +86,7 @@ class SparseLayer(nn.Module):
             sel = self.select(q.detach(), k.detach(), p, base, scale)
         scores = None
         if self.collect_gate_loss and cfg.variant == "learned" and p.has_candidates:
-            scores = self.gate_scores(q, k, p)
+            scores = self.gate_scores(q, k, p, scale)
         kernel = cfg.kernel if cfg.kernel != "auto" else ("flex" if q.device.type == "cuda" else "gather")
         decoding = self.pages is not None and p.tq == 1 and p.qoff > 0 and (base is None or bool(base.all()))
         if kernel == "gather" and decoding:

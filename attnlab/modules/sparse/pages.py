@@ -35,8 +35,9 @@ from .pooling import key_stats, minmax
 
 
 class Pages:
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, quest: bool = False):
         self.kind = kind                    # "quest": (lo, hi); "learned": stats before RoPE
+        self.quest = quest and kind == "learned"   # a gate that reads Quest's bound: (stats, lo, hi)
         self.parts: tuple[torch.Tensor, ...] | None = None   # each (B, Hkv, n, E)
         self.probe: torch.Tensor | None = None              # (B, Hkv, n, D): each stored block's last key
         self.n = 0
@@ -73,7 +74,8 @@ class Pages:
     @torch.no_grad()
     def get(self, k: torch.Tensor, p: Pattern, rope=None) -> tuple[torch.Tensor, ...]:
         """The metadata of the nfull complete blocks of k (B, Hkv, Tk, D): (lo, hi) for quest, (stats,)
-        for learned, each (B, Hkv, nfull, E); only blocks not yet in the store are computed."""
+        for learned ((stats, lo, hi) when its gate reads Quest), each (B, Hkv, nfull, E); only blocks
+        not yet in the store are computed."""
         if not self._matches(k, p):
             self.reset()
         probed = self.n                                     # the stored probe holds these blocks' last keys
@@ -84,13 +86,16 @@ class Pages:
                 fresh = minmax(new, p.nfull - self.n, p.bs)
             else:
                 fresh = (key_stats(unrope(new, torch.arange(lo, hi, device=k.device), rope), p.nfull - self.n, p.bs),)
+                if self.quest:
+                    fresh += minmax(new, p.nfull - self.n, p.bs)
             self.parts = fresh if self.parts is None else tuple(torch.cat([a, b], 2) for a, b in zip(self.parts, fresh))
             self.computed += p.nfull - self.n
             self.n = p.nfull
         if self.n == 0:
             b, h, _, d = k.shape
-            width = d if self.kind == "quest" else 3 * d
-            return tuple(k.new_zeros(b, h, 0, width) for _ in range(2 if self.kind == "quest" else 1))
+            if self.kind == "quest":
+                return tuple(k.new_zeros(b, h, 0, d) for _ in range(2))
+            return (k.new_zeros(b, h, 0, 3 * d),) + ((k.new_zeros(b, h, 0, d),) * 2 if self.quest else ())
         if self.n > probed:                                 # only new blocks' last keys are copied
             fresh = k[:, :, probed * p.bs + p.bs - 1:self.n * p.bs:p.bs]
             self.probe = fresh.clone() if probed == 0 else torch.cat([self.probe, fresh], 2)

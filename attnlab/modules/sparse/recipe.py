@@ -42,8 +42,8 @@ def options(selector: str, budget: dict, common: dict) -> dict:
            **budget}
     if variant in GATED and "granularity" in common:
         out["granularity"] = common["granularity"]
-    if selector.startswith("learned") and "gate_dim" in common:
-        out["gate_dim"] = common["gate_dim"]
+    if selector.startswith("learned"):
+        out.update({k: common[k] for k in ("gate_dim", "gate_quest") if k in common})
     if selector.startswith("oracle"):
         out["oracle"] = True
     return out

@@ -48,14 +48,24 @@ def real_rows(p: Pattern, base) -> torch.Tensor | None:
     return base[:, 0, r, r + p.qoff]
 
 
-def gate_scores(gate: BlockGate, q, p: Pattern, stats, rope, block: bool, real=None, pages: Pages | None = None) -> torch.Tensor:
+def gate_scores(gate: BlockGate, q, p: Pattern, stats, rope, block: bool, real=None, pages: Pages | None = None,
+                bound=None) -> torch.Tensor:
     """The gate's scores (B, Hkv, R, nfull) from q (B, Hq, Tq, D) after RoPE and the complete key
     blocks' stats (B, Hkv, nfull, 3D): per row (R = Tq) or per query block (R = nq, the mean over
-    its real rows' gate queries)."""
+    its real rows' gate queries); plus, for a gate that reads Quest, its bound (quest_bound)."""
     gq = gate.queries(unrope(q, p.qpos, rope), p.qpos)                       # (B, Hkv, Tq, gate_dim)
     if block:
         gq = pool_queries(gq, p, "mean", real)                               # (B, Hkv, nq, gate_dim)
-    return gate.scores(gq, pages.gate_keys(gate, stats) if pages is not None else gate.keys(stats))
+    return gate.scores(gq, pages.gate_keys(gate, stats) if pages is not None else gate.keys(stats), bound)
+
+
+def quest_bound(q, meta, p: Pattern, block: bool, real, scale: float) -> torch.Tensor:
+    """Quest's bound in logits (B, Hkv, R, nfull) from the page metadata (stats, lo, hi) of a gate that
+    reads it: per row the max over the kv head's G query heads (R = Tq), or per query block the
+    bound over its rows and heads (R = nq)."""
+    lo, hi = meta[1], meta[2]
+    u = quest_block_scores(q, lo, hi, p, real)[:, :, 0] if block else quest_row_scores(q, lo, hi).amax(2)
+    return u * scale
 
 
 @torch.no_grad()
@@ -80,12 +90,13 @@ def select(cfg: SparseConfig, q, k, p: Pattern, base, scale, pages: Pages | None
             mass = mass.sum(2, keepdim=True)
         scores = mass.clamp_min(torch.finfo(mass.dtype).tiny).log()
     else:
-        pages = pages or Pages(cfg.variant)
+        pages = pages or Pages(cfg.variant, cfg.gate_quest)
         meta = pages.get(k, p, rope)
         if cfg.variant == "quest":
             scores = quest_block_scores(q, *meta, p, real) if block else quest_row_scores(q, *meta)
         else:
-            scores = gate_scores(gate, q, p, meta[0], rope, block, real, pages)[:, :, None]
+            bound = quest_bound(q, meta, p, block, real, scale) if gate.reads_quest else None
+            scores = gate_scores(gate, q, p, meta[0], rope, block, real, pages, bound)[:, :, None]
     if p.tq == 1 and cfg.mass is None and cfg.threshold is None and p.has_candidates:
         return decode_top_k(scores, p, cfg.top_k)
     return p.row_selection(scores, top_k=cfg.top_k, mass=cfg.mass, threshold=cfg.threshold, per_block=block)

@@ -14,6 +14,7 @@ predict, for `rows` sampled query rows that have candidates:
     target  (N, Hkv, nfull)    max over the G heads of peak, on the candidates, normalised to sum 1
     mass    (N, Hkv, nfull)    sum over the G heads of mass (to score a selection's recall)
     cand    (N, nfull)         the candidate blocks of each row
+    quest   (N, Hkv, nfull)    Quest's bound in logits, max over the G heads (for a gate that reads it)
 With unit "block" (the gate of a `granularity: block` selection, which scores a query block by the
 mean of its rows' gate queries) whole query blocks are sampled, `rows` // bs of them, and the target
 is per (query block, key block) as SeerAttention computes it: the 2-D max-pool of the attention
@@ -39,8 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from .gate import gate_kl, unrope
-from .pooling import key_stats
+from .pooling import key_stats, minmax
 from .patterns import Pattern
+from .quest import quest_block_scores, quest_row_scores
 
 TEACHER_ROWS = 256   # query rows (per head) per chunk of the teacher's dense attention
 
@@ -125,6 +127,11 @@ class Recorder:
             peak = peak.view(1, q.shape[1], len(units), p.bs, p.nb).amax(3)
             mass = mass.view(1, q.shape[1], len(units), p.bs, p.nb).sum(3)
         kpre = unrope(k, torch.arange(p.tk, device=k.device), layer.rope)
+        lo, hi = minmax(k, p.nfull, p.bs)                                      # Quest's pages (post-RoPE)
+        if block:
+            bound = quest_block_scores(q, lo, hi, p)[:, :, 0, units]           # (1, Hkv, units, nfull)
+        else:
+            bound = quest_row_scores(q[:, :, rows], lo, hi).amax(2)            # (1, Hkv, rows, nfull)
         part = {
             "q": unrope(q[:, :, rows], rows + p.qoff, layer.rope)[0].transpose(0, 1).contiguous(),
             "pos": rows + p.qoff,
@@ -132,6 +139,7 @@ class Recorder:
             "target": gate_target(peak, hkv, cand[units])[0].transpose(0, 1).contiguous(),
             "mass": mass.view(1, hkv, g, len(units), p.nb).sum(2)[0, :, :, :p.nfull].transpose(0, 1).contiguous(),
             "cand": cand[units],
+            "quest": (bound * scale)[0].transpose(0, 1).contiguous(),          # for a gate that reads Quest
         }
         if block:
             part["n"] = len(units)
@@ -158,7 +166,8 @@ class Recorder:
                 "stats": torch.stack([pad(part["stats"], 1) for part in self.parts]),
                 "target": torch.cat([pad(part["target"], 2) for part in self.parts]),
                 "mass": torch.cat([pad(part["mass"], 2) for part in self.parts]),
-                "cand": torch.cat([pad(part["cand"], 1) for part in self.parts])}
+                "cand": torch.cat([pad(part["cand"], 1) for part in self.parts]),
+                "quest": torch.cat([pad(part["quest"], 2) for part in self.parts])}
 
 
 @torch.no_grad()
@@ -219,11 +228,18 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
     stack.register_buffer("inv_freq", gates[0].inv_freq.clone(), persistent=False)
     stack.wq = torch.nn.Parameter(torch.stack([g.wq.detach() for g in gates]))      # (L, Hkv, G*D, dg)
     stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
+    if gates[0].reads_quest:
+        if "quest" not in caches[0]:
+            raise ValueError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
+                             "collect the teacher again (another teacher file)")
+        stack.quest_scale = torch.nn.Parameter(torch.stack([g.quest_scale.detach() for g in gates]))   # (L, Hkv)
     if target not in TARGETS:
         raise ValueError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
     cache = {k: torch.stack([c[k] for c in caches]) for k in ("q", "stats")}
     cache["target"] = torch.stack([c["target"] if target == "peak" else mass_target(c) for c in caches])
     cache.update({k: caches[0][k] for k in ("pos", "seq", "cand", "block") if k in caches[0]})
+    if gates[0].reads_quest:
+        cache["quest"] = torch.stack([c["quest"] for c in caches])
     if "block" in cache:
         batch = max(1, batch // len(cache["block"]))
     gen = torch.Generator().manual_seed(seed)
@@ -243,6 +259,8 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
         for i, g in enumerate(gates):
             g.wq.copy_(stack.wq[i])
             g.wk.copy_(stack.wk[i])
+            if g.reads_quest:
+                g.quest_scale.copy_(stack.quest_scale[i])
     return [{"before": {k: v[i] for k, v in before.items()}, "after": {k: v[i] for k, v in after.items()},
              "seconds": seconds / len(gates), "rows": len(cache["pos"]), "steps": steps,
              **({"blocks": len(cache["seq"])} if "block" in cache else {}),
@@ -278,9 +296,10 @@ def cached_scores(gate, cache: dict, s: int, rows) -> torch.Tensor:
     pools them at granularity block)."""
     keys = gate.keys(cache["stats"][:, s])                                       # (L, Hkv, nfull, dg)
     bs = len(cache["block"]) if "block" in cache else 1
-    rows = torch.as_tensor(rows)
-    rows = (rows[:, None] * bs + torch.arange(bs)).flatten()                     # a block's rows
+    units = torch.as_tensor(rows)
+    rows = (units[:, None] * bs + torch.arange(bs)).flatten()                    # a block's rows
     qg = gate.queries(cache["q"][:, rows].transpose(1, 2), cache["pos"][rows])  # (L, Hkv, N*bs, dg)
     if bs > 1:
         qg = qg.unflatten(2, (-1, bs)).mean(3)                                  # (L, Hkv, N, dg)
-    return gate.scores(qg, keys).transpose(1, 2)
+    bound = cache["quest"][:, units].transpose(1, 2) if gate.reads_quest else None   # (L, Hkv, N, nfull)
+    return gate.scores(qg, keys, bound).transpose(1, 2)

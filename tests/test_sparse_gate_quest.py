@@ -1,0 +1,128 @@
+"""A gate that reads Quest's bound (gate_quest): it starts as Quest, it is scored the same way in
+training (from the cached teacher) and in the model, and decoding with it equals recomputing."""
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.modules.sparse import SparseConfig
+from attnlab.modules.sparse.patterns import Pattern
+from attnlab.modules.sparse.selection import select
+from attnlab.modules.sparse.teacher import collect_teacher
+
+from .test_sparse_gate import _peaky_llama, _sequences
+
+
+def _zero_learned_part(gate):
+    with torch.no_grad():
+        gate.wq.zero_()
+
+
+def test_with_its_learned_part_at_zero_the_block_gate_selects_what_quest_selects():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 64, 16, generator=g) * 2, torch.randn(1, 2, 64, 16, generator=g) * 2
+    p = Pattern(64, 64, 4, "cpu")
+    learned = SparseConfig(variant="learned", gate_quest=True, top_k=3, block_size=4, gate_dim=8)
+    from attnlab.modules.sparse.gate import BlockGate
+    gate = BlockGate(16, 2, 2, 8, 4, seed=0, quest=True)
+    _zero_learned_part(gate)
+    with torch.no_grad():
+        gate.quest_scale.mul_(3.0)                 # any positive scale ranks as Quest does
+    a = select(learned, q, k, p, None, 0.25, gate=gate)
+    b = select(SparseConfig(variant="quest", top_k=3, block_size=4), q, k, p, None, 0.25)
+    assert torch.equal(a.idx, b.idx) and torch.equal(a.valid, b.valid)
+    plain = BlockGate(16, 2, 2, 8, 4, seed=0)
+    c = select(SparseConfig(variant="learned", top_k=3, block_size=4, gate_dim=8), q, k, p, None, 0.25, gate=plain)
+    assert not torch.equal(c.idx, b.idx)           # the test can tell the two apart
+
+
+@pytest.mark.parametrize("unit", ["row", "block"])
+def test_a_quest_reading_gate_trains_from_the_teacher_and_keeps_its_quest_scale(unit):
+    bb = _peaky_llama()
+    seqs = _sequences(bb, 12)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, top_k=2, granularity=unit,
+                            gate_quest=True)
+    try:
+        report = plugin.distil_gates(seqs, rows=32, steps=100, lr=1e-2, batch=64)
+        scales = [layer.gate.quest_scale.detach().clone() for layer in plugin.layers()]
+        state = plugin.state_dict()
+    finally:
+        plugin.detach()
+    assert any("quest_scale" in n for n in state)
+    assert any(not torch.equal(s, torch.ones_like(s)) for s in scales)
+    for r in report["layers"].values():
+        assert r["after"]["train"] < r["before"]["train"], r
+    plain = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, top_k=2, granularity=unit)
+    try:
+        with pytest.raises(Exception, match="quest_scale"):
+            plain.load_state_dict(state)           # a Quest-reading gate's weights need a Quest-reading gate
+    finally:
+        plain.detach()
+
+
+def test_training_scores_a_cached_row_as_the_model_scores_it_with_quest():
+    bb = _peaky_llama()
+    seqs = _sequences(bb, 1)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row", gate_quest=True)
+    try:
+        caches, _ = collect_teacher(bb.model, plugin, seqs, rows=8)
+        layer = plugin.layers()[0]          # the first layer: its inputs are the dense model's in both passes
+        seen = {}
+        real = layer.gate_scores
+
+        def spy(q, k, p, scale):
+            seen["scores"] = real(q, k, p, scale)
+            return seen["scores"]
+
+        layer.gate_scores = spy
+        layer.collect_gate_loss = True
+        with torch.no_grad():
+            bb.model(input_ids=seqs[0][None])
+        layer.collect_gate_loss = False
+        from attnlab.modules.sparse.teacher import cached_scores
+        c = caches[0]
+        gate = layer.gate
+        stack = type(gate).__new__(type(gate))
+        torch.nn.Module.__init__(stack)
+        stack.block_size, stack.gate_dim = gate.block_size, gate.gate_dim
+        stack.register_buffer("inv_freq", gate.inv_freq.clone(), persistent=False)
+        stack.wq, stack.wk = torch.nn.Parameter(gate.wq[None].detach()), torch.nn.Parameter(gate.wk[None].detach())
+        stack.quest_scale = torch.nn.Parameter(gate.quest_scale[None].detach())
+        cache = {"q": c["q"][None], "stats": c["stats"][None], "quest": c["quest"][None],
+                 "pos": c["pos"], "seq": c["seq"], "cand": c["cand"]}
+        cached = cached_scores(stack, cache, 0, torch.arange(len(c["pos"])))[0]     # (rows, Hkv, nfull)
+        full = seen["scores"][0][:, c["pos"]].transpose(0, 1)                        # (rows, Hkv, nfull)
+        cand = c["cand"][:, None].expand_as(cached)
+        assert torch.allclose(cached[cand], full[cand], atol=1e-4)
+    finally:
+        plugin.detach()
+
+
+def test_decoding_with_a_quest_reading_gate_equals_recomputing(tiny_llama):
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="learned", block_size=4, top_k=1,
+                            granularity="row", gate_quest=True)
+    prompt = torch.randint(5, 200, (1, 26), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tiny_llama.tokenizer.pad_token_id)
+    try:
+        with torch.no_grad():
+            cached = tiny_llama.model.generate(prompt, **kw)
+            uncached = tiny_llama.model.generate(prompt, use_cache=False, **kw)
+    finally:
+        plugin.detach()
+    assert torch.equal(cached, uncached)
+
+
+def test_a_teacher_without_quest_bounds_is_refused_for_a_quest_reading_gate():
+    bb = _peaky_llama()
+    seqs = _sequences(bb, 2)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row", gate_quest=True)
+    try:
+        caches, record = collect_teacher(bb.model, plugin, seqs, rows=8)
+        for c in caches.values():
+            del c["quest"]
+        with pytest.raises(ValueError, match="no Quest bounds"):
+            plugin.distil_gates(seqs, rows=8, steps=1, teacher=(caches, record))
+    finally:
+        plugin.detach()
+    with pytest.raises(attnlab.modules.PluginError, match="gate_quest must be true or false"):
+        SparseConfig(gate_quest="yes")
