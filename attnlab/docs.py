@@ -164,9 +164,9 @@ def stale(root: Path = ROOT) -> list[str]:
             which = [e for (e, a), (_, b) in zip(old_blocks, new_blocks) if a != b]
             problems.append(f"{doc.relative_to(root)}: rendered blocks differ from their results files: "
                             f"{', '.join(which)} (run `python -m attnlab.docs render`)")
-    read = {root / m.group("expr").replace("\\|", "|").partition(":")[2].split("|")[0]
+    named = {root / m.group("expr").replace("\\|", "|").partition(":")[2].split("|")[0]
             for doc in documents(root) for m in BLOCK.finditer(read(doc))}
-    others = sorted(p for p in read if p.suffix in (".json", ".md") and p.is_file() and p not in results_files(root))
+    others = sorted(p for p in named if p.suffix in (".json", ".md") and p.is_file() and p not in results_files(root))
     for path in results_files(root) + others:   # a block may read a file outside the results folders too
         if command_of(path) is None:
             problems.append(f"{os.path.relpath(path, root)}: records no command (add a `command` field, or a "
