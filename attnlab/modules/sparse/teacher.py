@@ -146,28 +146,31 @@ class Recorder:
         self.parts.append(part)
 
     def cache(self) -> dict:
-        """The parts of every recorded sequence as one cache (stats padded to the longest sequence)."""
+        """The parts of every recorded sequence as one cache (stats padded to the longest sequence).
+        Consumes the parts key by key, so the recorder and the cache never both hold the whole (96
+        sequences of 2048 tokens at block 32 are ~6 GB)."""
         if not self.parts:
             raise ValueError("nothing was recorded: the sequences are too short to have candidate blocks "
                              "(need more than 3 blocks)")
         nfull = max(part["stats"].shape[1] for part in self.parts)
-
-        def pad(x, dim):   # to nfull blocks along `dim`
-            return F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, nfull - x.shape[dim]])
-
         out = {}
         if self.unit == "block":   # one seq entry per block; block: (bs,) whose length is the block size
-            bs = self.parts[0]["q"].shape[0] // self.parts[0]["n"]
-            out["block"] = torch.zeros(bs, dtype=torch.bool)
-        return {**out, "q": torch.cat([part["q"] for part in self.parts]),
-                "pos": torch.cat([part["pos"] for part in self.parts]),
-                "seq": torch.cat([torch.full((part.get("n", len(part["pos"])),), i, dtype=torch.long,
-                                             device=part["pos"].device) for i, part in enumerate(self.parts)]),
-                "stats": torch.stack([pad(part["stats"], 1) for part in self.parts]),
-                "target": torch.cat([pad(part["target"], 2) for part in self.parts]),
-                "mass": torch.cat([pad(part["mass"], 2) for part in self.parts]),
-                "cand": torch.cat([pad(part["cand"], 1) for part in self.parts]),
-                "quest": torch.cat([pad(part["quest"], 2) for part in self.parts])}
+            out["block"] = torch.zeros(self.parts[0]["q"].shape[0] // self.parts[0]["n"], dtype=torch.bool)
+        out["seq"] = torch.cat([torch.full((part.get("n", len(part["pos"])),), i, dtype=torch.long,
+                                           device=part["pos"].device) for i, part in enumerate(self.parts)])
+        for key, dim, join in (("q", None, torch.cat), ("pos", None, torch.cat), ("stats", 1, torch.stack),
+                               ("target", 2, torch.cat), ("mass", 2, torch.cat), ("cand", 1, torch.cat),
+                               ("quest", 2, torch.cat)):
+            xs = []
+            for part in self.parts:
+                x = part.pop(key)
+                if dim is not None and x.shape[dim] < nfull:    # to nfull blocks along `dim`
+                    x = F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, nfull - x.shape[dim]])
+                xs.append(x)
+            out[key] = join(xs)
+            del xs
+        self.parts = []
+        return out
 
 
 @torch.no_grad()
@@ -235,11 +238,11 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
         stack.quest_scale = torch.nn.Parameter(torch.stack([g.quest_scale.detach() for g in gates]))   # (L, Hkv)
     if target not in TARGETS:
         raise ValueError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
-    cache = {k: torch.stack([c[k] for c in caches]) for k in ("q", "stats")}
+    cache = {k: _stack(caches, k) for k in ("q", "stats")}
     cache["target"] = torch.stack([c["target"] if target == "peak" else mass_target(c) for c in caches])
     cache.update({k: caches[0][k] for k in ("pos", "seq", "cand", "block") if k in caches[0]})
     if gates[0].reads_quest:
-        cache["quest"] = torch.stack([c["quest"] for c in caches])
+        cache["quest"] = _stack(caches, "quest")
     if "block" in cache:
         batch = max(1, batch // len(cache["block"]))
     gen = torch.Generator().manual_seed(seed)
@@ -265,6 +268,15 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
              "seconds": seconds / len(gates), "rows": len(cache["pos"]), "steps": steps,
              **({"blocks": len(cache["seq"])} if "block" in cache else {}),
              "train_sequences": len(train), "heldout_sequences": len(held)} for i in range(len(gates))]
+
+
+def _stack(caches: list[dict], key: str) -> torch.Tensor:
+    """The layers' `key` stacked (L, ...); each cache's entry becomes a view of the stack, so the
+    layers' own copies are freed and memory holds one copy (the caller's caches stay usable)."""
+    stacked = torch.stack([c[key] for c in caches])
+    for i, c in enumerate(caches):
+        c[key] = stacked[i]
+    return stacked
 
 
 def _sequence_spans(cache: dict) -> list[tuple[int, int, int]]:
