@@ -45,9 +45,12 @@ DENSITIES = quality.DENSITIES + (0.5, 0.6, 0.7, 0.8, 0.9)
 def distill_options(m: dict, where: str) -> dict | None:
     """The method's `distill:` block with its defaults filled (None without one); a bad block is one
     line naming the fix."""
-    d = m.get("distill")
-    if d is None:
+    if "distill" not in m:
         return None
+    d = m["distill"]
+    if d is None:   # `distill:` with nothing after it: meant as the defaults, it used to train the gate online
+        raise ConfigError(f"{where}.distill: is empty; write distill: {{}} for the defaults "
+                          f"({', '.join(f'{k} {v}' for k, v in DEFAULTS.items())}), or remove the key")
     if m.get("method") != "sparse" or m.get("variant", "learned") != "learned" or m.get("oracle"):
         raise ConfigError(f"{where}.distill: distillation trains the learned gate; use it with method: sparse, "
                           f"variant: learned (without oracle)")

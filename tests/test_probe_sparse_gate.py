@@ -73,3 +73,9 @@ def test_loading_gate_weights_across_gate_quest_names_the_option(learned):
             quest.load_state_dict(learned.state_dict())
     finally:
         quest.detach()
+
+
+def test_an_empty_distill_key_is_refused_rather_than_training_the_gate_online():
+    from attnlab.experiment import load_config
+    with pytest.raises(ConfigError, match=r"distill: is empty; write distill: \{\}"):
+        load_config({**CFG, "methods": [{**DISTILLED, "distill": None}]})
