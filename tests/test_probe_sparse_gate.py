@@ -79,3 +79,36 @@ def test_an_empty_distill_key_is_refused_rather_than_training_the_gate_online():
     from attnlab.experiment import load_config
     with pytest.raises(ConfigError, match=r"distill: is empty; write distill: \{\}"):
         load_config({**CFG, "methods": [{**DISTILLED, "distill": None}]})
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "sparse_quality_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gate-unit", "block", "--length", "100", "--block-size", "32"], r"--length 100 .*128 tokens"),
+    (["--granularity", "row", "--length", "64", "--block-size", "32"], r"--length 64 .*97 tokens"),
+    (["--block-size", "0"], "block_size must be an integer >= 1"),
+    (["--gate-dim", "7", "--gate-quest"], "gate_dim must be even")])
+def test_the_quality_benchmark_refuses_bad_gate_flags_before_loading_its_model(tmp_path, monkeypatch, flags, message):
+    sq = _benchmark()
+
+    def never(*a, **k):
+        raise AssertionError("the benchmark loaded its 135M model before checking its flags")
+    monkeypatch.setattr(sq.attnlab, "load_backbone", never)
+    stem = f"probe_{tmp_path.name}"
+    runs = sq.ROOT / "runs" / stem
+    try:
+        with pytest.raises(SystemExit, match=message) as e:
+            sq.main(["--selectors", "learned", "quest", "--out", str(tmp_path / f"{stem}.json"), *flags])
+        assert "\n" not in str(e.value)
+        assert not runs.exists()                                   # nothing made in the repository either
+    finally:
+        if runs.is_dir() and not any(runs.iterdir()):
+            runs.rmdir()
