@@ -382,4 +382,8 @@ def plot(data: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from attnlab.errors import AttnlabError
+    try:
+        main()
+    except AttnlabError as e:     # one line naming the fix, as the attnlab CLI prints it
+        raise SystemExit(f"sparse_quality: error: {' '.join(str(e).split())}") from None

@@ -112,3 +112,22 @@ def test_the_quality_benchmark_refuses_bad_gate_flags_before_loading_its_model(t
     finally:
         if runs.is_dir() and not any(runs.iterdir()):
             runs.rmdir()
+
+
+def test_a_teacher_file_of_another_unit_or_without_quest_bounds_is_an_attnlab_error_naming_the_fix(learned, tmp_path):
+    from attnlab.errors import AttnlabError
+    from attnlab.modules.sparse import recipe
+    seqs, path = _sequences(2, 64), tmp_path / "teacher.pt"
+    recipe.distil(learned, seqs, rows=16, steps=1, unit="row", teacher_file=path)
+    with pytest.raises(AttnlabError, match="unit.*give another teacher file"):
+        recipe.distil(learned, seqs, rows=16, steps=1, unit="block", teacher_file=path)
+    caches, record = recipe.teacher(learned, seqs, 16, path, unit="row")
+    for cache in caches.values():
+        cache.pop("quest")                                # as saved before gate_quest existed
+    quest = attnlab.attach(attnlab.load_backbone("tiny-llama").model, "sparse", variant="learned", block_size=8,
+                           gate_dim=8, top_k=1, gate_quest=True)
+    try:
+        with pytest.raises(AttnlabError, match="collect the teacher again"):
+            quest.distil_gates(seqs, rows=16, steps=1, unit="row", teacher=(caches, record))
+    finally:
+        quest.detach()

@@ -80,7 +80,8 @@ def teacher(plugin, sequences, rows: int, path=None, log=None, unit: str = "row"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved["key"] != k:
-            raise ValueError(f"{path} holds the teacher of other sequences, rows, block size or unit ({saved['key']} "
+            from ...errors import DataError
+            raise DataError(f"{path} holds the teacher of other sequences, rows, block size or unit ({saved['key']} "
                              f"!= {k}): give another teacher file")
         if log:
             log(f"[gate] teacher cache loaded from {path}")

@@ -39,6 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ...errors import DataError
 from ..base import PluginError
 from .gate import gate_kl, unrope
 from .pooling import key_stats, minmax
@@ -249,7 +250,7 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
     stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
     if gates[0].reads_quest:
         if "quest" not in caches[0]:
-            raise ValueError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
+            raise DataError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
                              "collect the teacher again (another teacher file)")
         stack.quest_scale = torch.nn.Parameter(torch.stack([g.quest_scale.detach() for g in gates]))   # (L, Hkv)
     if target not in TARGETS:
