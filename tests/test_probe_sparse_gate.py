@@ -131,3 +131,17 @@ def test_a_teacher_file_of_another_unit_or_without_quest_bounds_is_an_attnlab_er
             quest.distil_gates(seqs, rows=16, steps=1, unit="row", teacher=(caches, record))
     finally:
         quest.detach()
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"target": "Mass"}, "unknown gate target 'Mass'; use one of: peak, mass"),
+    ({"steps": -1}, "steps must be an integer >= 0"), ({"lr": -1e-3}, "lr must be a positive number"),
+    ({"lr": 0}, "lr must be a positive number")])
+def test_a_bad_target_steps_or_lr_is_refused_before_the_teacher_pass(learned, monkeypatch, option, message):
+    from attnlab.modules.sparse import teacher
+
+    def never(*a, **k):
+        raise AssertionError("the teacher pass ran before the options were checked")
+    monkeypatch.setattr(teacher, "collect_teacher", never)
+    with pytest.raises(PluginError, match=message):
+        learned.distil_gates(_sequences(1, 64), **{"rows": 16, "steps": 1, **option})
