@@ -145,3 +145,13 @@ def test_a_bad_target_steps_or_lr_is_refused_before_the_teacher_pass(learned, mo
     monkeypatch.setattr(teacher, "collect_teacher", never)
     with pytest.raises(PluginError, match=message):
         learned.distil_gates(_sequences(1, 64), **{"rows": 16, "steps": 1, **option})
+
+
+def test_the_recipe_checks_its_options_before_collecting_or_saving_a_teacher_file(learned, tmp_path):
+    from attnlab.modules.sparse import recipe
+    path = tmp_path / "teacher.pt"
+    with pytest.raises(PluginError, match="rows must be an integer >= 1"):
+        recipe.distil(learned, _sequences(1, 64), rows=0, steps=1, teacher_file=path)
+    with pytest.raises(PluginError, match="unknown gate target"):
+        recipe.distil(learned, _sequences(1, 64), rows=16, steps=1, target="Peak", teacher_file=path)
+    assert not path.exists()

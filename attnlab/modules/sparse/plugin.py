@@ -235,18 +235,12 @@ class SparseAttention(Plugin):
         collect_teacher over the same sequences and rows, instead of running the teacher again.
         unit: what one training example is, a query "row" or a whole query "block" (SeerAttention's
         2-D pooled target; teacher.Recorder); default: the selection's granularity."""
-        from .teacher import TARGETS, check_unit, collect_teacher, train_gates
+        from .teacher import check_options, collect_teacher, train_gates
 
         if self.config.variant != "learned" or self.config.oracle:
             raise PluginError("distil_gates trains the learned gate: attach variant 'learned' (without oracle)")
-        unit = check_unit(self.config.granularity if unit is None else unit)
-        for name, value, low in (("rows", rows, 1), ("batch", batch, 1), ("steps", steps, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PluginError(f"distil_gates: {name} must be an integer >= {low}, got {value!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise PluginError(f"distil_gates: lr must be a positive number, got {lr!r}")
-        if target not in TARGETS:
-            raise PluginError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
+        unit = check_options(self.config.granularity if unit is None else unit, rows=rows, steps=steps, lr=lr,
+                             target=target, batch=batch)
         caches, teacher = teacher or collect_teacher(self.model, self, sequences, rows=rows, seed=seed, unit=unit)
         if ("block" in next(iter(caches.values()))) != (unit == "block"):
             raise PluginError(f"the teacher given was recorded per {'row' if unit == 'block' else 'block'}, "

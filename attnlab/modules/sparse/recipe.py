@@ -102,9 +102,10 @@ def distil(plugin, sequences, rows: int = 512, steps: int = 2000, lr: float = 3e
     training's seconds per token, and each layer's KL(target || gate) before and after on its train
     and held-out rows. unit: per query row or per query block (default: the selection's granularity)."""
     sequences = list(sequences)
-    from .teacher import check_unit
+    from .teacher import check_options
 
-    unit = check_unit(plugin.config.granularity if unit is None else unit)   # before a teacher pass or file
+    unit = check_options(plugin.config.granularity if unit is None else unit, rows=rows, steps=steps, lr=lr,
+                         target=target)                                    # before a teacher pass or file
     r = plugin.distil_gates(sequences, rows=rows, steps=steps, lr=lr, log=log, target=target, unit=unit,
                             teacher=teacher(plugin, sequences, rows, teacher_file, log, unit))
     t, g = r["teacher"], r["training"]

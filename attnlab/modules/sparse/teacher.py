@@ -105,6 +105,20 @@ def check_unit(unit) -> str:
     return unit
 
 
+def check_options(unit, rows: int, steps: int, lr: float, target: str, batch: int = 256) -> str:
+    """The gate distillation's options (plugin.distil_gates, recipe.distil), checked before any
+    teacher pass; returns the unit. PluginError, one line naming the option, otherwise."""
+    check_unit(unit)
+    for name, value, low in (("rows", rows, 1), ("batch", batch, 1), ("steps", steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise PluginError(f"distil_gates: {name} must be an integer >= {low}, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise PluginError(f"distil_gates: lr must be a positive number, got {lr!r}")
+    if target not in TARGETS:
+        raise PluginError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
+    return unit
+
+
 def shortest(unit: str, bs: int) -> tuple[int, str]:
     """The fewest tokens a sequence needs for the teacher to record anything per `unit`, and why: a
     row has candidates from block 3 on (blocks 0, i-1, i are always kept), a whole query block
