@@ -196,21 +196,38 @@ os.umask(_UMASK)
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to a temp file of its own beside `path` (a unique name: two processes writing the
-    same file never share a temp) and rename it into place: readers see the old file or the new one."""
+    same file never share a temp) and rename it into place: readers see the old file or the new one.
+    UTF-8 whatever the locale; whatever fails, the temp is removed and the old file stays."""
     path = Path(path)
+    _check_text_target(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_UMASK)                 # as an ordinary new file, not mkstemp's 0600
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if tmp is not None:
             try:
                 Path(tmp).unlink(missing_ok=True)
             except OSError:
                 pass
-        raise write_failed(path, e) from None
+        if isinstance(e, OSError):
+            raise write_failed(path, e) from None
+        raise
     return path
+
+
+def _check_text_target(path: Path) -> None:
+    """WriteFailed naming what is in the way: `path` is a folder, or one of its parents is a file or
+    a broken symlink (mkdir and rename would report only an errno, about a temp name)."""
+    if path.is_dir():
+        raise WriteFailed(f"could not write {path}: it is a folder, not a file; give a file's path")
+    for parent in path.parents:
+        if parent.is_dir():
+            return
+        if parent.exists() or parent.is_symlink():
+            what = "a file" if parent.exists() else "a broken symlink"
+            raise WriteFailed(f"could not write {path}: {parent} is {what}, not a folder; remove it or write elsewhere")

@@ -67,17 +67,14 @@ def command_of(path: Path) -> str | None:
     """The command recorded in a results file, or None when it records none."""
     if path.suffix == ".json":
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            d = json.loads(read(path))      # DataError when it is not UTF-8 (stale() lists it as such)
+        except json.JSONDecodeError:
             return None
         meta = d.get("meta") if isinstance(d, dict) else None
         cmd = d.get("command") or (meta.get("command") if isinstance(meta, dict) else None) if isinstance(
             d, dict) else None
         return cmd if isinstance(cmd, str) and cmd.strip() else None
-    try:
-        m = re.search(r"^Command: `([^`]+)`", path.read_text(encoding="utf-8"), re.M)
-    except UnicodeDecodeError:
-        return None
+    m = re.search(r"^Command: `([^`]+)`", read(path), re.M)
     return m.group(1) if m else None
 
 
@@ -168,7 +165,12 @@ def stale(root: Path = ROOT) -> list[str]:
             for doc in documents(root) for m in BLOCK.finditer(read(doc))}
     others = sorted(p for p in named if p.suffix in (".json", ".md") and p.is_file() and p not in results_files(root))
     for path in results_files(root) + others:   # a block may read a file outside the results folders too
-        if command_of(path) is None:
+        try:
+            command = command_of(path)
+        except AttnlabError as e:       # not UTF-8: say so, not that it records no command
+            problems.append(str(e))
+            continue
+        if command is None:
             problems.append(f"{os.path.relpath(path, root)}: records no command (add a `command` field, or a "
                             f"'Command: `...`' line to a report)")
     return problems

@@ -30,13 +30,14 @@ import torch
 
 from .errors import ConfigError
 from .modules.sparse import quality, recipe
+from .modules.sparse.teacher import shortest
 from .train import TrainResult
 
 DEFAULTS = {"sequences": 64, "rows": 512, "steps": 2000, "lr": 3e-3, "heldout": 16,
             "recover_steps": 0, "recover_lr": 1e-3, "recover_r": 8}
 MAY_BE_ZERO = ("recover_steps",)
 RECOVERED = ("window", "quest", "learned")      # the selectors recovery training is given to
-SHARED = ("block_size", "kernel", "granularity", "gate_dim", "layers")
+SHARED = ("block_size", "kernel", "granularity", "gate_dim", "gate_quest", "layers")
 # the benchmark's densities, and higher ones: short held-out blocks (few key blocks) never get sparser
 DENSITIES = quality.DENSITIES + (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -44,9 +45,12 @@ DENSITIES = quality.DENSITIES + (0.5, 0.6, 0.7, 0.8, 0.9)
 def distill_options(m: dict, where: str) -> dict | None:
     """The method's `distill:` block with its defaults filled (None without one); a bad block is one
     line naming the fix."""
-    d = m.get("distill")
-    if d is None:
+    if "distill" not in m:
         return None
+    d = m["distill"]
+    if d is None:   # `distill:` with nothing after it: meant as the defaults, it used to train the gate online
+        raise ConfigError(f"{where}.distill: is empty; write distill: {{}} for the defaults "
+                          f"({', '.join(f'{k} {v}' for k, v in DEFAULTS.items())}), or remove the key")
     if m.get("method") != "sparse" or m.get("variant", "learned") != "learned" or m.get("oracle"):
         raise ConfigError(f"{where}.distill: distillation trains the learned gate; use it with method: sparse, "
                           f"variant: learned (without oracle)")
@@ -76,6 +80,12 @@ def distil(plugin, splits, opts: dict, log) -> tuple[TrainResult, dict]:
     seqs = _sequences(splits.train, opts["sequences"])
     if not seqs:
         raise ConfigError("distill: the training split is empty; give the data more examples (n_train)")
+    cfg = plugin.config
+    need, what = shortest(cfg.granularity, cfg.block_size)
+    if max(len(s) for s in seqs) < need:   # else the teacher pass records nothing, and says so only after it
+        raise ConfigError(f"distill: the training examples are at most {max(len(s) for s in seqs)} tokens, and a gate "
+                          f"per query {cfg.granularity} learns from sequences of {what} ({need} tokens at block_size "
+                          f"{cfg.block_size}); raise data.max_length or lower block_size")
     start = time.perf_counter()
     log(f"[distill] teacher pass over {len(seqs)} training sequences, then {opts['steps']} steps per layer")
     record = recipe.distil(plugin, seqs, rows=opts["rows"], steps=opts["steps"], lr=opts["lr"], log=log)

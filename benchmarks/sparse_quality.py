@@ -109,6 +109,24 @@ def save(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_flags(args) -> None:
+    """The gate and selection flags, checked before the model loads (one line naming the flag)."""
+    from attnlab.modules.base import PluginError
+    from attnlab.modules.sparse import SparseConfig
+    from attnlab.modules.sparse.teacher import shortest
+
+    try:
+        SparseConfig(variant="learned", block_size=args.block_size, gate_dim=args.gate_dim,
+                     granularity=args.granularity, gate_quest=args.gate_quest)
+    except PluginError as e:
+        raise SystemExit(f"{e} (--block-size, --gate-dim)") from None
+    unit = args.gate_unit or args.granularity
+    need, what = shortest(unit, args.block_size)
+    if any(s.startswith("learned") for s in args.selectors) and args.train and args.length < need:
+        raise SystemExit(f"--length {args.length} is too short for a gate per query {unit}: the teacher needs {what} "
+                         f"({need} tokens at --block-size {args.block_size}); raise --length or lower --block-size")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=2048)
@@ -183,6 +201,7 @@ def main(argv=None):
         return
     if args.publish:
         raise SystemExit("--publish goes with --report (it publishes the curves of a finished JSON)")
+    check_flags(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     state_dir = ROOT / "runs" / out.stem          # the gate belongs to its JSON: another --out, another gate
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -363,4 +382,8 @@ def plot(data: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from attnlab.errors import AttnlabError
+    try:
+        main()
+    except AttnlabError as e:     # one line naming the fix, as the attnlab CLI prints it
+        raise SystemExit(f"sparse_quality: error: {' '.join(str(e).split())}") from None

@@ -285,3 +285,11 @@ def test_a_results_report_that_is_not_utf8_is_one_line_naming_it_not_a_traceback
     monkeypatch.setattr(docs.stale, "__defaults__", (tmp_path,))
     assert docs.main(["check"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_results_json_that_is_not_utf8_is_named_as_such_not_as_missing_its_command(tmp_path):
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "b.json").write_bytes('{"command": "run \xb1"}'.encode("latin-1"))
+    problems = docs.stale(tmp_path)
+    assert any("b.json is not UTF-8 text" in p for p in problems), problems
+    assert not any("records no command" in p for p in problems), problems

@@ -27,3 +27,14 @@ def test_generate_cuts_a_long_prompt_from_the_left_and_says_how_much(capsys):
     assert main(["generate", "--model", "tiny-gpt2", "--prompt", "x" * 600, "--max-new-tokens", "8", "--raw"]) == 0
     err = capsys.readouterr().err
     assert "the prompt is 600 tokens; cut 96 from the left" in err, err
+
+
+def test_python_dash_m_attnlab_runs_the_cli():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "attnlab", "--help"], capture_output=True, text=True, cwd=root,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-300:]            # it was: No module named attnlab.__main__
+    assert "run" in r.stdout and "eval" in r.stdout

@@ -242,3 +242,43 @@ def test_two_writers_of_one_file_never_share_a_temp_and_the_file_gets_an_ordinar
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]   # no temp left behind
     mode = stat.S_IMODE(target.stat().st_mode)
     assert mode & stat.S_IRUSR and mode & stat.S_IWUSR and not mode & stat.S_IXUSR
+
+
+def test_a_text_write_that_fails_midway_leaves_no_temp_and_keeps_the_old_file(tmp_path):
+    from attnlab.atomic import write_text_atomic
+    target = tmp_path / "report.md"
+    target.write_text("old")
+    with pytest.raises(Exception):
+        write_text_atomic(target, "lone surrogate \udcff cannot be encoded")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]      # the temp used to stay behind
+
+
+def test_text_writes_are_utf8_whatever_the_locale(tmp_path):
+    # under the C locale without UTF-8 mode, open() encodes ASCII: a '±' in a report failed, and a
+    # Latin-1 locale would have written bytes that docs check then calls not UTF-8
+    code = ("import sys; from attnlab.atomic import write_text_atomic; "
+            "write_text_atomic(sys.argv[1], 'PPL 3.5 \\u00b1 0.1')")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.md")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-300:]
+    assert (tmp_path / "r.md").read_bytes() == "PPL 3.5 \u00b1 0.1".encode("utf-8")
+
+
+@pytest.mark.parametrize("where, message", [
+    ("folder", r"out: it is a folder, not a file"),
+    ("under_file", r"afile is a file, not a folder"),
+    ("under_broken_link", r"gone is a broken symlink, not a folder")])
+def test_a_text_write_onto_a_folder_or_under_a_file_names_what_is_in_the_way(tmp_path, where, message):
+    from attnlab.atomic import write_text_atomic
+    (tmp_path / "out").mkdir()
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    target = {"folder": tmp_path / "out", "under_file": tmp_path / "afile" / "sub" / "r.md",
+              "under_broken_link": tmp_path / "gone" / "r.md"}[where]
+    with pytest.raises(WriteFailed, match=message) as e:
+        write_text_atomic(target, "text")
+    assert "\n" not in str(e.value) and ".tmp" not in str(e.value)    # it used to name its temp file
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["afile", "gone", "out"]

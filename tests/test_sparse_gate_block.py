@@ -105,7 +105,7 @@ def test_a_row_teacher_is_refused_for_a_block_gate_and_the_unit_follows_the_gran
             plugin.distil_gates(seqs, rows=8, steps=1, teacher=rows)
         assert plugin.distil_gates(seqs, rows=8, steps=1)["layers"][0]["blocks"] == 4   # 2 blocks x 2 sequences
         assert "blocks" not in plugin.distil_gates(seqs, rows=8, steps=1, unit="row")["layers"][0]
-        with pytest.raises(ValueError, match="unknown teacher unit"):
+        with pytest.raises(attnlab.modules.PluginError, match="unknown gate unit .column.; use one of: row, block"):
             collect_teacher(bb.model, plugin, seqs, unit="column")
     finally:
         plugin.detach()

@@ -28,7 +28,7 @@ def test_a_gate_distilled_towards_mass_comes_much_closer_to_the_block_mass():
                                  teacher=(caches, {"seconds": 1.0, "tokens": 1}))
     for r in report["layers"].values():
         assert r["after"]["train"] < 0.6 * r["before"]["train"], r
-    with pytest.raises(ValueError, match="peak, mass"):
+    with pytest.raises(attnlab.modules.PluginError, match="peak, mass"):
         plugin.distil_gates(seqs, steps=1, target="sum", teacher=(caches, {"seconds": 1.0, "tokens": 1}))
     plugin.detach()
 

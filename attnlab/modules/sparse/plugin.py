@@ -235,11 +235,12 @@ class SparseAttention(Plugin):
         collect_teacher over the same sequences and rows, instead of running the teacher again.
         unit: what one training example is, a query "row" or a whole query "block" (SeerAttention's
         2-D pooled target; teacher.Recorder); default: the selection's granularity."""
-        from .teacher import collect_teacher, train_gates
+        from .teacher import check_options, collect_teacher, train_gates
 
         if self.config.variant != "learned" or self.config.oracle:
             raise PluginError("distil_gates trains the learned gate: attach variant 'learned' (without oracle)")
-        unit = unit or self.config.granularity
+        unit = check_options(self.config.granularity if unit is None else unit, rows=rows, steps=steps, lr=lr,
+                             target=target, batch=batch)
         caches, teacher = teacher or collect_teacher(self.model, self, sequences, rows=rows, seed=seed, unit=unit)
         if ("block" in next(iter(caches.values()))) != (unit == "block"):
             raise PluginError(f"the teacher given was recorded per {'row' if unit == 'block' else 'block'}, "
@@ -255,6 +256,15 @@ class SparseAttention(Plugin):
         return {"teacher": teacher, "training": {"seconds": time.perf_counter() - start, "tokens": teacher["tokens"],
                                                  "steps": steps, "rows": rows},
                 "layers": {layer.layer_idx: r for layer, r in zip(layers, results)}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Plugin.load_state_dict; gate weights saved with gate_quest into a gate without (or the
+        reverse) are refused naming the option."""
+        saved = any(k.endswith(".gate.quest_scale") for k in state)
+        if self.config.variant == "learned" and not self.config.oracle and saved != self.config.gate_quest:
+            raise PluginError(f"these gate weights were saved {'with' if saved else 'without'} gate_quest; attach "
+                              f"sparse with gate_quest={saved} to load them")
+        super().load_state_dict(state)
 
     def layers(self) -> list[SparseLayer]:
         """The SparseLayer of every patched attention module, in layer order."""

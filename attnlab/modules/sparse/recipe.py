@@ -80,7 +80,8 @@ def teacher(plugin, sequences, rows: int, path=None, log=None, unit: str = "row"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved["key"] != k:
-            raise ValueError(f"{path} holds the teacher of other sequences, rows, block size or unit ({saved['key']} "
+            from ...errors import DataError
+            raise DataError(f"{path} holds the teacher of other sequences, rows, block size or unit ({saved['key']} "
                              f"!= {k}): give another teacher file")
         if log:
             log(f"[gate] teacher cache loaded from {path}")
@@ -101,7 +102,10 @@ def distil(plugin, sequences, rows: int = 512, steps: int = 2000, lr: float = 3e
     training's seconds per token, and each layer's KL(target || gate) before and after on its train
     and held-out rows. unit: per query row or per query block (default: the selection's granularity)."""
     sequences = list(sequences)
-    unit = unit or plugin.config.granularity
+    from .teacher import check_options
+
+    unit = check_options(plugin.config.granularity if unit is None else unit, rows=rows, steps=steps, lr=lr,
+                         target=target)                                    # before a teacher pass or file
     r = plugin.distil_gates(sequences, rows=rows, steps=steps, lr=lr, log=log, target=target, unit=unit,
                             teacher=teacher(plugin, sequences, rows, teacher_file, log, unit))
     t, g = r["teacher"], r["training"]

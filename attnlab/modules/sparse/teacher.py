@@ -39,6 +39,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ...errors import DataError
+from ..base import PluginError
 from .gate import gate_kl, unrope
 from .pooling import key_stats, minmax
 from .patterns import Pattern
@@ -96,19 +98,47 @@ def gate_target(peak: torch.Tensor, hkv: int, cand: torch.Tensor) -> torch.Tenso
 UNITS = ("row", "block")
 
 
+def check_unit(unit) -> str:
+    """`unit` if it is one of UNITS, else PluginError naming them."""
+    if unit not in UNITS:
+        raise PluginError(f"unknown gate unit {unit!r}; use one of: {', '.join(UNITS)}")
+    return unit
+
+
+def check_options(unit, rows: int, steps: int, lr: float, target: str, batch: int = 256) -> str:
+    """The gate distillation's options (plugin.distil_gates, recipe.distil), checked before any
+    teacher pass; returns the unit. PluginError, one line naming the option, otherwise."""
+    check_unit(unit)
+    for name, value, low in (("rows", rows, 1), ("batch", batch, 1), ("steps", steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise PluginError(f"distil_gates: {name} must be an integer >= {low}, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise PluginError(f"distil_gates: lr must be a positive number, got {lr!r}")
+    if target not in TARGETS:
+        raise PluginError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
+    return unit
+
+
+def shortest(unit: str, bs: int) -> tuple[int, str]:
+    """The fewest tokens a sequence needs for the teacher to record anything per `unit`, and why: a
+    row has candidates from block 3 on (blocks 0, i-1, i are always kept), a whole query block
+    counts only when complete, so the first complete block with candidates ends at 4 bs."""
+    return (4 * bs, "4 complete blocks") if unit == "block" else (3 * bs + 1, "more than 3 blocks")
+
+
 class Recorder:
     """Set on a SparseLayer while the dense teacher runs: stores what the layer's gate needs, per
     sampled query row (unit "row") or per sampled whole query block (unit "block")."""
 
     def __init__(self, rows: int, seed: int, unit: str = "row"):
-        if unit not in UNITS:
-            raise ValueError(f"unknown teacher unit {unit!r}; use one of: {', '.join(UNITS)}")
-        self.rows, self.seed, self.unit = rows, seed, unit
+        self.rows, self.seed, self.unit = rows, seed, check_unit(unit)
+        self.block_size: int | None = None       # the layer's, once a sequence was seen
         self.parts: list[dict] = []
 
     def __call__(self, layer, q, k, base, scale, p: Pattern):
         if p.qoff or q.shape[0] != 1:
             raise ValueError("the cached teacher records one full sequence at a time (batch 1, no KV cache)")
+        self.block_size = p.bs
         block = self.unit == "block"
         cand = p.candidates(per_block=block)                                   # (tq | nq, nfull)
         if block:
@@ -150,8 +180,12 @@ class Recorder:
         Consumes the parts key by key, so the recorder and the cache never both hold the whole (96
         sequences of 2048 tokens at block 32 are ~6 GB)."""
         if not self.parts:
-            raise ValueError("nothing was recorded: the sequences are too short to have candidate blocks "
-                             "(need more than 3 blocks)")
+            if self.block_size is None:
+                raise PluginError("nothing was recorded: no sequence was given; give the teacher at least one")
+            need, what = shortest(self.unit, self.block_size)
+            raise PluginError(f"nothing was recorded: per query {self.unit} a sequence needs {what} ({need} tokens at "
+                              f"block_size {self.block_size}) to have candidate blocks; give longer sequences or "
+                              f"a smaller block_size")
         nfull = max(part["stats"].shape[1] for part in self.parts)
         out = {}
         if self.unit == "block":   # one seq entry per block; block: (bs,) whose length is the block size
@@ -233,7 +267,7 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
     stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
     if gates[0].reads_quest:
         if "quest" not in caches[0]:
-            raise ValueError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
+            raise DataError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
                              "collect the teacher again (another teacher file)")
         stack.quest_scale = torch.nn.Parameter(torch.stack([g.quest_scale.detach() for g in gates]))   # (L, Hkv)
     if target not in TARGETS:
