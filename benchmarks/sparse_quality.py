@@ -109,6 +109,40 @@ def save(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def gate_settings(args) -> dict:
+    """The gate's settings recorded in the JSON's meta (args.gate_unit resolved: default, the granularity)."""
+    out = {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim}
+    if args.gate_target != "peak":        # the earlier files have no key: peak
+        out["target"] = args.gate_target
+    args.gate_unit = args.gate_unit or args.granularity
+    if args.gate_unit != "row":           # ... nor this one: row
+        out["unit"] = args.gate_unit
+    if args.gate_quest:                   # ... nor this one: off
+        out["quest"] = True
+    return out
+
+
+def merge_meta(data: dict, meta: dict, out: Path) -> dict:
+    """The JSON's meta with this run's `meta` merged in (its command, its held-out sequences); a run
+    with other model, length, training or gate settings is refused (SystemExit, one line)."""
+    old = data.setdefault("meta", meta)
+    commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
+    if meta["command"] not in commands:
+        commands.append(meta["command"])
+    old.setdefault("split", "heldout")       # the files written before --split read the held-out sequences
+    old.setdefault("granularity", "block" if out.stem.endswith("_block") else "row")   # ... and had no key for it
+    old.setdefault("train_text", old["text"])
+    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text",
+            "recover")
+    if any(old.get(k) != meta.get(k) for k in same):
+        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta.get(k))}); "
+                         "rerun with those, or give another --out")
+    # held-out sequences are keyed by their index in the text, so a rerun with a larger --heldout adds
+    # the earlier sequences to the ones already read
+    old["heldout_sequences"] = sorted(set(old["heldout_sequences"]) | set(meta["heldout_sequences"]))
+    return old
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=2048)
@@ -208,14 +242,7 @@ def main(argv=None):
                              f"{args.length} tokens: use --train {len(other) // args.length} or fewer")
         train = other[:args.train * args.length].view(args.train, args.length)
     data = load(out)
-    gate_meta = {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim}
-    if args.gate_target != "peak":        # the earlier files have no key: peak
-        gate_meta["target"] = args.gate_target
-    args.gate_unit = args.gate_unit or args.granularity
-    if args.gate_unit != "row":           # ... nor this one: row
-        gate_meta["unit"] = args.gate_unit
-    if args.gate_quest:                   # ... nor this one: off
-        gate_meta["quest"] = True
+    gate_meta = gate_settings(args)
     meta = {"model": "smollm2-135m", "length": args.length, "block_size": args.block_size, "text": args.text,
             "text_tokens": len(ids), "sequences": n, "train_sequences": list(range(args.train)),
             "split": args.split, "heldout_sequences": list(range(first, first + count)), "kernel": args.kernel,
@@ -224,21 +251,7 @@ def main(argv=None):
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     if args.recover_steps:
         meta["recover"] = {"steps": args.recover_steps, "lr": args.recover_lr, "r": args.recover_r}
-    old = data.setdefault("meta", meta)
-    commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
-    if meta["command"] not in commands:
-        commands.append(meta["command"])
-    old.setdefault("split", "heldout")       # the files written before --split read the held-out sequences
-    old.setdefault("granularity", "block" if out.stem.endswith("_block") else "row")   # ... and had no key for it
-    old.setdefault("train_text", old["text"])
-    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text",
-            "recover")
-    if any(old.get(k) != meta.get(k) for k in same):
-        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta.get(k))}); "
-                         "rerun with those, or give another --out")
-    # held-out sequences are keyed by their index in the text, so a rerun with a larger --heldout adds
-    # the earlier sequences to the ones already read
-    old["heldout_sequences"] = sorted(set(old["heldout_sequences"]) | set(meta["heldout_sequences"]))
+    merge_meta(data, meta, out)
     data.setdefault("points", {})
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 
