@@ -132,6 +132,8 @@ def merge_meta(data: dict, meta: dict, out: Path) -> dict:
     old.setdefault("split", "heldout")       # the files written before --split read the held-out sequences
     old.setdefault("granularity", "block" if out.stem.endswith("_block") else "row")   # ... and had no key for it
     old.setdefault("train_text", old["text"])
+    if "gate" not in data and not any(p["selector"].startswith("learned") for p in data.get("points", {}).values()):
+        old["gate"] = meta["gate"]           # no gate distilled or read yet: its settings describe nothing
     same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text",
             "recover")
     if any(old.get(k) != meta.get(k) for k in same):
