@@ -126,3 +126,11 @@ def test_a_teacher_without_quest_bounds_is_refused_for_a_quest_reading_gate():
         plugin.detach()
     with pytest.raises(attnlab.modules.PluginError, match="gate_quest must be true or false"):
         SparseConfig(gate_quest="yes")
+
+
+@pytest.mark.parametrize("variant", ["quest", "window", "performer", "dense"])
+def test_gate_quest_without_a_learned_gate_is_one_line_naming_the_variant(variant):
+    with pytest.raises(attnlab.modules.PluginError, match=r"gate_quest is an option of variant learned.*drop gate_quest"):
+        SparseConfig(variant=variant, gate_quest=True)
+    assert not SparseConfig(variant=variant).gate_quest
+    assert SparseConfig(variant="learned", oracle=True, gate_quest=True).gate_quest
