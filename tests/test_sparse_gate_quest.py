@@ -54,7 +54,7 @@ def test_a_quest_reading_gate_trains_from_the_teacher_and_keeps_its_quest_scale(
         assert r["after"]["train"] < r["before"]["train"], r
     plain = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, top_k=2, granularity=unit)
     try:
-        with pytest.raises(Exception, match="quest_scale"):
+        with pytest.raises(attnlab.modules.PluginError, match="attach it with gate_quest=True"):
             plain.load_state_dict(state)           # a Quest-reading gate's weights need a Quest-reading gate
     finally:
         plain.detach()
@@ -134,3 +134,22 @@ def test_gate_quest_without_a_learned_gate_is_one_line_naming_the_variant(varian
         SparseConfig(variant=variant, gate_quest=True)
     assert not SparseConfig(variant=variant).gate_quest
     assert SparseConfig(variant="learned", oracle=True, gate_quest=True).gate_quest
+
+
+def test_weights_of_a_quest_reading_gate_and_of_a_plain_one_are_refused_by_the_other_naming_gate_quest(tiny_llama):
+    def state(**kw):
+        plugin = attnlab.attach(tiny_llama.model, "sparse", variant="learned", block_size=4, **kw)
+        try:
+            return plugin.state_dict()
+        finally:
+            plugin.detach()
+
+    quest, plain = state(gate_quest=True), state()
+    for saved, attached in ((quest, {}), (plain, {"gate_quest": True})):
+        plugin = attnlab.attach(tiny_llama.model, "sparse", variant="learned", block_size=4, **attached)
+        try:
+            want = "True" if saved is quest else "False"
+            with pytest.raises(attnlab.modules.PluginError, match=f"attach it with gate_quest={want}"):
+                plugin.load_state_dict(saved)
+        finally:
+            plugin.detach()

@@ -131,6 +131,13 @@ class SparseAttention(Plugin):
         out.update(self._train)
         return out
 
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        saved = any(k.endswith(".gate.quest_scale") for k in state)
+        if self.config.variant == "learned" and not self.config.oracle and saved != self.config.gate_quest:
+            raise PluginError(f"these are the weights of a gate {'that reads' if saved else 'that does not read'} "
+                              f"Quest's bound: attach it with gate_quest={saved}")
+        super().load_state_dict(state)
+
     # -- what distillation needs (attnlab.distill uses these, never the private fields) -------------
     @contextlib.contextmanager
     def base_function(self):
