@@ -8,7 +8,7 @@ import attnlab
 from attnlab.modules.sparse import SparseConfig
 from attnlab.modules.sparse.patterns import Pattern
 from attnlab.modules.sparse.selection import select
-from attnlab.modules.sparse.teacher import collect_teacher
+from attnlab.modules.sparse.teacher import cached_scores, collect_teacher, stack_gates
 
 from .test_sparse_gate import _peaky_llama, _sequences
 
@@ -79,15 +79,8 @@ def test_training_scores_a_cached_row_as_the_model_scores_it_with_quest():
         with torch.no_grad():
             bb.model(input_ids=seqs[0][None])
         layer.collect_gate_loss = False
-        from attnlab.modules.sparse.teacher import cached_scores
         c = caches[0]
-        gate = layer.gate
-        stack = type(gate).__new__(type(gate))
-        torch.nn.Module.__init__(stack)
-        stack.block_size, stack.gate_dim = gate.block_size, gate.gate_dim
-        stack.register_buffer("inv_freq", gate.inv_freq.clone(), persistent=False)
-        stack.wq, stack.wk = torch.nn.Parameter(gate.wq[None].detach()), torch.nn.Parameter(gate.wk[None].detach())
-        stack.quest_scale = torch.nn.Parameter(gate.quest_scale[None].detach())
+        stack = stack_gates([layer.gate])
         cache = {"q": c["q"][None], "stats": c["stats"][None], "quest": c["quest"][None],
                  "pos": c["pos"], "seq": c["seq"], "cand": c["cand"]}
         cached = cached_scores(stack, cache, 0, torch.arange(len(c["pos"])))[0]     # (rows, Hkv, nfull)

@@ -39,7 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .gate import gate_kl, unrope
+from .gate import BlockGate, gate_kl, unrope
 from .pooling import key_stats, minmax
 from .patterns import Pattern
 from .quest import quest_block_scores, quest_row_scores
@@ -217,22 +217,13 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
     caches must come from one collect_teacher call (the same rows in every layer). target: what the
     gates learn, "peak" (the cache's max-pooled target) or "mass" (mass_target). Returns, per
     layer, the KL(target || gate) on train and held-out rows before and after, and seconds."""
-    from .gate import BlockGate
-
     spans = _sequence_spans(caches[0])
     cut = len(spans) - max(1, round(len(spans) * holdout)) if len(spans) > 1 else len(spans)
     train, held = spans[:cut], spans[cut:]
-    stack = BlockGate.__new__(BlockGate)
-    torch.nn.Module.__init__(stack)
-    stack.block_size, stack.gate_dim = gates[0].block_size, gates[0].gate_dim
-    stack.register_buffer("inv_freq", gates[0].inv_freq.clone(), persistent=False)
-    stack.wq = torch.nn.Parameter(torch.stack([g.wq.detach() for g in gates]))      # (L, Hkv, G*D, dg)
-    stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
-    if gates[0].reads_quest:
-        if "quest" not in caches[0]:
-            raise ValueError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
-                             "collect the teacher again (another teacher file)")
-        stack.quest_scale = torch.nn.Parameter(torch.stack([g.quest_scale.detach() for g in gates]))   # (L, Hkv)
+    if gates[0].reads_quest and "quest" not in caches[0]:
+        raise ValueError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
+                         "collect the teacher again (another teacher file)")
+    stack = stack_gates(gates)
     if target not in TARGETS:
         raise ValueError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
     cache = {k: torch.stack([c[k] for c in caches]) for k in ("q", "stats")}
@@ -265,6 +256,20 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
              "seconds": seconds / len(gates), "rows": len(cache["pos"]), "steps": steps,
              **({"blocks": len(cache["seq"])} if "block" in cache else {}),
              "train_sequences": len(train), "heldout_sequences": len(held)} for i in range(len(gates))]
+
+
+def stack_gates(gates: list):
+    """The gates as one BlockGate whose weights are stacked along a leading layer axis (L, ...), which
+    its products broadcast over: a copy, trained in place of the L gates (train_gates)."""
+    stack = BlockGate.__new__(BlockGate)
+    torch.nn.Module.__init__(stack)
+    stack.block_size, stack.gate_dim = gates[0].block_size, gates[0].gate_dim
+    stack.register_buffer("inv_freq", gates[0].inv_freq.clone(), persistent=False)
+    stack.wq = torch.nn.Parameter(torch.stack([g.wq.detach() for g in gates]))      # (L, Hkv, G*D, dg)
+    stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
+    if gates[0].reads_quest:
+        stack.quest_scale = torch.nn.Parameter(torch.stack([g.quest_scale.detach() for g in gates]))   # (L, Hkv)
+    return stack
 
 
 def _sequence_spans(cache: dict) -> list[tuple[int, int, int]]:
