@@ -112,3 +112,15 @@ def test_a_row_teacher_is_refused_for_a_block_gate_and_the_unit_follows_the_gran
             collect_teacher(bb.model, plugin, seqs, unit="column")
     finally:
         plugin.detach()
+
+
+def test_an_unknown_unit_is_refused_even_with_a_teacher_given():
+    bb = _peaky_llama()
+    seqs = _sequences(bb, 2)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row")
+    try:
+        rows = collect_teacher(bb.model, plugin, seqs, rows=8)
+        with pytest.raises(attnlab.modules.PluginError, match="unknown gate unit 'rows'; use one of: row, block"):
+            plugin.distil_gates(seqs, rows=8, steps=1, teacher=rows, unit="rows")
+    finally:
+        plugin.detach()

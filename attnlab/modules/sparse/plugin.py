@@ -242,11 +242,13 @@ class SparseAttention(Plugin):
         collect_teacher over the same sequences and rows, instead of running the teacher again.
         unit: what one training example is, a query "row" or a whole query "block" (SeerAttention's
         2-D pooled target; teacher.Recorder); default: the selection's granularity."""
-        from .teacher import collect_teacher, train_gates
+        from .teacher import UNITS, collect_teacher, train_gates
 
         if self.config.variant != "learned" or self.config.oracle:
             raise PluginError("distil_gates trains the learned gate: attach variant 'learned' (without oracle)")
         unit = unit or self.config.granularity
+        if unit not in UNITS:
+            raise PluginError(f"unknown gate unit {unit!r}; use one of: {', '.join(UNITS)}")
         caches, teacher = teacher or collect_teacher(self.model, self, sequences, rows=rows, seed=seed, unit=unit)
         if ("block" in next(iter(caches.values()))) != (unit == "block"):
             raise PluginError(f"the teacher given was recorded per {'row' if unit == 'block' else 'block'}, "
