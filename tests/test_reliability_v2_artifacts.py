@@ -242,3 +242,19 @@ def test_two_writers_of_one_file_never_share_a_temp_and_the_file_gets_an_ordinar
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]   # no temp left behind
     mode = stat.S_IMODE(target.stat().st_mode)
     assert mode & stat.S_IRUSR and mode & stat.S_IWUSR and not mode & stat.S_IXUSR
+
+
+def test_fresh_removes_a_temp_an_interrupted_atomic_write_left_and_keeps_a_user_file_of_a_like_name(tmp_path):
+    import tempfile
+
+    from attnlab.runfolder import clean, prepare_run_folder, unlock
+    out = tmp_path / "tiny"
+    unlock(prepare_run_folder(out, False, "tiny"))
+    fd, left = tempfile.mkstemp(prefix=".results.json.", suffix=".tmp", dir=out)   # as write_text_atomic names it
+    os.close(fd)
+    mine = [out / ".my.json.x1.tmp", out / ".results.json.tmp.bak", out / "results.json.abc.tmp"]
+    for p in mine:
+        p.write_text("mine")
+    kept = clean(out)
+    assert not Path(left).exists()
+    assert sorted(kept) == sorted(mine) and all(p.read_text() == "mine" for p in mine)
