@@ -146,3 +146,36 @@ def test_weights_of_a_quest_reading_gate_and_of_a_plain_one_are_refused_by_the_o
                 plugin.load_state_dict(saved)
         finally:
             plugin.detach()
+
+
+def test_each_decoding_step_scores_as_the_full_forward_scores_its_last_row_for_a_batch(tiny_llama, monkeypatch):
+    from attnlab.modules.sparse import selection
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="learned", block_size=4, top_k=1,
+                            granularity="row", gate_quest=True, kernel="gather")
+    gates = {id(layer.gate): i for i, layer in enumerate(plugin.layers())}
+    with torch.no_grad():
+        for layer in plugin.layers():
+            layer.gate.quest_scale.copy_(torch.tensor([0.5, 2.0]))   # the bound's weight matters
+    seen = {}
+    real = selection.gate_scores
+
+    def spy(gate, *a, **kw):
+        seen[gates[id(gate)]] = out = real(gate, *a, **kw)
+        return out
+
+    monkeypatch.setattr(selection, "gate_scores", spy)
+    ids = torch.randint(5, 200, (2, 32), generator=torch.Generator().manual_seed(3))
+    try:
+        with torch.no_grad():
+            cache = tiny_llama.model(input_ids=ids[:, :26], use_cache=True).past_key_values
+            for t in range(26, 32):
+                seen.clear()
+                cache = tiny_llama.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).past_key_values
+                step = dict(seen)
+                seen.clear()
+                tiny_llama.model(input_ids=ids[:, :t + 1], use_cache=False)
+                assert step.keys() == seen.keys() and len(step) == len(gates)
+                for i, s in step.items():
+                    assert torch.allclose(s[:, :, 0], seen[i][:, :, -1], atol=1e-5), (t, i)
+    finally:
+        plugin.detach()
