@@ -12,8 +12,9 @@ sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.p
     query blocks and the gate learns SeerAttention's 2-D max-pooled block target, scored as the
     block selection scores (modules/sparse/teacher.py); with `granularity: row`, single rows;
   - heldout: the first N examples of the test split (never distilled from) are read by dense and by
-    window, quest, learned (top-k and cumulative mass, with the distilled gate) and oracle at each of
-    their budgets, with the method's block_size, kernel, granularity, gate_dim and layers.
+    window, quest, learned (top-k and cumulative mass, with the distilled gate) and the oracles at
+    each of their budgets, with the method's block_size, kernel, granularity, gate_dim, gate_quest
+    and layers.
   - recover_steps (default 0: none): recovery training with the selection frozen
     (modules/sparse/recovery.py): every budget of window, quest and learned top-k gets its own LoRA
     adapter (rank recover_r, Adam at recover_lr) trained recover_steps steps by token KL to dense on
@@ -36,7 +37,7 @@ DEFAULTS = {"sequences": 64, "rows": 512, "steps": 2000, "lr": 3e-3, "heldout": 
             "recover_steps": 0, "recover_lr": 1e-3, "recover_r": 8}
 MAY_BE_ZERO = ("recover_steps",)
 RECOVERED = ("window", "quest", "learned")      # the selectors recovery training is given to
-SHARED = ("block_size", "kernel", "granularity", "gate_dim", "layers")
+SHARED = ("block_size", "kernel", "granularity", "gate_dim", "gate_quest", "layers")
 # the benchmark's densities, and higher ones: short held-out blocks (few key blocks) never get sparser
 DENSITIES = quality.DENSITIES + (0.5, 0.6, 0.7, 0.8, 0.9)
 

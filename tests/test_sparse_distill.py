@@ -105,3 +105,11 @@ def test_the_recipe_reads_row_and_block_granularity_with_the_same_distilled_gate
         read[granularity] = {k: p["sequences"]["7"]["density"] for k, p in data["points"].items()}
     assert read["row"]["window:window=8,sinks=4"] == read["block"]["window:window=8,sinks=4"]
     assert all(0 < d <= 1 for r in read.values() for d in r.values())
+
+
+def test_a_distilled_gate_that_reads_quest_is_read_by_the_held_out_sweep_as_one(tmp_path):
+    learned = {**DISTILLED, "gate_quest": True, "distill": {**DISTILLED["distill"], "steps": 5, "heldout": 1}}
+    res = run_experiment({**CFG, "methods": [learned]}, out_root=tmp_path, log=lambda *_: None)
+    cell = res["cells"][0]
+    assert cell["sparse_quality"]["meta"]["common"]["gate_quest"] is True
+    assert all(set(p["sequences"]) == {"0"} for p in cell["sparse_quality"]["points"].values())
