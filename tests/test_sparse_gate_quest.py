@@ -105,18 +105,23 @@ def test_decoding_with_a_quest_reading_gate_equals_recomputing(tiny_llama):
     assert torch.equal(cached, uncached)
 
 
-def test_a_teacher_without_quest_bounds_is_refused_for_a_quest_reading_gate():
+def test_a_teacher_without_quest_bounds_is_refused_for_a_quest_reading_gate_and_still_trains_a_plain_one():
     bb = _peaky_llama()
     seqs = _sequences(bb, 2)
     plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row", gate_quest=True)
     try:
         caches, record = collect_teacher(bb.model, plugin, seqs, rows=8)
         for c in caches.values():
-            del c["quest"]
+            del c["quest"]                    # as a teacher file saved before gate_quest existed
         with pytest.raises(ValueError, match="no Quest bounds"):
             plugin.distil_gates(seqs, rows=8, steps=1, teacher=(caches, record))
     finally:
         plugin.detach()
+    plain = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row")
+    try:
+        assert plain.distil_gates(seqs, rows=8, steps=1, teacher=(caches, record))["layers"][0]["steps"] == 1
+    finally:
+        plain.detach()
     with pytest.raises(attnlab.modules.PluginError, match="gate_quest must be true or false"):
         SparseConfig(gate_quest="yes")
 
