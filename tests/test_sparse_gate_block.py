@@ -7,7 +7,8 @@ import torch
 import attnlab
 from attnlab.modules.sparse.patterns import Pattern
 from attnlab.modules.sparse.pooling import minmax
-from attnlab.modules.sparse.selection import gate_scores, quest_bound
+from attnlab.modules.sparse.quest import quest_bound
+from attnlab.modules.sparse.selection import gate_scores
 from attnlab.modules.sparse.teacher import cached_scores, collect_teacher, dense_probs, stack_gates
 
 from .test_sparse_gate import _peaky_llama, _sequences
@@ -78,7 +79,7 @@ def test_training_scores_a_cached_block_exactly_as_the_block_selection_does(ques
     p = Pattern(64, 64, 4, "cpu")
     rope = (bb.model.model.rotary_emb.inv_freq, bb.model.model.rotary_emb.attention_scaling)
     scale = bb.model.model.layers[1].self_attn.scaling
-    bound = quest_bound(q, (c["stats"][0][None], *minmax(k, 16, 4)), p, True, None, scale) if quest else None
+    bound = quest_bound(q, *minmax(k, 16, 4), p, True, None, scale) if quest else None
     full = gate_scores(gate, q, p, c["stats"][0][None], rope, block=True, bound=bound)[0]    # (Hkv, nq, nfull)
     qb = c["pos"].view(3, 4)[:, 0] // 4
     cand = c["cand"][:3, None].expand_as(cached)

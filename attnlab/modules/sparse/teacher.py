@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .gate import BlockGate, gate_kl, unrope
 from .pooling import key_stats, minmax
 from .patterns import Pattern
-from .quest import quest_block_scores, quest_row_scores
+from .quest import quest_bound
 
 TEACHER_ROWS = 256   # query rows (per head) per chunk of the teacher's dense attention
 
@@ -128,10 +128,10 @@ class Recorder:
             mass = mass.view(1, q.shape[1], len(units), p.bs, p.nb).sum(3)
         kpre = unrope(k, torch.arange(p.tk, device=k.device), layer.rope)
         lo, hi = minmax(k, p.nfull, p.bs)                                      # Quest's pages (post-RoPE)
-        if block:
-            bound = quest_block_scores(q, lo, hi, p)[:, :, 0, units]           # (1, Hkv, units, nfull)
+        if block:                                                              # (1, Hkv, units | rows, nfull)
+            bound = quest_bound(q, lo, hi, p, True, None, scale)[:, :, units]
         else:
-            bound = quest_row_scores(q[:, :, rows], lo, hi).amax(2)            # (1, Hkv, rows, nfull)
+            bound = quest_bound(q[:, :, rows], lo, hi, p, False, None, scale)
         part = {
             "q": unrope(q[:, :, rows], rows + p.qoff, layer.rope)[0].transpose(0, 1).contiguous(),
             "pos": rows + p.qoff,
@@ -139,7 +139,7 @@ class Recorder:
             "target": gate_target(peak, hkv, cand[units])[0].transpose(0, 1).contiguous(),
             "mass": mass.view(1, hkv, g, len(units), p.nb).sum(2)[0, :, :, :p.nfull].transpose(0, 1).contiguous(),
             "cand": cand[units],
-            "quest": (bound * scale)[0].transpose(0, 1).contiguous(),          # for a gate that reads Quest
+            "quest": bound[0].transpose(0, 1).contiguous(),                    # for a gate that reads Quest
         }
         if block:
             part["n"] = len(units)
