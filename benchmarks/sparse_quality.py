@@ -86,6 +86,11 @@ def selector_budgets(selector: str, args) -> list[dict]:
     return [{"top_k": k} for k in args.top_k]
 
 
+def default_selectors(granularity: str) -> list[str]:
+    """Every selector, less those that duplicate another at `granularity` (quality.selectors)."""
+    return [s for s in BUDGETS if s in quality.selectors(granularity)]
+
+
 def read_text(spec: str) -> str:
     """The distillation text of --train-text: python_docs (Python's own documentation, offline), a
     .jsonl of {question, answer} rows (GSM8K: each problem and its solution), or a text file."""
@@ -162,7 +167,8 @@ def main(argv=None):
                     help="distil the gate from another text (a .txt file, a GSM8K-style .jsonl of question/answer, "
                          "or python_docs: the prose of Python's documentation), cut into --length sequences; "
                          "default: the first --train sequences of --text")
-    ap.add_argument("--selectors", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    ap.add_argument("--selectors", nargs="+", default=None, choices=list(BUDGETS),
+                    help="default: every selector worth reading at --granularity (default_selectors)")
     ap.add_argument("--kernel", default="masked", help="the kernels compute the same function (tested); "
                     "masked is the fastest on CPU for per-row selections; work is counted with gather")
     ap.add_argument("--granularity", default="row", choices=["row", "block"],
@@ -202,6 +208,11 @@ def main(argv=None):
                     help="skip the curves: only attention MSE and gradient cosine (e.g. in a second process "
                          "with its own --out, once the main run has saved the gate)")
     args = ap.parse_args(argv)
+    if args.selectors is None:
+        args.selectors = default_selectors(args.granularity)
+    elif args.granularity == "block" and "oracle-qhead" in args.selectors:
+        raise SystemExit("--selectors oracle-qhead at --granularity block is the oracle itself (one choice per query "
+                         "block and kv head): drop it, or use --granularity row")
     suffix = "_block" if args.granularity == "block" else ""
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"sparse_quality_{args.length}{suffix}.json")
     if args.report:

@@ -1,5 +1,6 @@
-"""The sparse quality benchmark's resumable JSON: a rerun with the JSON's own settings goes on, a
-rerun with a gate other than the one its learned points read is refused."""
+"""The sparse quality benchmark's settings: a rerun with the JSON's own settings goes on, a rerun
+with a gate other than the one its learned points read is refused, and so is a selector that
+duplicates another at the granularity asked for."""
 
 import argparse
 import copy
@@ -53,3 +54,10 @@ def test_a_json_whose_learned_points_read_a_row_distilled_gate_refuses_a_block_d
     data = json.loads(BLOCK_JSON.read_text())
     data["gate"] = {"teacher_seconds": 1.0}
     sq.merge_meta(data, _rerun(data, _args(granularity="block", gate_unit="row")), BLOCK_JSON)   # the same gate
+
+
+def test_the_query_head_oracle_at_block_granularity_is_refused_by_name_and_left_out_by_default(tmp_path):
+    with pytest.raises(SystemExit, match="oracle-qhead at --granularity block is the oracle itself"):
+        sq.main(["--granularity", "block", "--selectors", "oracle", "oracle-qhead", "--out", str(tmp_path / "q.json")])
+    assert "oracle-qhead" not in sq.default_selectors("block") and "oracle" in sq.default_selectors("block")
+    assert "oracle-qhead" in sq.default_selectors("row")
