@@ -194,6 +194,9 @@ _UMASK = os.umask(0)        # read once (setting it back at once): the mode a pl
 os.umask(_UMASK)
 
 
+TEXT_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")   # write_text_atomic's temp of <name> (mkstemp's 8)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to a temp file of its own beside `path` (a unique name: two processes writing the
     same file never share a temp) and rename it into place: readers see the old file or the new one.

@@ -8,8 +8,9 @@ Guarantees:
   - attnlab writes only into a new, empty, or marked folder, and only into the folder of the config
     its marker names (another config's folder is refused, naming both);
   - `--fresh` never follows a symlink (the run folder itself being one is refused), and deletes only
-    what attnlab wrote: files named in `WRITTEN`, folders with a valid checksum manifest (the files
-    it lists), and temp folders carrying attnlab's temp mark. Anything else stays, and is reported;
+    what attnlab wrote: files named in `WRITTEN` (and the temps an interrupted atomic write left of
+    them), folders with a valid checksum manifest (the files it lists), and temp folders carrying
+    attnlab's temp mark. Anything else stays, and is reported;
   - one run per folder: a second run is refused naming the first one's pid; the kernel drops the
     lock of a process that died, so a stale lock file (dead pid) is simply taken over.
 """
@@ -21,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic import MANIFEST, TEMP_MARK, read_manifest, sweep_temps, write_text_atomic
+from .atomic import MANIFEST, TEMP_MARK, TEXT_TEMP, read_manifest, sweep_temps, write_text_atomic
 from .errors import AttnlabError, DamagedFile, UnsafePath
 
 MARKER = ".attnlab-run"    # a run folder attnlab created (only those are written into or cleaned)
@@ -161,11 +162,17 @@ def _clean(folder: Path, root: Path, kept: list[Path], manifest) -> bool:
                 p.rmdir()
         elif folder == root and p.name in (MARKER, LOCK):
             continue
-        elif ours or p.name in WRITTEN or p.name.startswith(WRITTEN_PREFIXES):
+        elif ours or p.name in WRITTEN or p.name.startswith(WRITTEN_PREFIXES) or _temp_of_written(p.name):
             p.unlink()
         else:
             kept.append(p)
     return folder != root and not any(folder.iterdir())
+
+
+def _temp_of_written(name: str) -> bool:
+    """Whether `name` is the temp an interrupted write_text_atomic left of a file in WRITTEN."""
+    m = TEXT_TEMP.match(name)
+    return m is not None and m.group("name") in WRITTEN
 
 
 def inside(root: Path, *parts: str) -> Path:

@@ -12,8 +12,9 @@ sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.p
     query blocks and the gate learns SeerAttention's 2-D max-pooled block target, scored as the
     block selection scores (modules/sparse/teacher.py); with `granularity: row`, single rows;
   - heldout: the first N examples of the test split (never distilled from) are read by dense and by
-    window, quest, learned (top-k and cumulative mass, with the distilled gate) and oracle at each of
-    their budgets, with the method's block_size, kernel, granularity, gate_dim and layers.
+    window, quest, learned (top-k and cumulative mass, with the distilled gate) and the oracles at
+    each of their budgets, with the method's block_size, kernel, granularity, gate_dim, gate_quest
+    and layers.
   - recover_steps (default 0: none): recovery training with the selection frozen
     (modules/sparse/recovery.py): every budget of window, quest and learned top-k gets its own LoRA
     adapter (rank recover_r, Adam at recover_lr) trained recover_steps steps by token KL to dense on
@@ -97,7 +98,8 @@ def heldout_sweep(model, splits, options, opts: dict, gate_state, gate_record: d
     intervals and the equal-density comparisons of benchmarks/sparse_quality.py."""
     seqs = _sequences(splits.eval, opts["heldout"])
     common = {k: getattr(options, k) for k in SHARED}
-    points = [(s, b) for s, bs in quality.budgets(options.block_size).items() for b in bs]
+    points = [(s, b) for s, bs in quality.budgets(options.block_size).items() for b in bs
+              if s in quality.selectors(options.granularity)]
     data = {"meta": {"length": max((len(s) for s in seqs), default=0), "block_size": options.block_size,
                      "heldout_sequences": list(range(len(seqs))), "distill": opts, "common": common},
             "gate": gate_record}

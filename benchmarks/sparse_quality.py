@@ -86,6 +86,11 @@ def selector_budgets(selector: str, args) -> list[dict]:
     return [{"top_k": k} for k in args.top_k]
 
 
+def default_selectors(granularity: str) -> list[str]:
+    """Every selector, less those that duplicate another at `granularity` (quality.selectors)."""
+    return [s for s in BUDGETS if s in quality.selectors(granularity)]
+
+
 def read_text(spec: str) -> str:
     """The distillation text of --train-text: python_docs (Python's own documentation, offline), a
     .jsonl of {question, answer} rows (GSM8K: each problem and its solution), or a text file."""
@@ -127,6 +132,42 @@ def check_flags(args) -> None:
                          f"({need} tokens at --block-size {args.block_size}); raise --length or lower --block-size")
 
 
+def gate_settings(args) -> dict:
+    """The gate's settings recorded in the JSON's meta (args.gate_unit resolved: default, the granularity)."""
+    out = {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim}
+    if args.gate_target != "peak":        # the earlier files have no key: peak
+        out["target"] = args.gate_target
+    args.gate_unit = args.gate_unit or args.granularity
+    if args.gate_unit != "row":           # ... nor this one: row
+        out["unit"] = args.gate_unit
+    if args.gate_quest:                   # ... nor this one: off
+        out["quest"] = True
+    return out
+
+
+def merge_meta(data: dict, meta: dict, out: Path) -> dict:
+    """The JSON's meta with this run's `meta` merged in (its command, its held-out sequences); a run
+    with other model, length, training or gate settings is refused (SystemExit, one line)."""
+    old = data.setdefault("meta", meta)
+    commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
+    if meta["command"] not in commands:
+        commands.append(meta["command"])
+    old.setdefault("split", "heldout")       # the files written before --split read the held-out sequences
+    old.setdefault("granularity", "block" if out.stem.endswith("_block") else "row")   # ... and had no key for it
+    old.setdefault("train_text", old["text"])
+    if "gate" not in data and not any(p["selector"].startswith("learned") for p in data.get("points", {}).values()):
+        old["gate"] = meta["gate"]           # no gate distilled or read yet: its settings describe nothing
+    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text",
+            "recover")
+    if any(old.get(k) != meta.get(k) for k in same):
+        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta.get(k))}); "
+                         "rerun with those, or give another --out")
+    # held-out sequences are keyed by their index in the text, so a rerun with a larger --heldout adds
+    # the earlier sequences to the ones already read
+    old["heldout_sequences"] = sorted(set(old["heldout_sequences"]) | set(meta["heldout_sequences"]))
+    return old
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=2048)
@@ -144,7 +185,8 @@ def main(argv=None):
                     help="distil the gate from another text (a .txt file, a GSM8K-style .jsonl of question/answer, "
                          "or python_docs: the prose of Python's documentation), cut into --length sequences; "
                          "default: the first --train sequences of --text")
-    ap.add_argument("--selectors", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    ap.add_argument("--selectors", nargs="+", default=None, choices=list(BUDGETS),
+                    help="default: every selector worth reading at --granularity (default_selectors)")
     ap.add_argument("--kernel", default="masked", help="the kernels compute the same function (tested); "
                     "masked is the fastest on CPU for per-row selections; work is counted with gather")
     ap.add_argument("--granularity", default="row", choices=["row", "block"],
@@ -184,6 +226,11 @@ def main(argv=None):
                     help="skip the curves: only attention MSE and gradient cosine (e.g. in a second process "
                          "with its own --out, once the main run has saved the gate)")
     args = ap.parse_args(argv)
+    if args.selectors is None:
+        args.selectors = default_selectors(args.granularity)
+    elif args.granularity == "block" and "oracle-qhead" in args.selectors:
+        raise SystemExit("--selectors oracle-qhead at --granularity block is the oracle itself (one choice per query "
+                         "block and kv head): drop it, or use --granularity row")
     suffix = "_block" if args.granularity == "block" else ""
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"sparse_quality_{args.length}{suffix}.json")
     if args.report:
@@ -227,14 +274,7 @@ def main(argv=None):
                              f"{args.length} tokens: use --train {len(other) // args.length} or fewer")
         train = other[:args.train * args.length].view(args.train, args.length)
     data = load(out)
-    gate_meta = {"rows": args.gate_rows, "steps": args.gate_steps, "lr": args.gate_lr, "dim": args.gate_dim}
-    if args.gate_target != "peak":        # the earlier files have no key: peak
-        gate_meta["target"] = args.gate_target
-    args.gate_unit = args.gate_unit or args.granularity
-    if args.gate_unit != "row":           # ... nor this one: row
-        gate_meta["unit"] = args.gate_unit
-    if args.gate_quest:                   # ... nor this one: off
-        gate_meta["quest"] = True
+    gate_meta = gate_settings(args)
     meta = {"model": "smollm2-135m", "length": args.length, "block_size": args.block_size, "text": args.text,
             "text_tokens": len(ids), "sequences": n, "train_sequences": list(range(args.train)),
             "split": args.split, "heldout_sequences": list(range(first, first + count)), "kernel": args.kernel,
@@ -243,21 +283,7 @@ def main(argv=None):
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     if args.recover_steps:
         meta["recover"] = {"steps": args.recover_steps, "lr": args.recover_lr, "r": args.recover_r}
-    old = data.setdefault("meta", meta)
-    commands = old.setdefault("commands", [old["command"]])   # every run that added to this JSON
-    if meta["command"] not in commands:
-        commands.append(meta["command"])
-    old.setdefault("split", "heldout")       # the files written before --split read the held-out sequences
-    old.setdefault("granularity", "block" if out.stem.endswith("_block") else "row")   # ... and had no key for it
-    old.setdefault("train_text", old["text"])
-    same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text",
-            "recover")
-    if any(old.get(k) != meta.get(k) for k in same):
-        raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta.get(k))}); "
-                         "rerun with those, or give another --out")
-    # held-out sequences are keyed by their index in the text, so a rerun with a larger --heldout adds
-    # the earlier sequences to the ones already read
-    old["heldout_sequences"] = sorted(set(old["heldout_sequences"]) | set(meta["heldout_sequences"]))
+    merge_meta(data, meta, out)
     data.setdefault("points", {})
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 

@@ -99,7 +99,9 @@ def test_a_bf16_experiment_runs_end_to_end_on_cpu(tmp_path):
 
 def test_flush_subnormals_sets_values_below_the_smallest_normal_float_to_zero():
     from attnlab.precision import flush_subnormals
+    torch.set_flush_denormal(False)         # an in-process `attnlab` (cli.main) of an earlier test left it on
     tiny = torch.tensor([1e-39, 1e-30])
+    assert tiny[0].item() != 0.0
     try:
         if not flush_subnormals():
             pytest.skip("this CPU cannot flush subnormals")

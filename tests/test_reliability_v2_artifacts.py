@@ -282,3 +282,19 @@ def test_a_text_write_onto_a_folder_or_under_a_file_names_what_is_in_the_way(tmp
     assert "\n" not in str(e.value) and ".tmp" not in str(e.value)    # it used to name its temp file
     assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == \
         ["afile", "gone", "out"]
+
+
+def test_fresh_removes_a_temp_an_interrupted_atomic_write_left_and_keeps_a_user_file_of_a_like_name(tmp_path):
+    import tempfile
+
+    from attnlab.runfolder import clean, prepare_run_folder, unlock
+    out = tmp_path / "tiny"
+    unlock(prepare_run_folder(out, False, "tiny"))
+    fd, left = tempfile.mkstemp(prefix=".results.json.", suffix=".tmp", dir=out)   # as write_text_atomic names it
+    os.close(fd)
+    mine = [out / ".my.json.x1.tmp", out / ".results.json.tmp.bak", out / "results.json.abc.tmp"]
+    for p in mine:
+        p.write_text("mine")
+    kept = clean(out)
+    assert not Path(left).exists()
+    assert sorted(kept) == sorted(mine) and all(p.read_text() == "mine" for p in mine)

@@ -544,3 +544,20 @@ def test_a_query_head_oracle_keeps_at_least_the_kv_head_oracles_mass_for_every_q
     assert torch.equal(counts["oracle"], counts["oracle-qhead"])                      # the same density
     assert (kept["oracle-qhead"] >= kept["oracle"] - 1e-6).all()
     assert (kept["oracle-qhead"] > kept["oracle"] + 1e-4).any()          # the heads disagree somewhere
+
+
+def test_at_block_granularity_the_query_head_oracle_is_the_oracle_and_is_not_swept_twice():
+    from attnlab.modules.sparse import quality, recipe
+    from attnlab.modules.sparse.patterns import Pattern
+    from attnlab.modules.sparse.selection import select
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 48, 8, generator=g) * 2, torch.randn(1, 2, 48, 8, generator=g) * 2
+    p = Pattern(48, 48, 4, "cpu")
+    sel = {}
+    for selector in ("oracle", "oracle-qhead"):
+        opts = recipe.options(selector, {"top_k": 2}, {"block_size": 4, "granularity": "block"})
+        cfg = SparseConfig(**{k: v for k, v in opts.items() if k != "block_size"}, block_size=4)
+        sel[selector] = select(cfg, q, k, p, None, 8 ** -0.5)
+    assert torch.equal(sel["oracle"].idx, sel["oracle-qhead"].idx)
+    assert "oracle-qhead" not in quality.selectors("block") and "oracle" in quality.selectors("block")
+    assert quality.selectors("row") == quality.SELECTORS

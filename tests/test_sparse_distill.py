@@ -31,7 +31,8 @@ def test_the_distill_block_trains_saves_and_reports_the_gate_against_every_selec
     assert sum(a for _, a in kl) < sum(b for b, _ in kl), "distillation should lower the gate's training KL"
     # every selector at every budget read on both held-out test blocks, beside dense
     points = cell["sparse_quality"]["points"]
-    assert len(points) == 1 + sum(len(b) for b in budgets(8).values())
+    assert len(points) == 1 + sum(len(b) for s, b in budgets(8).items() if s != "oracle-qhead")
+    assert "oracle-qhead" not in {p["selector"] for p in points.values()}   # at granularity block it is the oracle
     assert all(set(p["sequences"]) == {"0", "1"} for p in points.values())
     # the saved plug-in is the distilled gate, and it reloads
     saved = out / "learned" / "seed0" / "plugin"
@@ -105,3 +106,11 @@ def test_the_recipe_reads_row_and_block_granularity_with_the_same_distilled_gate
         read[granularity] = {k: p["sequences"]["7"]["density"] for k, p in data["points"].items()}
     assert read["row"]["window:window=8,sinks=4"] == read["block"]["window:window=8,sinks=4"]
     assert all(0 < d <= 1 for r in read.values() for d in r.values())
+
+
+def test_a_distilled_gate_that_reads_quest_is_read_by_the_held_out_sweep_as_one(tmp_path):
+    learned = {**DISTILLED, "gate_quest": True, "distill": {**DISTILLED["distill"], "steps": 5, "heldout": 1}}
+    res = run_experiment({**CFG, "methods": [learned]}, out_root=tmp_path, log=lambda *_: None)
+    cell = res["cells"][0]
+    assert cell["sparse_quality"]["meta"]["common"]["gate_quest"] is True
+    assert all(set(p["sequences"]) == {"0"} for p in cell["sparse_quality"]["points"].values())

@@ -6,8 +6,10 @@ import torch
 
 import attnlab
 from attnlab.modules.sparse.patterns import Pattern
+from attnlab.modules.sparse.pooling import minmax
+from attnlab.modules.sparse.quest import quest_bound
 from attnlab.modules.sparse.selection import gate_scores
-from attnlab.modules.sparse.teacher import cached_scores, collect_teacher, dense_probs, train_gates
+from attnlab.modules.sparse.teacher import cached_scores, collect_teacher, dense_probs, stack_gates
 
 from .test_sparse_gate import _peaky_llama, _sequences
 
@@ -55,31 +57,33 @@ def test_the_block_teacher_max_pools_the_attention_over_the_blocks_rows_heads_an
     assert torch.allclose(c["mass"][0], mass, atol=1e-4)
 
 
-def test_training_scores_a_cached_block_exactly_as_the_block_selection_does():
+@pytest.mark.parametrize("quest", [False, True])
+def test_training_scores_a_cached_block_exactly_as_the_block_selection_does(quest):
     bb = _peaky_llama()
     seqs = _sequences(bb, 1)
-    plugin, c, seen = _block_teacher(bb, seqs, rows=12)
+    plugin, c, seen = _block_teacher(bb, seqs, rows=12, gate_quest=quest)
     gate = plugin.layers()[1].gate
     plugin.detach()
-    # stacked like train_gates (a leading layer axis of 1)
-    stack = {k: v[None] for k, v in c.items() if k in ("q", "stats")}
+    if quest:
+        with torch.no_grad():
+            gate.quest_scale.copy_(torch.tensor([0.5, 2.0]))      # a multiple of its own per kv head
+    stack = {k: v[None] for k, v in c.items() if k in ("q", "stats", "quest")}   # a leading layer axis of 1
     stack.update({k: c[k] for k in ("pos", "seq", "cand", "block")})
-    g = type(gate).__new__(type(gate))
-    torch.nn.Module.__init__(g)
-    g.block_size, g.gate_dim = gate.block_size, gate.gate_dim
-    g.register_buffer("inv_freq", gate.inv_freq.clone(), persistent=False)
-    g.wq, g.wk = torch.nn.Parameter(gate.wq[None].detach()), torch.nn.Parameter(gate.wk[None].detach())
-    cached = cached_scores(g, stack, 0, torch.arange(3))[0]                  # (3 blocks, Hkv, nfull)
+    cached = cached_scores(stack_gates([gate]), stack, 0, torch.arange(3))[0]     # (3 blocks, Hkv, nfull)
     # the selection's scores from the full sequence's queries (after RoPE), pooled per query block
     q = seen["q"][0].view(1, 64, 4, 16).transpose(1, 2)
+    k = seen["k"][0].view(1, 64, 2, 16).transpose(1, 2)
     cos, sin = bb.model.model.rotary_emb(q, torch.arange(64)[None])
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
     p = Pattern(64, 64, 4, "cpu")
     rope = (bb.model.model.rotary_emb.inv_freq, bb.model.model.rotary_emb.attention_scaling)
-    full = gate_scores(gate, q, p, c["stats"][0][None], rope, block=True)[0]    # (Hkv, nq, nfull)
+    scale = bb.model.model.layers[1].self_attn.scaling
+    bound = quest_bound(q, *minmax(k, 16, 4), p, True, None, scale) if quest else None
+    full = gate_scores(gate, q, p, c["stats"][0][None], rope, block=True, bound=bound)[0]    # (Hkv, nq, nfull)
     qb = c["pos"].view(3, 4)[:, 0] // 4
-    assert torch.allclose(cached, full[:, qb].transpose(0, 1), atol=1e-4)
+    cand = c["cand"][:3, None].expand_as(cached)
+    assert torch.allclose(cached[cand], full[:, qb].transpose(0, 1)[cand], atol=1e-4)
 
 
 def test_block_gates_distilled_per_block_match_the_block_map_better():
@@ -107,5 +111,17 @@ def test_a_row_teacher_is_refused_for_a_block_gate_and_the_unit_follows_the_gran
         assert "blocks" not in plugin.distil_gates(seqs, rows=8, steps=1, unit="row")["layers"][0]
         with pytest.raises(attnlab.modules.PluginError, match="unknown gate unit .column.; use one of: row, block"):
             collect_teacher(bb.model, plugin, seqs, unit="column")
+    finally:
+        plugin.detach()
+
+
+def test_an_unknown_unit_is_refused_even_with_a_teacher_given():
+    bb = _peaky_llama()
+    seqs = _sequences(bb, 2)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row")
+    try:
+        rows = collect_teacher(bb.model, plugin, seqs, rows=8)
+        with pytest.raises(attnlab.modules.PluginError, match="unknown gate unit 'rows'; use one of: row, block"):
+            plugin.distil_gates(seqs, rows=8, steps=1, teacher=rows, unit="rows")
     finally:
         plugin.detach()

@@ -8,7 +8,7 @@ import attnlab
 from attnlab.modules.sparse import SparseConfig
 from attnlab.modules.sparse.patterns import Pattern
 from attnlab.modules.sparse.selection import select
-from attnlab.modules.sparse.teacher import collect_teacher
+from attnlab.modules.sparse.teacher import cached_scores, collect_teacher, stack_gates
 
 from .test_sparse_gate import _peaky_llama, _sequences
 
@@ -79,15 +79,8 @@ def test_training_scores_a_cached_row_as_the_model_scores_it_with_quest():
         with torch.no_grad():
             bb.model(input_ids=seqs[0][None])
         layer.collect_gate_loss = False
-        from attnlab.modules.sparse.teacher import cached_scores
         c = caches[0]
-        gate = layer.gate
-        stack = type(gate).__new__(type(gate))
-        torch.nn.Module.__init__(stack)
-        stack.block_size, stack.gate_dim = gate.block_size, gate.gate_dim
-        stack.register_buffer("inv_freq", gate.inv_freq.clone(), persistent=False)
-        stack.wq, stack.wk = torch.nn.Parameter(gate.wq[None].detach()), torch.nn.Parameter(gate.wk[None].detach())
-        stack.quest_scale = torch.nn.Parameter(gate.quest_scale[None].detach())
+        stack = stack_gates([layer.gate])
         cache = {"q": c["q"][None], "stats": c["stats"][None], "quest": c["quest"][None],
                  "pos": c["pos"], "seq": c["seq"], "cand": c["cand"]}
         cached = cached_scores(stack, cache, 0, torch.arange(len(c["pos"])))[0]     # (rows, Hkv, nfull)
@@ -112,17 +105,82 @@ def test_decoding_with_a_quest_reading_gate_equals_recomputing(tiny_llama):
     assert torch.equal(cached, uncached)
 
 
-def test_a_teacher_without_quest_bounds_is_refused_for_a_quest_reading_gate():
+def test_a_teacher_without_quest_bounds_is_refused_for_a_quest_reading_gate_and_still_trains_a_plain_one():
     bb = _peaky_llama()
     seqs = _sequences(bb, 2)
     plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row", gate_quest=True)
     try:
         caches, record = collect_teacher(bb.model, plugin, seqs, rows=8)
         for c in caches.values():
-            del c["quest"]
+            del c["quest"]                    # as a teacher file saved before gate_quest existed
         with pytest.raises(ValueError, match="no Quest bounds"):
             plugin.distil_gates(seqs, rows=8, steps=1, teacher=(caches, record))
     finally:
         plugin.detach()
+    plain = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row")
+    try:
+        assert plain.distil_gates(seqs, rows=8, steps=1, teacher=(caches, record))["layers"][0]["steps"] == 1
+    finally:
+        plain.detach()
     with pytest.raises(attnlab.modules.PluginError, match="gate_quest must be true or false"):
         SparseConfig(gate_quest="yes")
+
+
+@pytest.mark.parametrize("variant", ["quest", "window", "performer", "dense"])
+def test_gate_quest_without_a_learned_gate_is_one_line_naming_the_variant(variant):
+    with pytest.raises(attnlab.modules.PluginError, match=r"gate_quest is an option of variant learned.*drop gate_quest"):
+        SparseConfig(variant=variant, gate_quest=True)
+    assert not SparseConfig(variant=variant).gate_quest
+    assert SparseConfig(variant="learned", oracle=True, gate_quest=True).gate_quest
+
+
+def test_weights_of_a_quest_reading_gate_and_of_a_plain_one_are_refused_by_the_other_naming_gate_quest(tiny_llama):
+    def state(**kw):
+        plugin = attnlab.attach(tiny_llama.model, "sparse", variant="learned", block_size=4, **kw)
+        try:
+            return plugin.state_dict()
+        finally:
+            plugin.detach()
+
+    quest, plain = state(gate_quest=True), state()
+    for saved, attached in ((quest, {}), (plain, {"gate_quest": True})):
+        plugin = attnlab.attach(tiny_llama.model, "sparse", variant="learned", block_size=4, **attached)
+        try:
+            want = "True" if saved is quest else "False"
+            with pytest.raises(attnlab.modules.PluginError, match=f"attach sparse with gate_quest={want}"):
+                plugin.load_state_dict(saved)
+        finally:
+            plugin.detach()
+
+
+def test_each_decoding_step_scores_as_the_full_forward_scores_its_last_row_for_a_batch(tiny_llama, monkeypatch):
+    from attnlab.modules.sparse import selection
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="learned", block_size=4, top_k=1,
+                            granularity="row", gate_quest=True, kernel="gather")
+    gates = {id(layer.gate): i for i, layer in enumerate(plugin.layers())}
+    with torch.no_grad():
+        for layer in plugin.layers():
+            layer.gate.quest_scale.copy_(torch.tensor([0.5, 2.0]))   # the bound's weight matters
+    seen = {}
+    real = selection.gate_scores
+
+    def spy(gate, *a, **kw):
+        seen[gates[id(gate)]] = out = real(gate, *a, **kw)
+        return out
+
+    monkeypatch.setattr(selection, "gate_scores", spy)
+    ids = torch.randint(5, 200, (2, 32), generator=torch.Generator().manual_seed(3))
+    try:
+        with torch.no_grad():
+            cache = tiny_llama.model(input_ids=ids[:, :26], use_cache=True).past_key_values
+            for t in range(26, 32):
+                seen.clear()
+                cache = tiny_llama.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).past_key_values
+                step = dict(seen)
+                seen.clear()
+                tiny_llama.model(input_ids=ids[:, :t + 1], use_cache=False)
+                assert step.keys() == seen.keys() and len(step) == len(gates)
+                for i, s in step.items():
+                    assert torch.allclose(s[:, :, 0], seen[i][:, :, -1], atol=1e-5), (t, i)
+    finally:
+        plugin.detach()

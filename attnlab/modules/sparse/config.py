@@ -65,6 +65,10 @@ class SparseConfig:
             raise PluginError("sparse options threshold and mass are two ways to choose blocks; give one of them")
         if not isinstance(self.gate_quest, bool):
             raise PluginError(f"sparse option gate_quest must be true or false, got {self.gate_quest!r}")
+        if self.gate_quest and self.variant != "learned":
+            hint = " (variant quest ranks by Quest's bound already)" if self.variant == "quest" else ""
+            raise PluginError(f"sparse option gate_quest is an option of variant learned (the gate reads Quest's "
+                              f"bound), not of variant {self.variant}{hint}: drop gate_quest, or use variant learned")
         if self.gate_dim % 2:
             raise PluginError(f"sparse option gate_dim must be even (the gate's rotary embedding pairs its "
                               f"dimensions), got {self.gate_dim}")

@@ -15,7 +15,8 @@ from .kernels import flex_attention_kernel, masked_attention
 from .pages import Pages
 from .patterns import Pattern, Selection, normalise_mask, scatter_blocks
 from .performer import orthogonal_features, performer_chunked, performer_features, performer_weights, repeat_kv
-from .selection import gate_scores, quest_bound, select
+from .quest import quest_bound
+from .selection import gate_scores, select
 from .teacher import dense_probs, gate_target, row_block_stats
 
 ATTR = "attnlab_sparse"
@@ -68,8 +69,8 @@ class SparseLayer(nn.Module):
         """(B, Hkv, Tq, nfull): the learned gate's scores per row, from the rows' own queries and the
         complete key blocks (both before the model's RoPE; detached, so its loss trains the gate only)."""
         meta = self.pages.get(k.detach(), p, self.rope)
-        return gate_scores(self.gate, q.detach(), p, meta[0], self.rope, block=False,
-                           bound=quest_bound(q.detach(), meta, p, False, None, scale) if self.gate.reads_quest else None)
+        bound = quest_bound(q.detach(), *meta[1:], p, False, None, scale) if self.gate.reads_quest else None
+        return gate_scores(self.gate, q.detach(), p, meta[0], self.rope, block=False, bound=bound)
 
     # -- the forward --------------------------------------------------------------------------------
     def forward(self, q, k, v, attention_mask, scale):

@@ -25,6 +25,12 @@ DENSITIES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 MIN_SEQUENCES = 2          # below this, no interval and no comparison
 
 
+def selectors(granularity: str) -> tuple[str, ...]:
+    """The selectors worth reading at `granularity`: at block, oracle-qhead is the oracle itself (one
+    choice per query block and kv head, ranked by the mass summed over the G heads), so it is left out."""
+    return SELECTORS if granularity == "row" else tuple(s for s in SELECTORS if s != "oracle-qhead")
+
+
 def budgets(block: int) -> dict[str, list[dict]]:
     """Each selector's budgets: windows of 1, 2, 4, 8 blocks + 4 sinks; quest, learned and the oracles with
     k = 1, 2, 4, 8 extra blocks; learned by cumulative mass 0.5..0.95."""

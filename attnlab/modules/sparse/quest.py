@@ -70,3 +70,11 @@ def quest_block_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: P
         top = torch.maximum(torch.maximum(a * h, a * m), torch.maximum(c * h, c * m)).sum(-1)
         out[:, :, 0, i0:i1, :j1] = top.amax(2)
     return out
+
+
+def quest_bound(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: Pattern, block: bool, real, scale: float):
+    """What a gate that reads Quest adds its multiple of (gate.py: gate_quest), in logits (B, Hkv, R,
+    nfull): per row the max of u over the kv head's G query heads (R = Tq), or per query block the
+    box bound over its rows and heads (R = nq). The selection and the cached teacher both call it."""
+    u = quest_block_scores(q, lo, hi, p, real)[:, :, 0] if block else quest_row_scores(q, lo, hi).amax(2)
+    return u * scale

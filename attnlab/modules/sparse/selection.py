@@ -31,7 +31,7 @@ from .gate import BlockGate, unrope
 from .pages import Pages
 from .patterns import Pattern, Selection
 from .pooling import pool_queries
-from .quest import quest_block_scores, quest_row_scores
+from .quest import quest_block_scores, quest_bound, quest_row_scores
 from .teacher import row_block_stats
 
 
@@ -57,15 +57,6 @@ def gate_scores(gate: BlockGate, q, p: Pattern, stats, rope, block: bool, real=N
     if block:
         gq = pool_queries(gq, p, "mean", real)                               # (B, Hkv, nq, gate_dim)
     return gate.scores(gq, pages.gate_keys(gate, stats) if pages is not None else gate.keys(stats), bound)
-
-
-def quest_bound(q, meta, p: Pattern, block: bool, real, scale: float) -> torch.Tensor:
-    """Quest's bound in logits (B, Hkv, R, nfull) from the page metadata (stats, lo, hi) of a gate that
-    reads it: per row the max over the kv head's G query heads (R = Tq), or per query block the
-    bound over its rows and heads (R = nq)."""
-    lo, hi = meta[1], meta[2]
-    u = quest_block_scores(q, lo, hi, p, real)[:, :, 0] if block else quest_row_scores(q, lo, hi).amax(2)
-    return u * scale
 
 
 @torch.no_grad()
@@ -95,7 +86,7 @@ def select(cfg: SparseConfig, q, k, p: Pattern, base, scale, pages: Pages | None
         if cfg.variant == "quest":
             scores = quest_block_scores(q, *meta, p, real) if block else quest_row_scores(q, *meta)
         else:
-            bound = quest_bound(q, meta, p, block, real, scale) if gate.reads_quest else None
+            bound = quest_bound(q, *meta[1:], p, block, real, scale) if gate.reads_quest else None
             scores = gate_scores(gate, q, p, meta[0], rope, block, real, pages, bound)[:, :, None]
     if p.tq == 1 and cfg.mass is None and cfg.threshold is None and p.has_candidates:
         return decode_top_k(scores, p, cfg.top_k)

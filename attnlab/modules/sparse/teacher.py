@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 from ...errors import DataError
 from ..base import PluginError
-from .gate import gate_kl, unrope
+from .gate import BlockGate, gate_kl, unrope
 from .pooling import key_stats, minmax
 from .patterns import Pattern
-from .quest import quest_block_scores, quest_row_scores
+from .quest import quest_bound
 
 TEACHER_ROWS = 256   # query rows (per head) per chunk of the teacher's dense attention
 
@@ -158,10 +158,10 @@ class Recorder:
             mass = mass.view(1, q.shape[1], len(units), p.bs, p.nb).sum(3)
         kpre = unrope(k, torch.arange(p.tk, device=k.device), layer.rope)
         lo, hi = minmax(k, p.nfull, p.bs)                                      # Quest's pages (post-RoPE)
-        if block:
-            bound = quest_block_scores(q, lo, hi, p)[:, :, 0, units]           # (1, Hkv, units, nfull)
+        if block:                                                              # (1, Hkv, units | rows, nfull)
+            bound = quest_bound(q, lo, hi, p, True, None, scale)[:, :, units]
         else:
-            bound = quest_row_scores(q[:, :, rows], lo, hi).amax(2)            # (1, Hkv, rows, nfull)
+            bound = quest_bound(q[:, :, rows], lo, hi, p, False, None, scale)
         part = {
             "q": unrope(q[:, :, rows], rows + p.qoff, layer.rope)[0].transpose(0, 1).contiguous(),
             "pos": rows + p.qoff,
@@ -169,7 +169,7 @@ class Recorder:
             "target": gate_target(peak, hkv, cand[units])[0].transpose(0, 1).contiguous(),
             "mass": mass.view(1, hkv, g, len(units), p.nb).sum(2)[0, :, :, :p.nfull].transpose(0, 1).contiguous(),
             "cand": cand[units],
-            "quest": (bound * scale)[0].transpose(0, 1).contiguous(),          # for a gate that reads Quest
+            "quest": bound[0].transpose(0, 1).contiguous(),                    # for a gate that reads Quest
         }
         if block:
             part["n"] = len(units)
@@ -254,22 +254,13 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
     caches must come from one collect_teacher call (the same rows in every layer). target: what the
     gates learn, "peak" (the cache's max-pooled target) or "mass" (mass_target). Returns, per
     layer, the KL(target || gate) on train and held-out rows before and after, and seconds."""
-    from .gate import BlockGate
-
     spans = _sequence_spans(caches[0])
     cut = len(spans) - max(1, round(len(spans) * holdout)) if len(spans) > 1 else len(spans)
     train, held = spans[:cut], spans[cut:]
-    stack = BlockGate.__new__(BlockGate)
-    torch.nn.Module.__init__(stack)
-    stack.block_size, stack.gate_dim = gates[0].block_size, gates[0].gate_dim
-    stack.register_buffer("inv_freq", gates[0].inv_freq.clone(), persistent=False)
-    stack.wq = torch.nn.Parameter(torch.stack([g.wq.detach() for g in gates]))      # (L, Hkv, G*D, dg)
-    stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
-    if gates[0].reads_quest:
-        if "quest" not in caches[0]:
-            raise DataError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
-                             "collect the teacher again (another teacher file)")
-        stack.quest_scale = torch.nn.Parameter(torch.stack([g.quest_scale.detach() for g in gates]))   # (L, Hkv)
+    if gates[0].reads_quest and "quest" not in caches[0]:
+        raise DataError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
+                        "collect the teacher again (another teacher file)")
+    stack = stack_gates(gates)
     if target not in TARGETS:
         raise ValueError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
     cache = {k: _stack(caches, k) for k in ("q", "stats")}
@@ -311,6 +302,20 @@ def _stack(caches: list[dict], key: str) -> torch.Tensor:
     for i, c in enumerate(caches):
         c[key] = stacked[i]
     return stacked
+
+
+def stack_gates(gates: list):
+    """The gates as one BlockGate whose weights are stacked along a leading layer axis (L, ...), which
+    its products broadcast over: a copy, trained in place of the L gates (train_gates)."""
+    stack = BlockGate.__new__(BlockGate)
+    torch.nn.Module.__init__(stack)
+    stack.block_size, stack.gate_dim = gates[0].block_size, gates[0].gate_dim
+    stack.register_buffer("inv_freq", gates[0].inv_freq.clone(), persistent=False)
+    stack.wq = torch.nn.Parameter(torch.stack([g.wq.detach() for g in gates]))      # (L, Hkv, G*D, dg)
+    stack.wk = torch.nn.Parameter(torch.stack([g.wk.detach() for g in gates]))      # (L, Hkv, 3D, dg)
+    if gates[0].reads_quest:
+        stack.quest_scale = torch.nn.Parameter(torch.stack([g.quest_scale.detach() for g in gates]))   # (L, Hkv)
+    return stack
 
 
 def _sequence_spans(cache: dict) -> list[tuple[int, int, int]]:
