@@ -380,7 +380,8 @@ def main(argv=None) -> int:
     from .errors import AttnlabError
     from .precision import flush_subnormals
 
-    flush_subnormals()                    # subnormals cost ~100x per op on a CPU (attnlab/precision.py)
+    if argv is None:                      # the command itself, not an in-process call (tests): process-wide
+        flush_subnormals()                # subnormals cost ~100x per op on a CPU (attnlab/precision.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("ATTNLAB_DEBUG"))
     argv = [x for x in argv if x != "--debug"]
