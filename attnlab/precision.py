@@ -25,11 +25,11 @@ experiment process trains fp32 and bf16 runs side by side in tests and sweeps.
 A bf16 base evaluated after training runs under the same autocast (`autocast_for`), so a plug-in's
 fp32 weights and the base's bf16 activations meet inside autocast, never as a dtype error.
 
-Subnormal floats (|x| < 1.2e-38 in fp32) cost about 100x per operation on x86 CPUs: a 1024 x 1024 fp32
-matmul of subnormals took 7.3 s against 0.05 s on the 2-core machine. A diverging run (a softmax over
-49k vocabulary entries whose scores spread by hundreds) fills its tensors with them and slowed to 6-13 s
-a step from 0.9 s. `flush_subnormals()` (called once by the `attnlab` command) sets them to zero: it
-changes only values below 1.2e-38, far under fp32's rounding of any number a loss depends on.
+Subnormal floats (|x| < 1.2e-38 in fp32) cost hundreds of times more per operation than normal ones on
+x86 CPUs (an fp32 matmul of subnormals against the same of normal numbers: benchmarks/subnormal_cost.py).
+A diverging run (a softmax over 49k vocabulary entries whose scores spread by hundreds) fills its tensors
+with them and slows several-fold. `flush_subnormals()` (called once by the `attnlab` command) sets them
+to zero: it changes only values below 1.2e-38, far under fp32's rounding of any number a loss depends on.
 """
 
 from __future__ import annotations
