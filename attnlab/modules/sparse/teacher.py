@@ -234,7 +234,7 @@ def collect_teacher(model, plugin, sequences, rows: int = 512, seed: int = 0,
 
 def release_freed_memory() -> None:
     """Give the memory of the freed recorder parts back to the system (glibc keeps freed heap pages of
-    mid-sized allocations: without this the 96-sequence teacher held its parts' ~7 GB on top of the
+    mid-sized allocations: without this the 96-sequence teacher held its parts (several GB) beside the
     cache, and the gate training after it was killed for memory). A no-op where there is no glibc."""
     import ctypes
     import ctypes.util
