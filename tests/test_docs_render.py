@@ -293,3 +293,18 @@ def test_a_results_json_that_is_not_utf8_is_named_as_such_not_as_missing_its_com
     problems = docs.stale(tmp_path)
     assert any("b.json is not UTF-8 text" in p for p in problems), problems
     assert not any("records no command" in p for p in problems), problems
+
+
+def test_a_comparison_against_dense_at_a_density_is_computed_when_the_report_does_not_list_it():
+    from pathlib import Path
+
+    from attnlab.modules.sparse import quality
+    from attnlab.published.sparse import _quality
+    root = Path(__file__).resolve().parents[1]
+    data = _quality(root, "2048")
+    want = quality.compare(data, quality.complete(data), [("quest", "dense")], [0.25])[0]
+    got = render_one("sparse_compare:2048|quest|dense|0.25|brief", root)
+    assert got == f"{100 * want['change']:+.1f}% [{100 * want['lo']:+.1f}, {100 * want['hi']:+.1f}]"
+    assert want["change"] > 0                                 # sparser than dense costs perplexity
+    with pytest.raises(DataError, match="compares no 'nobody'"):
+        render_one("sparse_compare:2048|nobody|dense|0.25", root)

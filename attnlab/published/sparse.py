@@ -103,11 +103,15 @@ def sparse_table(root: Path, arg: str) -> str:
 
 def sparse_compare(root: Path, arg: str) -> str:
     """`LENGTH|A|B|DENSITY[|PART]`: A against B at equal density, with both intervals and the sign
-    count; PART picks one piece for a sentence: `brief` (the change and its bootstrap interval), `t`
+    count (a pair the report does not list, e.g. B = dense, is computed the same way); PART picks one piece for a sentence: `brief` (the change and its bootstrap interval), `t`
     (the t-interval) or `better` (on how many sequences A was better, "6 of 16")."""
     length, a, b, dens, *part = arg.split("|")
-    c = next((c for c in _quality(root, length)["comparisons"]
+    data = _quality(root, length)
+    c = next((c for c in data.get("comparisons", [])
               if (c["a"], c["b"]) == (a, b) and abs(c["density"] - float(dens)) < 1e-9), None)
+    if c is None:      # a pair the report does not list (B = dense: A at that density against the model)
+        rows = quality.compare(data, quality.complete(data), [(a, b)], [float(dens)])
+        c = rows[0] if rows else None
     if c is None:
         raise DataError(f"sparse_quality_{length}.json compares no {a!r} against {b!r} at density {dens}")
     if part:
