@@ -173,7 +173,32 @@ def sparse_quality_rows(root: Path) -> list[str]:
     out.append(f"| Learned gate vs Quest at equal density (same runs, interpolated per sequence) | "
                f"`python benchmarks/sparse_quality.py --length 2048 --report` (and `--length 4096`) | {cmp} | beats Quest "
                f"{_mark(False)} |")
+    if (root / "benchmarks/results/sparse_quality_2048_b32.json").is_file():
+        out += v3_rows(root, "2048_b32")
     return out
+
+
+def _pair(root: Path, length: str, a: str, b: str, dens: float) -> dict:
+    data = _quality(root, length)
+    return quality.compare(data, quality.complete(data), [(a, b)], [dens])[0]
+
+
+def v3_rows(root: Path, length: str) -> list[str]:
+    """The gate v3 recipe's held-out rows (issue 27's goals at density 0.25): against dense (≤ +10%) and
+    against Quest at the same block size (better outside noise: both intervals below zero)."""
+    data = _quality(root, length)
+    m, g = data["meta"], data["meta"]["gate"]
+    recipe = (f"block {m['block_size']}, {len(m['train_sequences'])} teacher sequences, target {g.get('target', 'peak')}"
+              + (", reading Quest's bound" if g.get("quest") else ""))
+    cmd = "; ".join(f"`{c}`" for c in (m.get("commands") or [m["command"]]))
+    dense, quest = _pair(root, length, "learned", "dense", 0.25), _pair(root, length, "learned", "quest", 0.25)
+    beats = quest["hi"] < 0 and quest["t_hi"] < 0
+    tokens = m["length"]
+    return [f"| Sparse gate v3 ({recipe}), perplexity vs dense at density 0.25 (interpolated per sequence), {tokens} "
+            f"tokens, {measured_on(data, root)} | {cmd} | {sparse_compare(root, f'{length}|learned|dense|0.25')} | "
+            f"≤ +10% {_mark(dense['change'] <= 0.10)} |",
+            f"| Sparse gate v3 vs Quest at block {m['block_size']}, density 0.25, {tokens} tokens (same run) | (the same) | "
+            f"{sparse_compare(root, f'{length}|learned|quest|0.25')} | beats Quest outside noise {_mark(beats)} |"]
 
 
 GRANULARITY_SAME = ("model", "length", "block_size", "text_tokens", "sequences")   # the text: by these and its name
