@@ -308,3 +308,17 @@ def test_a_comparison_against_dense_at_a_density_is_computed_when_the_report_doe
     assert want["change"] > 0                                 # sparser than dense costs perplexity
     with pytest.raises(DataError, match="compares no 'nobody'"):
         render_one("sparse_compare:2048|nobody|dense|0.25", root)
+
+
+def test_generation_samples_render_one_row_per_selector_with_pipes_and_line_breaks_kept_in_their_cell(tmp_path):
+    sample = {"sequence": 117, "prompt_tail": "the song | was\nreleased",
+              "dense": {"text": "a | b\nc", "tokens": [1, 2, 3]},
+              "quest": {"text": "a | x", "tokens": [1, 9, 3], "same_prefix": 1, "same_as_dense": 2},
+              "learned": {"text": "a | b\nc", "tokens": [1, 2, 3], "same_prefix": 3, "same_as_dense": 3}}
+    (tmp_path / "s.json").write_text(json.dumps({"command": "benchmarks/sparse_samples.py --gate g", "new": 3,
+                                                 "prompt": 2000, "samples": [sample],
+                                                 "selection": {"block_size": 32, "top_k": 7, "granularity": "row"}}))
+    text = render_one("sparse_samples:s.json", tmp_path)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| selector")]
+    assert rows == ["| dense | a \\| b ⏎ c | – |", "| quest | a \\| x | 1 / 2 of 3 |", "| learned | a \\| b ⏎ c | 3 / 3 of 3 |"]
+    assert "“…the song \\| was ⏎ released”" in text

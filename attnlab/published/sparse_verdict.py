@@ -152,3 +152,28 @@ def sparse_flex(root: Path, arg: str) -> str:
         lines.append(f"| {r['tokens']} | {r['variant']} | {r['cpu_s'] / d['cpu_s']:.2f} ({r['wall_s'] / d['wall_s']:.2f}) "
                      f"| {first} |")
     return "\n".join(lines)
+
+
+def _cell_text(text: str) -> str:
+    """A generated text as one table cell: pipes escaped, line breaks shown as ⏎."""
+    return " ".join(text.replace("|", "\\|").replace("\n", " ⏎ ").split())
+
+
+def sparse_samples(root: Path, arg: str) -> str:
+    """`FILE`: the generation samples of benchmarks/sparse_samples.py: per prompt, each selector's greedy
+    continuation and how many of its tokens equal dense's (before the first difference / in all)."""
+    data = _json(root, arg)
+    sel = data["selection"]
+    lines = [f"Greedy continuations of {data['new']} tokens after the first {data['prompt']} tokens of held-out "
+             f"sequences, every layer sparse, block {sel['block_size']}, top-k {sel['top_k']}, selection per "
+             f"{sel['granularity']} (`{data['command']}`).", ""]
+    for s in data["samples"]:
+        lines += [f"Sequence {s['sequence']}, the prompt ends: “…{_cell_text(s['prompt_tail'])}”", "",
+                  "| selector | continuation | tokens as dense (before the first difference / in all) |",
+                  "|---|---|---:|"]
+        for name in ("dense", "quest", "learned"):
+            r = s[name]
+            same = "–" if name == "dense" else f"{r['same_prefix']} / {r['same_as_dense']} of {len(r['tokens'])}"
+            lines.append(f"| {name} | {_cell_text(r['text'])} | {same} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
