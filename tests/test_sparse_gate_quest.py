@@ -13,6 +13,18 @@ from attnlab.modules.sparse.teacher import cached_scores, collect_teacher, stack
 from .test_sparse_gate import _peaky_llama, _sequences
 
 
+def _row_teacher(n: int):
+    """A Quest-reading row gate on the peaky tiny Llama and its cached teacher over n sequences."""
+    bb = _peaky_llama()
+    seqs = _sequences(bb, n)
+    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row", gate_quest=True)
+    try:
+        return bb, seqs, plugin, collect_teacher(bb.model, plugin, seqs, rows=8)
+    except Exception:
+        plugin.detach()
+        raise
+
+
 def _zero_learned_part(gate):
     with torch.no_grad():
         gate.wq.zero_()
@@ -61,11 +73,8 @@ def test_a_quest_reading_gate_trains_from_the_teacher_and_keeps_its_quest_scale(
 
 
 def test_training_scores_a_cached_row_as_the_model_scores_it_with_quest():
-    bb = _peaky_llama()
-    seqs = _sequences(bb, 1)
-    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row", gate_quest=True)
+    bb, seqs, plugin, (caches, _) = _row_teacher(1)
     try:
-        caches, _ = collect_teacher(bb.model, plugin, seqs, rows=8)
         layer = plugin.layers()[0]          # the first layer: its inputs are the dense model's in both passes
         seen = {}
         real = layer.gate_scores
@@ -106,11 +115,8 @@ def test_decoding_with_a_quest_reading_gate_equals_recomputing(tiny_llama):
 
 
 def test_a_teacher_without_quest_bounds_is_refused_for_a_quest_reading_gate_and_still_trains_a_plain_one():
-    bb = _peaky_llama()
-    seqs = _sequences(bb, 2)
-    plugin = attnlab.attach(bb.model, "sparse", variant="learned", block_size=4, granularity="row", gate_quest=True)
+    bb, seqs, plugin, (caches, record) = _row_teacher(2)
     try:
-        caches, record = collect_teacher(bb.model, plugin, seqs, rows=8)
         for c in caches.values():
             del c["quest"]                    # as a teacher file saved before gate_quest existed
         with pytest.raises(ValueError, match="no Quest bounds"):
