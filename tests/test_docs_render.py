@@ -187,8 +187,8 @@ def test_the_sparse_comparison_parts_are_pieces_of_the_full_comparison_and_an_un
     assert f"better on {render_one(f'sparse_compare:{arg}|better', root).replace(' of ', '/')}" in full
     with pytest.raises(DataError, match="unknown part 'nope'"):
         render_one(f"sparse_compare:{arg}|nope", root)
-    with pytest.raises(DataError, match="compares no 'oracle' against 'quest'"):
-        render_one("sparse_compare:4096|oracle|quest|0.2", root)
+    with pytest.raises(DataError, match="compares no 'nobody' against 'quest'"):
+        render_one("sparse_compare:4096|nobody|quest|0.2", root)
 
 
 def test_a_sparse_point_renders_its_change_density_and_kl_and_the_gate_kl_is_the_mean_over_layers():
