@@ -196,7 +196,7 @@ def v3_rows(root: Path, length: str) -> list[str]:
     tokens = m["length"]
     return [f"| Sparse gate v3 ({recipe}), perplexity vs dense at density 0.25 (interpolated per sequence), {tokens} "
             f"tokens, {measured_on(data, root)} | {cmd} | {sparse_compare(root, f'{length}|learned|dense|0.25')} | "
-            f"≤ +10% {_mark(dense['change'] <= 0.10)} |",
+            f"≤ +10% (point estimate) {_mark(dense['change'] <= 0.10)} |",
             f"| Sparse gate v3 vs Quest at block {m['block_size']}, density 0.25, {tokens} tokens (same run) | (the same) | "
             f"{sparse_compare(root, f'{length}|learned|quest|0.25')} | beats Quest outside noise {_mark(beats)} |"]
 
