@@ -560,4 +560,5 @@ def test_at_block_granularity_the_query_head_oracle_is_the_oracle_and_is_not_swe
         sel[selector] = select(cfg, q, k, p, None, 8 ** -0.5)
     assert torch.equal(sel["oracle"].idx, sel["oracle-qhead"].idx)
     assert "oracle-qhead" not in quality.selectors("block") and "oracle" in quality.selectors("block")
-    assert quality.selectors("row") == quality.SELECTORS
+    assert "oracle-qhead" not in quality.selectors("row")          # read only when named
+    assert set(quality.selectors("row")) == set(quality.SELECTORS) - {"oracle-qhead"}

@@ -56,8 +56,8 @@ def test_a_json_whose_learned_points_read_a_row_distilled_gate_refuses_a_block_d
     sq.merge_meta(data, _rerun(data, _args(granularity="block", gate_unit="row")), BLOCK_JSON)   # the same gate
 
 
-def test_the_query_head_oracle_at_block_granularity_is_refused_by_name_and_left_out_by_default(tmp_path):
+def test_the_query_head_oracle_is_refused_by_name_at_block_granularity_and_read_only_when_named(tmp_path):
     with pytest.raises(SystemExit, match="oracle-qhead at --granularity block is the oracle itself"):
         sq.main(["--granularity", "block", "--selectors", "oracle", "oracle-qhead", "--out", str(tmp_path / "q.json")])
     assert "oracle-qhead" not in sq.default_selectors("block") and "oracle" in sq.default_selectors("block")
-    assert "oracle-qhead" in sq.default_selectors("row")
+    assert "oracle-qhead" not in sq.default_selectors("row")     # the committed runs' commands reproduce as they were

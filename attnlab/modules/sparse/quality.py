@@ -26,9 +26,11 @@ MIN_SEQUENCES = 2          # below this, no interval and no comparison
 
 
 def selectors(granularity: str) -> tuple[str, ...]:
-    """The selectors worth reading at `granularity`: at block, oracle-qhead is the oracle itself (one
-    choice per query block and kv head, ranked by the mass summed over the G heads), so it is left out."""
-    return SELECTORS if granularity == "row" else tuple(s for s in SELECTORS if s != "oracle-qhead")
+    """The selectors read by default at `granularity`: every one but oracle-qhead, an analysis selector
+    read only when named (so the committed runs' own commands reproduce them without it); at block it
+    is the oracle itself (one choice per query block and kv head, ranked by the mass summed over the
+    G heads) and cannot be named at all."""
+    return tuple(s for s in SELECTORS if s != "oracle-qhead")
 
 
 def budgets(block: int) -> dict[str, list[dict]]:
