@@ -28,7 +28,7 @@ fp32 weights and the base's bf16 activations meet inside autocast, never as a dt
 Subnormal floats (|x| < 1.2e-38 in fp32) cost hundreds of times more per operation than normal ones on
 x86 CPUs (an fp32 matmul of subnormals against the same of normal numbers: benchmarks/subnormal_cost.py).
 A diverging run (a softmax over 49k vocabulary entries whose scores spread by hundreds) fills its tensors
-with them and slows several-fold. `flush_subnormals()` (called once by the `attnlab` command) sets them
+with them and slows down. `flush_subnormals()` (called once by the `attnlab` command) sets them
 to zero: it changes only values below 1.2e-38, far under fp32's rounding of any number a loss depends on.
 """
 

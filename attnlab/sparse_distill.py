@@ -99,7 +99,7 @@ def heldout_sweep(model, splits, options, opts: dict, gate_state, gate_record: d
     seqs = _sequences(splits.eval, opts["heldout"])
     common = {k: getattr(options, k) for k in SHARED}
     points = [(s, b) for s, bs in quality.budgets(options.block_size).items() for b in bs
-              if s in quality.selectors(options.granularity)]
+              if s in quality.DEFAULT_SELECTORS]
     data = {"meta": {"length": max((len(s) for s in seqs), default=0), "block_size": options.block_size,
                      "heldout_sequences": list(range(len(seqs))), "distill": opts, "common": common},
             "gate": gate_record}

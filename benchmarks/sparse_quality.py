@@ -86,9 +86,7 @@ def selector_budgets(selector: str, args) -> list[dict]:
     return [{"top_k": k} for k in args.top_k]
 
 
-def default_selectors(granularity: str) -> list[str]:
-    """Every selector, less those that duplicate another at `granularity` (quality.selectors)."""
-    return [s for s in BUDGETS if s in quality.selectors(granularity)]
+DEFAULT_SELECTORS = [s for s in BUDGETS if s in quality.DEFAULT_SELECTORS]   # oracle-qhead only when named
 
 
 def read_text(spec: str) -> str:
@@ -186,7 +184,7 @@ def main(argv=None):
                          "or python_docs: the prose of Python's documentation), cut into --length sequences; "
                          "default: the first --train sequences of --text")
     ap.add_argument("--selectors", nargs="+", default=None, choices=list(BUDGETS),
-                    help="default: every selector worth reading at --granularity (default_selectors)")
+                    help="default: every selector but oracle-qhead (DEFAULT_SELECTORS)")
     ap.add_argument("--kernel", default="masked", help="the kernels compute the same function (tested); "
                     "masked is the fastest on CPU for per-row selections; work is counted with gather")
     ap.add_argument("--granularity", default="row", choices=["row", "block"],
@@ -227,7 +225,7 @@ def main(argv=None):
                          "with its own --out, once the main run has saved the gate)")
     args = ap.parse_args(argv)
     if args.selectors is None:
-        args.selectors = default_selectors(args.granularity)
+        args.selectors = list(DEFAULT_SELECTORS)
     elif args.granularity == "block" and "oracle-qhead" in args.selectors:
         raise SystemExit("--selectors oracle-qhead at --granularity block is the oracle itself (one choice per query "
                          "block and kv head): drop it, or use --granularity row")

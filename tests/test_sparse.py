@@ -559,6 +559,5 @@ def test_at_block_granularity_the_query_head_oracle_is_the_oracle_and_is_not_swe
         cfg = SparseConfig(**{k: v for k, v in opts.items() if k != "block_size"}, block_size=4)
         sel[selector] = select(cfg, q, k, p, None, 8 ** -0.5)
     assert torch.equal(sel["oracle"].idx, sel["oracle-qhead"].idx)
-    assert "oracle-qhead" not in quality.selectors("block") and "oracle" in quality.selectors("block")
-    assert "oracle-qhead" not in quality.selectors("row")          # read only when named
-    assert set(quality.selectors("row")) == set(quality.SELECTORS) - {"oracle-qhead"}
+    assert "oracle-qhead" not in quality.DEFAULT_SELECTORS and "oracle" in quality.DEFAULT_SELECTORS   # read only when named
+    assert set(quality.DEFAULT_SELECTORS) == set(quality.SELECTORS) - {"oracle-qhead"}

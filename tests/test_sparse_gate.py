@@ -54,6 +54,7 @@ def test_the_cached_teacher_records_queries_before_rope_and_normalised_targets()
     assert torch.allclose(c["target"].sum(-1), torch.ones(16, 2), atol=1e-5)
     assert not (c["target"] * ~c["cand"][:, None]).any()                    # only on candidate blocks
     assert (c["mass"] <= 4 + 1e-5).all() and (c["mass"] > 0).any()          # summed over the G = 2 heads
+    assert "quest" not in c                   # Quest's bound is recorded only for a gate that reads it
 
 
 def test_gates_trained_layer_by_layer_from_the_cache_match_the_dense_block_map_better():

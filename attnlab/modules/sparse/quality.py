@@ -25,12 +25,9 @@ DENSITIES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 MIN_SEQUENCES = 2          # below this, no interval and no comparison
 
 
-def selectors(granularity: str) -> tuple[str, ...]:
-    """The selectors read by default at `granularity`: every one but oracle-qhead, an analysis selector
-    read only when named (so the committed runs' own commands reproduce them without it); at block it
-    is the oracle itself (one choice per query block and kv head, ranked by the mass summed over the
-    G heads) and cannot be named at all."""
-    return tuple(s for s in SELECTORS if s != "oracle-qhead")
+# read when no selectors are named: every one but oracle-qhead, an analysis selector read only when named
+# (so the committed runs' own commands reproduce without it; at granularity block it is the oracle itself)
+DEFAULT_SELECTORS = tuple(s for s in SELECTORS if s != "oracle-qhead")
 
 
 def budgets(block: int) -> dict[str, list[dict]]:

@@ -14,7 +14,8 @@ predict, for `rows` sampled query rows that have candidates:
     target  (N, Hkv, nfull)    max over the G heads of peak, on the candidates, normalised to sum 1
     mass    (N, Hkv, nfull)    sum over the G heads of mass (to score a selection's recall)
     cand    (N, nfull)         the candidate blocks of each row
-    quest   (N, Hkv, nfull)    Quest's bound in logits, max over the G heads (for a gate that reads it)
+    quest   (N, Hkv, nfull)    Quest's bound in logits, max over the G heads: only when the layer's gate
+                               reads it (gate_quest); the cache of a plain gate leaves it out (memory)
 With unit "block" (the gate of a `granularity: block` selection, which scores a query block by the
 mean of its rows' gate queries) whole query blocks are sampled, `rows` // bs of them, and the target
 is per (query block, key block) as SeerAttention computes it: the 2-D max-pool of the attention
@@ -157,11 +158,6 @@ class Recorder:
             peak = peak.view(1, q.shape[1], len(units), p.bs, p.nb).amax(3)
             mass = mass.view(1, q.shape[1], len(units), p.bs, p.nb).sum(3)
         kpre = unrope(k, torch.arange(p.tk, device=k.device), layer.rope)
-        lo, hi = minmax(k, p.nfull, p.bs)                                      # Quest's pages (post-RoPE)
-        if block:                                                              # (1, Hkv, units | rows, nfull)
-            bound = quest_bound(q, lo, hi, p, True, None, scale)[:, :, units]
-        else:
-            bound = quest_bound(q[:, :, rows], lo, hi, p, False, None, scale)
         part = {
             "q": unrope(q[:, :, rows], rows + p.qoff, layer.rope)[0].transpose(0, 1).contiguous(),
             "pos": rows + p.qoff,
@@ -169,8 +165,12 @@ class Recorder:
             "target": gate_target(peak, hkv, cand[units])[0].transpose(0, 1).contiguous(),
             "mass": mass.view(1, hkv, g, len(units), p.nb).sum(2)[0, :, :, :p.nfull].transpose(0, 1).contiguous(),
             "cand": cand[units],
-            "quest": bound[0].transpose(0, 1).contiguous(),                    # for a gate that reads Quest
         }
+        if getattr(getattr(layer, "gate", None), "reads_quest", False):
+            lo, hi = minmax(k, p.nfull, p.bs)                                  # Quest's pages (post-RoPE)
+            bound = (quest_bound(q, lo, hi, p, True, None, scale)[:, :, units] if block    # (1, Hkv, units, nfull)
+                     else quest_bound(q[:, :, rows], lo, hi, p, False, None, scale))
+            part["quest"] = bound[0].transpose(0, 1).contiguous()
         if block:
             part["n"] = len(units)
         self.parts.append(part)
@@ -195,6 +195,8 @@ class Recorder:
         for key, dim, join in (("q", None, torch.cat), ("pos", None, torch.cat), ("stats", 1, torch.stack),
                                ("target", 2, torch.cat), ("mass", 2, torch.cat), ("cand", 1, torch.cat),
                                ("quest", 2, torch.cat)):
+            if key not in self.parts[0]:                      # quest: only for a gate that reads it
+                continue
             xs = []
             for part in self.parts:
                 x = part.pop(key)
@@ -274,8 +276,8 @@ def train_gates(gates: list, caches: list[dict], steps: int = 2000, lr: float = 
     cut = len(spans) - max(1, round(len(spans) * holdout)) if len(spans) > 1 else len(spans)
     train, held = spans[:cut], spans[cut:]
     if gates[0].reads_quest and "quest" not in caches[0]:
-        raise DataError("this teacher cache has no Quest bounds (it was recorded before gate_quest existed): "
-                        "collect the teacher again (another teacher file)")
+        raise DataError("this teacher cache has no Quest bounds (it was recorded for a gate without gate_quest): "
+                        "collect the teacher again with the Quest-reading gate (another teacher file)")
     stack = stack_gates(gates)
     if target not in TARGETS:
         raise ValueError(f"unknown gate target {target!r}; use one of: {', '.join(TARGETS)}")
