@@ -79,8 +79,11 @@ def attach(model, selector: str, budget: dict, args, gate_state):
 
 def selector_budgets(selector: str, args) -> list[dict]:
     """The selector's budgets at --block-size; --top-k replaces those of the top-k selectors (quest,
-    learned, oracle: e.g. 5 7 11 at block 32 keep about the tokens of 1 2 4 at block 64)."""
+    learned, oracle: e.g. 5 7 11 at block 32 keep about the tokens of 1 2 4 at block 64), and --window
+    those of the window (tokens, 4 sinks each: e.g. a window near a top-k budget's density)."""
     own = budgets(args.block_size)[selector]
+    if selector == "window" and getattr(args, "window", None):
+        return [{"window": w, "sinks": 4} for w in args.window]
     if args.top_k is None or not any("top_k" in b for b in own):
         return own
     return [{"top_k": k} for k in args.top_k]
@@ -123,6 +126,8 @@ def check_flags(args) -> None:
                      granularity=args.granularity, gate_quest=args.gate_quest)
     except PluginError as e:
         raise SystemExit(f"{e} (--block-size, --gate-dim)") from None
+    if args.window and min(args.window) < 1:
+        raise SystemExit(f"--window {min(args.window)}: a window keeps at least 1 token (tokens, before the 4 sinks)")
     unit = args.gate_unit or args.granularity
     need, what = shortest(unit, args.block_size)
     if any(s.startswith("learned") for s in args.selectors) and args.train and args.length < need:
@@ -177,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--validation", type=int, default=8, help="with --split validation: how many sequences")
     ap.add_argument("--top-k", type=int, nargs="+", default=None,
                     help="the top_k budgets of quest, learned and oracle (default: 1 2 4 8)")
+    ap.add_argument("--window", type=int, nargs="+", default=None,
+                    help="the window selector's budgets in tokens, each with 4 sinks (default: 1 2 4 8 blocks)")
     ap.add_argument("--block-size", type=int, default=BLOCK, help="key block (and query block) size")
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"))
     ap.add_argument("--train-text", default=None,

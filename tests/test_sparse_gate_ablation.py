@@ -114,6 +114,12 @@ def test_top_k_sets_the_top_k_budgets_and_leaves_every_window_and_mass_budget():
     assert sq.selector_budgets("learned", args(None)) == [{"top_k": k} for k in (1, 2, 4, 8)]
 
 
+def test_window_sets_the_window_budgets_in_tokens_and_leaves_the_top_k_ones():
+    args = type("A", (), {"top_k": None, "block_size": 32, "window": [320]})
+    assert sq.selector_budgets("window", args) == [{"window": 320, "sinks": 4}]
+    assert sq.selector_budgets("quest", args) == [{"top_k": k} for k in (1, 2, 4, 8)]
+
+
 def test_a_gsm8k_style_jsonl_distillation_text_is_each_problem_then_its_solution(tmp_path):
     f = tmp_path / "train.jsonl"
     f.write_text('{"question": "Q1?", "answer": "A1"}\n\n{"question": "Q2?", "answer": "A2"}\n')
