@@ -5,12 +5,16 @@ sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.p
 
     distill: {sequences: 64, rows: 512, steps: 2000, lr: 3.0e-3, heldout: 16}    # every key optional
     distill: {..., recover_steps: 200, recover_lr: 1.0e-3, recover_r: 8}        # and recovery training
+    distill: {sequences: 96, target: mass}      # with granularity: row, block_size: 32: the v3 recipe
 
   - sequences: the first N examples of the training split are the teacher's sequences (one dense
     pass each); rows: query rows cached per sequence and layer; steps, lr: Adam on every layer's gate;
     with the method's `granularity: block` (the default) the teacher records rows // block_size whole
     query blocks and the gate learns SeerAttention's 2-D max-pooled block target, scored as the
     block selection scores (modules/sparse/teacher.py); with `granularity: row`, single rows;
+  - target: what the gate learns, `peak` (default: the max-pooled attention, SeerAttention-R) or
+    `mass` (each block's summed attention, what the oracle ranks by; the v3 recipe's choice on
+    validation, docs/sparse_attention.md); unit: `row` or `block` (default: the granularity);
   - heldout: the first N examples of the test split (never distilled from) are read by dense and by
     window, quest, learned (top-k and cumulative mass, with the distilled gate) and the oracles at
     each of their budgets, with the method's block_size, kernel, granularity, gate_dim, gate_quest
@@ -37,6 +41,7 @@ from .train import TrainResult
 DEFAULTS = {"sequences": 64, "rows": 512, "steps": 2000, "lr": 3e-3, "heldout": 16,
             "recover_steps": 0, "recover_lr": 1e-3, "recover_r": 8}
 MAY_BE_ZERO = ("recover_steps",)
+CHOICES = {"target": ("peak", "mass"), "unit": ("row", "block")}     # the keys that name, with their values
 RECOVERED = ("window", "quest", "learned")      # the selectors recovery training is given to
 SHARED = ("block_size", "kernel", "granularity", "gate_dim", "gate_quest", "layers")
 # the benchmark's densities, and higher ones: short held-out blocks (few key blocks) never get sparser
@@ -57,10 +62,13 @@ def distill_options(m: dict, where: str) -> dict | None:
                           f"variant: learned (without oracle)")
     if not isinstance(d, dict):
         raise ConfigError(f"{where}.distill: expected a mapping such as {{sequences: 64, steps: 2000}}, got {d!r}")
-    unknown = sorted(set(d) - set(DEFAULTS))
+    unknown = sorted(set(d) - set(DEFAULTS) - set(CHOICES))
     if unknown:
-        raise ConfigError(f"{where}.distill: unknown key(s) {unknown}; the keys are {', '.join(DEFAULTS)}")
-    out = {**DEFAULTS, **d}
+        raise ConfigError(f"{where}.distill: unknown key(s) {unknown}; the keys are {', '.join([*DEFAULTS, *CHOICES])}")
+    for k, allowed in CHOICES.items():
+        if k in d and d[k] not in allowed:
+            raise ConfigError(f"{where}.distill.{k}: expected one of {', '.join(allowed)}, got {d[k]!r}")
+    out = {**DEFAULTS, **{k: v for k, v in d.items() if k in DEFAULTS}}
     for k, v in out.items():
         kind = float if k.endswith("lr") else int
         low = 0 if k in MAY_BE_ZERO else 1e-300
@@ -68,7 +76,7 @@ def distill_options(m: dict, where: str) -> dict | None:
             raise ConfigError(f"{where}.distill.{k}: expected a {'non-negative' if low == 0 else 'positive'} "
                               f"{kind.__name__}, got {v!r}")
         out[k] = kind(v)
-    return out
+    return {**out, "target": d.get("target", "peak"), "unit": d.get("unit")}
 
 
 def _sequences(examples, n: int) -> list[torch.Tensor]:
@@ -82,14 +90,16 @@ def distil(plugin, splits, opts: dict, log) -> tuple[TrainResult, dict]:
     if not seqs:
         raise ConfigError("distill: the training split is empty; give the data more examples (n_train)")
     cfg = plugin.config
-    need, what = shortest(cfg.granularity, cfg.block_size)
+    unit = opts.get("unit") or cfg.granularity
+    need, what = shortest(unit, cfg.block_size)
     if max(len(s) for s in seqs) < need:   # else the teacher pass records nothing, and says so only after it
         raise ConfigError(f"distill: the training examples are at most {max(len(s) for s in seqs)} tokens, and a gate "
-                          f"per query {cfg.granularity} learns from sequences of {what} ({need} tokens at block_size "
+                          f"per query {unit} learns from sequences of {what} ({need} tokens at block_size "
                           f"{cfg.block_size}); raise data.max_length or lower block_size")
     start = time.perf_counter()
     log(f"[distill] teacher pass over {len(seqs)} training sequences, then {opts['steps']} steps per layer")
-    record = recipe.distil(plugin, seqs, rows=opts["rows"], steps=opts["steps"], lr=opts["lr"], log=log)
+    record = recipe.distil(plugin, seqs, rows=opts["rows"], steps=opts["steps"], lr=opts["lr"], log=log,
+                           target=opts.get("target", "peak"), unit=opts.get("unit"))
     return TrainResult(steps=opts["steps"], tokens=record["tokens"], seconds=time.perf_counter() - start), record
 
 

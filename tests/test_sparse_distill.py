@@ -71,10 +71,25 @@ def test_recovery_in_the_distill_block_gives_window_quest_and_learned_each_an_ad
 
 @pytest.mark.parametrize("distill, message", [
     ({"stpes": 3}, "unknown key"), ({"steps": 0}, "positive int"), ({"lr": "fast"}, "positive float"),
-    ({"recover_steps": -1}, "non-negative int")])
+    ({"recover_steps": -1}, "non-negative int"), ({"target": "max"}, "one of peak, mass"),
+    ({"unit": "token"}, "one of row, block")])
 def test_a_bad_distill_block_is_one_line_naming_the_fix(distill, message):
     with pytest.raises(ConfigError, match=message):
         load_config({**CFG, "methods": [{**DISTILLED, "distill": distill}]})
+
+
+def test_the_distill_block_passes_its_target_and_unit_to_the_recipe(monkeypatch):
+    from types import SimpleNamespace
+    from attnlab import sparse_distill
+    seen = {}
+    monkeypatch.setattr(sparse_distill.recipe, "distil", lambda plugin, seqs, **kw: seen.update(kw) or {"tokens": 64})
+    plugin = SimpleNamespace(config=SimpleNamespace(granularity="block", block_size=8))
+    splits = SimpleNamespace(train=[SimpleNamespace(input_ids=list(range(64)))])
+    opts = sparse_distill.distill_options({**DISTILLED, "distill": {"target": "mass", "unit": "row"}}, "m")
+    sparse_distill.distil(plugin, splits, opts, log=lambda *a: None)
+    assert (seen["target"], seen["unit"]) == ("mass", "row")
+    defaults = sparse_distill.distill_options({**DISTILLED, "distill": {}}, "m")
+    assert (defaults["target"], defaults["unit"]) == ("peak", None)
 
 
 def test_distill_is_refused_on_a_selector_without_a_gate():
