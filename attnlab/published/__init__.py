@@ -21,6 +21,7 @@ from .sparse_ablation import gate_ablation, gate_pair
 from .sparse import (sparse_compare, sparse_gate_kl, sparse_goal,
                      sparse_granularity, sparse_point, sparse_speed, sparse_table, sparse_text)
 from .sparse_goals import sparse_speed_goals
+from .sparse_recovery import sparse_recovery
 from .sparse_verdict import (sparse_compare_at, sparse_flex, sparse_kernel_goal, sparse_memory_goal, sparse_next_budget,
                              sparse_samples, sparse_targets)
 from .tables import (bench_ratio, cell, column_range, gguf, include, json_table, json_value, lm_eval, md_tables, ratio,
@@ -40,7 +41,7 @@ RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_r
              "sparse_compare_at": sparse_compare_at, "lm_eval": lm_eval,
              "sparse_point": sparse_point, "json_value": json_value, "sparse_gate_kl": sparse_gate_kl,
              "sparse_granularity": sparse_granularity, "gate_pair": gate_pair,
-             "sparse_samples": sparse_samples}
+             "sparse_samples": sparse_samples, "sparse_recovery": sparse_recovery}
 
 
 def render_one(expr: str, root: Path) -> str:
