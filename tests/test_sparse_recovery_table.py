@@ -12,8 +12,9 @@ from attnlab.published.sparse_recovery import DIR, RESULTS, sparse_recovery
 
 TOKENS = 100
 SEQS = ("109", "110", "111", "112")
-META = {"model": "m", "length": 2048, "block_size": 32, "text": "valid.txt", "split": "validation",
-        "recover": {"steps": 32, "lr": 0.001, "r": 8}}
+META = {"model": "m", "length": 2048, "block_size": 32, "granularity": "row", "text": "valid.txt",
+        "split": "validation", "gate": {"steps": 2000, "target": "mass"}, "train_sequences": [0, 1],
+        "train_text": "/a/valid.txt", "recover": {"steps": 32, "lr": 0.001, "r": 8}}
 
 
 def _dense():
@@ -21,10 +22,11 @@ def _dense():
         s: {"tokens": TOKENS, "nll": (2 + 0.1 * int(s)) * TOKENS, "density": 1.0} for s in SEQS}}
 
 
-def _point(sel: str, extra, density: float = 0.275) -> dict:
+def _point(sel: str, extra, density=lambda i: 0.275) -> dict:
     """NLL per token = dense + extra(i) on sequence i."""
     return {"selector": sel, "budget": {"top_k": 7}, "sequences": {
-        s: {"tokens": TOKENS, "nll": (2 + 0.1 * int(s) + extra(int(s))) * TOKENS, "density": density} for s in SEQS}}
+        s: {"tokens": TOKENS, "nll": (2 + 0.1 * int(s) + extra(int(s))) * TOKENS, "density": density(int(s))}
+        for s in SEQS}}
 
 
 def _write(root: Path, rel: str, data: dict) -> None:
@@ -33,15 +35,17 @@ def _write(root: Path, rel: str, data: dict) -> None:
     path.write_text(json.dumps(data))
 
 
-def _setup(root: Path, dense_shift: float = 0.0):
-    before = {"meta": META, "points": {"dense": _dense(), "learned:top_k=7": _point("learned", lambda i: 0.08),
-                                       "quest:top_k=7": _point("quest", lambda i: 0.09)}}
+def _setup(root: Path, dense_shift: float = 0.0, before_meta=None, quest_before=lambda i: 0.09,
+           quest_density=lambda i: 0.275):
+    before = {"meta": {**META, **(before_meta or {})},
+              "points": {"dense": _dense(), "learned:top_k=7": _point("learned", lambda i: 0.08),
+                         "quest:top_k=7": _point("quest", quest_before)}}
     _write(root, f"{RESULTS}/sparse_gate_ablation/ref.json", before)
     dense = _dense()
     dense["sequences"]["110"]["nll"] += dense_shift
     after = {"meta": META, "points": {"dense": dense,
                                       "learned:top_k=7": _point("learned", lambda i: 0.04 + 0.001 * (i % 2)),
-                                      "quest:top_k=7": _point("quest", lambda i: 0.06)},
+                                      "quest:top_k=7": _point("quest", lambda i: 0.06, quest_density)},
              "recovery": {k: {"kl_first": 0.05, "kl_last": 0.03} for k in ("learned:top_k=7", "quest:top_k=7")}}
     _write(root, f"{DIR}/rec.json", after)
 
@@ -76,4 +80,38 @@ def test_a_recovered_point_without_an_unrecovered_reference_is_named(tmp_path):
     del ref["points"]["quest:top_k=7"]
     _write(tmp_path, f"{RESULTS}/sparse_gate_ablation/ref.json", ref)
     with pytest.raises(DataError, match="unrecovered point quest:top_k=7"):
+        sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref")
+
+
+def test_the_gap_closed_is_left_blank_where_the_selector_had_no_gap_to_dense_outside_noise(tmp_path):
+    _setup(tmp_path, quest_before=lambda i: 0.01 * (-1) ** i)     # before: +/- around dense, mean 0
+    row = _row(sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref"), "quest")
+    assert row[6].startswith("–") and "within noise" in row[3]
+
+
+def test_selectors_are_compared_directly_only_when_every_sequence_keeps_the_same_density(tmp_path):
+    # the same mean density as learned's 0.275, but not sequence by sequence: another selection
+    _setup(tmp_path, quest_density=lambda i: 0.275 + 0.01 * (-1) ** i)
+    ref = json.loads((tmp_path / RESULTS / "sparse_gate_ablation/ref.json").read_text())
+    ref["points"]["quest:top_k=7"] = _point("quest", lambda i: 0.09, lambda i: 0.275 + 0.01 * (-1) ** i)
+    _write(tmp_path, f"{RESULTS}/sparse_gate_ablation/ref.json", ref)
+    table = sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref")
+    assert _row(table, "quest") and "learned against quest" not in table
+
+
+@pytest.mark.parametrize("meta, message", [({"block_size": 64}, "block_size 64"),
+                                           ({"granularity": "block"}, "granularity block"),
+                                           ({"gate": {"steps": 2000, "target": "peak"}}, "another recipe")])
+def test_an_unrecovered_point_read_with_other_settings_is_refused(tmp_path, meta, message):
+    _setup(tmp_path, before_meta=meta)
+    with pytest.raises(DataError, match=message):
+        sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref")
+
+
+def test_an_unrecovered_point_of_another_density_is_refused(tmp_path):
+    _setup(tmp_path)
+    ref = json.loads((tmp_path / RESULTS / "sparse_gate_ablation/ref.json").read_text())
+    ref["points"]["quest:top_k=7"] = _point("quest", lambda i: 0.09, lambda i: 0.3)
+    _write(tmp_path, f"{RESULTS}/sparse_gate_ablation/ref.json", ref)
+    with pytest.raises(DataError, match="another density"):
         sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref")

@@ -4,17 +4,23 @@ adapter, trained with the same budget and the selection frozen (modules/sparse/r
 A recovery run (`benchmarks/sparse_quality.py --recover-steps N`, its JSON under
 benchmarks/results/sparse_recovery/) holds only recovered points; the same selectors without
 recovery were read on the same sequences by other runs (the gate ablation's files, a reference run
-beside the recovery's), whose dense NLL must match. Per recovered point, paired over sequences (the unit resampled):
+beside the recovery's), whose dense NLL must match, with the same block size and granularity, the
+same per-sequence density, and for the gate the same distillation recipe. Per recovered point,
+paired over sequences (the unit resampled), each sparse run against its own run's dense NLL:
 
     before = ppl_sparse / ppl_dense - 1,  after = ppl_sparse+LoRA / ppl_dense - 1,
-    after vs before = exp(mean_s (nll_after - nll_before)_s / tokens) - 1,
+    after vs before = exp(mean_s (d_after - d_before)_s) - 1,   d = (nll_sparse - nll_dense) / tokens,
     gap closed = 1 - after / before            (the share of the perplexity gap to dense removed)
 
-and the recovered selectors against each other at their common density (top-k selectors at the same
-k keep the same causal pairs on every sequence: equal density without interpolation).
+a point estimate, shown only where there is a gap to close (before above zero by both intervals;
+else the ratio is undefined or meaningless). Then the recovered selectors against each other where
+they keep the same share of causal pairs on every sequence (top-k selectors at the same k and
+block size: equal density without interpolation; a window near that density is not paired).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -27,26 +33,54 @@ RESULTS = "benchmarks/results"
 DIR = f"{RESULTS}/sparse_recovery"
 
 
-def _per_seq(point: dict, seqs: list[str]) -> np.ndarray:
-    """NLL per token of each sequence."""
-    return np.array([point["sequences"][s]["nll"] / point["sequences"][s]["tokens"] for s in seqs])
+def _per_seq(point: dict, seqs: list[str], field: str = "nll") -> np.ndarray:
+    """NLL per token of each sequence (or, field="density", its density)."""
+    seq = point["sequences"]
+    return np.array([seq[s][field] / (seq[s]["tokens"] if field == "nll" else 1) for s in seqs])
 
 
-def _before(root, names: list[str], key: str, run: dict) -> dict:
+def _recipe(meta: dict) -> tuple:
+    """What a learned point's selection depends on besides its budget: the distilled gate's recipe."""
+    return (meta.get("gate"), meta.get("train_sequences"), Path(meta.get("train_text") or "").name)
+
+
+def _before(root, names: list[str], key: str, run: dict) -> tuple[dict, np.ndarray]:
     """The unrecovered point `key` from the first of the results files `names` (paths under
     benchmarks/results, without .json) that has it, checked to have read every sequence of the
-    recovery run with the same dense NLL."""
+    recovery run with the same dense NLL, block size, granularity and per-sequence density (and a gate
+    of the same recipe), and that file's dense NLL per token on those sequences."""
+    seqs = quality.complete(run)
     for name in names:
-        other = _json(root, f"{RESULTS}/{name}.json")
-        if key in other["points"]:
-            if (si := quality.dense_mismatch(run, other)) is not None:
-                raise DataError(f"{RESULTS}/{name}.json's dense NLL of sequence {si} differs from the recovery run's")
-            missing = set(quality.complete(run)) - set(other["points"][key]["sequences"])
-            if missing:
-                raise DataError(f"{RESULTS}/{name}.json has not read {key} on sequences {', '.join(sorted(missing))}")
-            return other["points"][key]
+        rel = f"{RESULTS}/{name}.json"
+        other = _json(root, rel)
+        if key not in other["points"]:
+            continue
+        if (si := quality.dense_mismatch(run, other)) is not None:
+            raise DataError(f"{rel}'s dense NLL of sequence {si} differs from the recovery run's")
+        missing = set(seqs) - (set(other["points"][key]["sequences"]) & set(other["points"]["dense"]["sequences"]))
+        if missing:
+            raise DataError(f"{rel} has not read {key} on sequences {', '.join(sorted(missing, key=int))}")
+        for field in ("length", "block_size", "granularity"):
+            if other["meta"].get(field) != run["meta"].get(field):
+                raise DataError(f"{rel} read {key} at {field} {other['meta'].get(field)}, the recovery run at "
+                                f"{run['meta'].get(field)}: name an unrecovered run of the same settings")
+        if key.startswith("learned") and _recipe(other["meta"]) != _recipe(run["meta"]):
+            raise DataError(f"{rel}'s gate was distilled by another recipe than the recovery run's "
+                            f"(meta.gate, train_sequences, train_text): its {key} is another selector")
+        p = other["points"][key]
+        if not np.allclose(_per_seq(p, seqs, "density"), _per_seq(run["points"][key], seqs, "density"),
+                           rtol=1e-6, atol=0):
+            raise DataError(f"{rel}'s {key} keeps another density than the recovery run's: not the same selection")
+        return p, quality.dense_nll(other, seqs)
     raise DataError(f"none of {', '.join(names)} in {RESULTS} has the unrecovered point {key}: read it first "
                     f"(sparse_quality.py --split validation with that selector and budget)")
+
+
+def _gap_closed(before: dict, after: dict) -> str:
+    """1 - after / before, where before is a gap outside noise (else '–')."""
+    if before["lo"] <= 0 or before["t_lo"] <= 0:
+        return "– (no gap outside noise)"
+    return f"{100 * (1 - after['change'] / before['change']):.0f}%"
 
 
 def sparse_recovery(root, arg: str) -> str:
@@ -70,20 +104,21 @@ def sparse_recovery(root, arg: str) -> str:
     for key, p in run["points"].items():
         if p["selector"] == "dense":
             continue
-        b = _before(root, befores.split(","), key, run)
-        va, vb = _per_seq(p, seqs), _per_seq(b, seqs)
-        after, before = quality.paired_change(va - dense), quality.paired_change(vb - dense)
+        b, dense_b = _before(root, befores.split(","), key, run)
+        da, db = _per_seq(p, seqs) - dense, _per_seq(b, seqs) - dense_b
+        after, before = quality.paired_change(da), quality.paired_change(db)
         rec = run["recovery"][key]
-        density = float(np.mean([p["sequences"][s]["density"] for s in seqs]))
-        after_of[key] = (p["selector"], density, va)
-        lines.append(f"| {p['selector']} | {', '.join(f'{k} {v}' for k, v in p['budget'].items())} | {density:.3f} | "
-                     f"{_pct(before)} | {_pct(after)} | {_pct(quality.paired_change(va - vb))} | "
-                     f"{100 * (1 - after['change'] / before['change']):.0f}% | "
-                     f"{rec['kl_first']:.4f} → {rec['kl_last']:.4f} |")
-    pairs = [(a, b) for a in after_of for b in after_of if a < b and abs(after_of[a][1] - after_of[b][1]) < 1e-6]
+        density = _per_seq(p, seqs, "density")
+        after_of[key] = (p["selector"], density, _per_seq(p, seqs))
+        lines.append(f"| {p['selector']} | {', '.join(f'{k} {v}' for k, v in p['budget'].items())} | "
+                     f"{density.mean():.3f} | {_pct(before)} | {_pct(after)} | {_pct(quality.paired_change(da - db))} | "
+                     f"{_gap_closed(before, after)} | {rec['kl_first']:.4f} → {rec['kl_last']:.4f} |")
+    pairs = [(a, b) for a in after_of for b in after_of
+             if a < b and np.allclose(after_of[a][1], after_of[b][1], rtol=1e-6, atol=0)]
     if pairs:
-        lines += ["", "Recovered against recovered at the same density (same k: the same causal pairs kept):", ""]
+        lines += ["", "Recovered against recovered at the same density on every sequence (same k: the same causal "
+                  "pairs kept):", ""]
         for a, b in pairs:
             (sa, d, va), (sb, _, vb) = after_of[a], after_of[b]
-            lines.append(f"- {sa} against {sb}, density {d:.3f}: {_pct(quality.paired_change(va - vb))}")
+            lines.append(f"- {sa} against {sb}, density {d.mean():.3f}: {_pct(quality.paired_change(va - vb))}")
     return "\n".join(lines)
