@@ -4,10 +4,11 @@
     python benchmarks/sparse_quality.py --length 4096 --train 6 --heldout 7 --gate-steps 2000
     python benchmarks/sparse_quality.py --length 2048 --report      # tables; the curves next to the JSON (.png)
     python benchmarks/sparse_quality.py --length 2048 --report --publish   # ... and into docs/img/ (the docs' figure)
-    python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --train 96 --top-k 1 2 4 \
-        --selectors learned --out benchmarks/results/sparse_gate_ablation/n96.json    # one ablation (docs: "Gate v3")
-    python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --train 48 --top-k 1 2 \
-        --selectors learned quest window --recover-steps 200 --out .../recovered.json   # recovery, the same for each
+    python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --heldout 16 --train 96 \
+        --top-k 1 2 4 --selectors learned --out benchmarks/results/sparse_gate_ablation/n96.json   # one ablation
+    python benchmarks/sparse_quality.py --length 2048 --split validation --validation 8 --heldout 16 --train 96 \
+        --block-size 32 --top-k 7 --window 320 --selectors learned quest window --gate-target mass \
+        --recover-steps 200 --out benchmarks/results/sparse_recovery/recovered.json   # recovery, the same for each
 
 (the runs in docs/sparse_attention.md, on one CPU thread: ~5 min per held-out sequence at 2048 tokens
 and ~20 at 4096, ~5 min per metric sequence; the teacher pass and gate training ~4-5 min per length)
@@ -15,7 +16,8 @@ and ~20 at 4096, ~5 min per metric sequence; the teacher pass and gate training 
 The text (../shared/data/wikitext-2/valid.txt) is tokenized once and cut into non-overlapping
 sequences of --length tokens: the learned gates are distilled from the FIRST --train sequences, the
 metrics read on the LAST --heldout ones (never used for distillation). With --split validation the
-metrics read instead the --validation sequences just before those --heldout ones: the recipe's
+metrics read instead the --validation sequences just before those --heldout ones (so --heldout must
+be named, as the held-out run's: 16 at 2048 tokens): the recipe's
 ablations are chosen there, and the held-out sequences are read once, by the chosen recipe. Intervals: 95% bootstrap over
 held-out sequences, paired with dense; comparisons between selectors at equal density also give a
 t-interval, and a difference is called outside noise only when both exclude zero. For each selector and budget
@@ -175,7 +177,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--train", type=int, default=8, help="sequences the gates are distilled from (the first)")
-    ap.add_argument("--heldout", type=int, default=4, help="sequences the metrics read (the last)")
+    ap.add_argument("--heldout", type=int, default=None,
+                    help="sequences the metrics read (the last; default 4); with --split validation, required: "
+                         "the held-out sequences the validation ones must stay before")
     ap.add_argument("--split", default="heldout", choices=["heldout", "validation"],
                     help="read the last --heldout sequences, or the --validation ones just before them "
                          "(where ablations are compared; the held-out ones are left unread)")
@@ -231,6 +235,12 @@ def main(argv=None):
                     help="skip the curves: only attention MSE and gradient cosine (e.g. in a second process "
                          "with its own --out, once the main run has saved the gate)")
     args = ap.parse_args(argv)
+    if args.heldout is None:
+        if args.split == "validation" and not args.report:
+            raise SystemExit("--split validation reads the --validation sequences just before the last --heldout "
+                             "ones: name --heldout as the held-out runs do (16 at 2048 tokens, 7 at 4096), or "
+                             "validation reads sequences that a held-out result reports")
+        args.heldout = 4
     if args.selectors is None:
         args.selectors = list(DEFAULT_SELECTORS)
     elif args.granularity == "block" and "oracle-qhead" in args.selectors:

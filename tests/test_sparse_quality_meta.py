@@ -61,3 +61,11 @@ def test_the_query_head_oracle_is_refused_by_name_at_block_granularity_and_read_
         sq.main(["--granularity", "block", "--selectors", "oracle", "oracle-qhead", "--out", str(tmp_path / "q.json")])
     assert "oracle-qhead" not in sq.DEFAULT_SELECTORS and "oracle" in sq.DEFAULT_SELECTORS
     # the committed runs' commands (no --selectors) reproduce as they were, at either granularity
+
+
+def test_a_validation_run_without_heldout_is_refused_before_it_reads_a_held_out_sequence(tmp_path):
+    # --split validation reads the sequences just before the last --heldout: with the default 4 at 2048
+    # tokens that would be 121-128, inside the 16 held-out sequences (117-132) the docs report
+    with pytest.raises(SystemExit, match="name --heldout"):
+        sq.main(["--length", "2048", "--split", "validation", "--validation", "8", "--out", str(tmp_path / "v.json")])
+    assert not (tmp_path / "v.json").exists()
