@@ -56,3 +56,20 @@ def test_the_flex_table_divides_each_kernel_by_the_dense_row_of_its_own_run(tmp_
         {"part": "flex", "tokens": 4096, "variant": "quest (gather)", "wall_s": 0.2, "cpu_s": 0.1}])
     out = render_one("sparse_flex:benchmarks/results/flex.json", tmp_path).splitlines()
     assert out[2:] == ["| 4096 | quest (flex) | 0.60 (0.60) | 16 |", "| 4096 | quest (gather) | 0.40 (0.40) | – |"]
+
+
+def test_the_v3_rows_judge_the_ten_percent_goal_at_2048_tokens_only_and_beating_quest_at_every_length(tmp_path):
+    from pathlib import Path
+
+    from attnlab.published.sparse import v3_rows
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "sparse_quality.py").symlink_to(root / "benchmarks" / "sparse_quality.py")
+    data = json.loads((root / "benchmarks/results/sparse_quality_2048_b32.json").read_text())
+    for length in (2048, 4096):     # the same per-sequence records, labelled as read at each length
+        data["meta"]["length"] = length
+        (tmp_path / f"benchmarks/results/sparse_quality_{length}_b32.json").write_text(json.dumps(data))
+    at2048, at4096 = v3_rows(tmp_path, "2048_b32"), v3_rows(tmp_path, "4096_b32")
+    assert "≤ +10%" in at2048[0] and "≤ +10%" not in at4096[0] and "no goal at this length" in at4096[0]
+    assert all("beats Quest outside noise" in rows[1] for rows in (at2048, at4096))
