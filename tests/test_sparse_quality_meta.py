@@ -69,3 +69,10 @@ def test_a_validation_run_without_heldout_is_refused_before_it_reads_a_held_out_
     with pytest.raises(SystemExit, match="name --heldout"):
         sq.main(["--length", "2048", "--split", "validation", "--validation", "8", "--out", str(tmp_path / "v.json")])
     assert not (tmp_path / "v.json").exists()
+
+
+def test_a_window_of_no_tokens_is_refused_naming_the_flag():
+    args = _args(block_size=32, window=[320, 0], selectors=["window"], train=0, length=2048)
+    with pytest.raises(SystemExit, match="--window 0"):
+        sq.check_flags(args)
+    sq.check_flags(_args(block_size=32, window=[320], selectors=["window"], train=0, length=2048))   # accepted
