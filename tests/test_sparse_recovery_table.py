@@ -58,6 +58,7 @@ def _row(table: str, first: str) -> list[str]:
 def test_recovery_is_rendered_against_the_same_point_unrecovered_with_the_share_of_the_gap_it_closes(tmp_path):
     _setup(tmp_path)
     table = sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref")
+    assert table.startswith("4 validation sequences of 2048 tokens (sequences 109, 110, 111, 112)")
     row = _row(table, "quest")
     assert row[3].startswith(f"{100 * (math.exp(0.09) - 1):+.1f}%")          # before, vs dense
     assert row[4].startswith(f"{100 * (math.exp(0.06) - 1):+.1f}%")          # after, vs dense
@@ -115,3 +116,11 @@ def test_an_unrecovered_point_of_another_density_is_refused(tmp_path):
     _write(tmp_path, f"{RESULTS}/sparse_gate_ablation/ref.json", ref)
     with pytest.raises(DataError, match="another density"):
         sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref")
+
+
+def test_a_recovery_run_on_the_held_out_split_is_labelled_held_out(tmp_path):
+    _setup(tmp_path)
+    rec = json.loads((tmp_path / DIR / "rec.json").read_text())
+    rec["meta"] = {**rec["meta"], "split": "heldout"}
+    _write(tmp_path, f"{DIR}/rec.json", rec)
+    assert sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref").startswith("4 held-out sequences")

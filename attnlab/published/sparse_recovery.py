@@ -94,7 +94,8 @@ def sparse_recovery(root, arg: str) -> str:
         raise DataError(f"{DIR}/{name}.json: fewer than {quality.MIN_SEQUENCES} sequences read by every point")
     dense = quality.dense_nll(run, seqs)
     r = run["meta"]["recover"]
-    lines = [f"{len(seqs)} validation sequences of {run['meta']['length']} tokens (sequences {', '.join(seqs)}); "
+    split = "validation" if run["meta"].get("split") == "validation" else "held-out"
+    lines = [f"{len(seqs)} {split} sequences of {run['meta']['length']} tokens (sequences {', '.join(seqs)}); "
              f"each point its own LoRA adapter (rank {r['r']}, {r['steps']} steps of one training sequence, Adam at "
              f"lr {r['lr']}, token KL to dense), the selection frozen; intervals: 95% bootstrap over sequences, "
              f"and the t-interval.", "",
