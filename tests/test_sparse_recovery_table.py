@@ -124,3 +124,15 @@ def test_a_recovery_run_on_the_held_out_split_is_labelled_held_out(tmp_path):
     rec["meta"] = {**rec["meta"], "split": "heldout"}
     _write(tmp_path, f"{DIR}/rec.json", rec)
     assert sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref").startswith("4 held-out sequences")
+
+
+def test_a_recovered_selector_that_keeps_more_pairs_is_compared_only_as_such(tmp_path):
+    _setup(tmp_path, quest_density=lambda i: 0.28)          # Quest keeps more pairs on every sequence
+    ref = json.loads((tmp_path / RESULTS / "sparse_gate_ablation/ref.json").read_text())
+    ref["points"]["quest:top_k=7"] = _point("quest", lambda i: 0.09, lambda i: 0.28)
+    _write(tmp_path, f"{RESULTS}/sparse_gate_ablation/ref.json", ref)
+    table = sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref")
+    assert "same density on every sequence" not in table
+    line = next(x for x in table.splitlines() if x.startswith("- learned (density 0.275) against quest (density 0.280)"))
+    assert "better on 4/4" in line
+    assert not any(x.startswith("- quest (density") for x in table.splitlines())
