@@ -68,6 +68,13 @@ HEADLINE = {"window": {"window": 256, "sinks": 4}, "quest": {"top_k": 2}, "learn
             "learned-mass": {"mass": 0.9}, "oracle": {"top_k": 2}, "oracle-qhead": {"top_k": 2}}
 
 
+def headline(selector: str, args) -> dict:
+    """The budget the metrics read for `selector`: HEADLINE (v2, block 64), or with --headline-top-k
+    that top-k for the top-k selectors (e.g. 7 at block 32, near a quarter of the pairs at 2048)."""
+    k = getattr(args, "headline_top_k", None)
+    return {"top_k": k} if k and "top_k" in HEADLINE[selector] else HEADLINE[selector]
+
+
 def common(args) -> dict:
     """The options every selector shares (recipe.options picks what each needs)."""
     out = {"block_size": args.block_size, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim}
@@ -128,6 +135,8 @@ def check_flags(args) -> None:
                      granularity=args.granularity, gate_quest=args.gate_quest)
     except PluginError as e:
         raise SystemExit(f"{e} (--block-size, --gate-dim)") from None
+    if getattr(args, "headline_top_k", None) is not None and args.headline_top_k < 1:
+        raise SystemExit(f"--headline-top-k {args.headline_top_k}: a top-k budget keeps at least 1 extra block")
     if args.window and min(args.window) < 1:
         raise SystemExit(f"--window {min(args.window)}: a window keeps at least 1 token (tokens, before the 4 sinks)")
     unit = args.gate_unit or args.granularity
@@ -225,6 +234,8 @@ def main(argv=None):
     ap.add_argument("--recover-r", type=int, default=8, help="the adapter's rank")
     ap.add_argument("--metric-sequences", type=int, default=0,
                     help="held-out sequences for attention MSE and gradient cosine (headline budgets; 0: skip)")
+    ap.add_argument("--headline-top-k", type=int, default=None,
+                    help="the top-k budget the metrics read for quest, learned and oracle (default: HEADLINE's, 2)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_quality_<length>.json)")
     ap.add_argument("--report", action="store_true",
                     help="only print the tables and draw the curves from the JSON (the PNG goes next to --out)")
@@ -355,12 +366,12 @@ def main(argv=None):
             metrics = {}
         data["metrics"] = metrics
         for si, seq in zip(chosen, heldout):
-            todo = [s for s in args.selectors if str(si) not in metrics.get(key(s, HEADLINE[s]), {})]
+            todo = [s for s in args.selectors if str(si) not in metrics.get(key(s, headline(s, args)), {})]
             exs = [Example(input_ids=seq.tolist(), labels=seq.tolist(), prompt_len=0)]
             dense_grad = None
             for s in todo:
-                k = key(s, HEADLINE[s])
-                plugin = attach(model, s, HEADLINE[s], args, gate_state)
+                k = key(s, headline(s, args))
+                plugin = attach(model, s, headline(s, args), args, gate_state)
                 start = time.perf_counter()
                 mse = attention_mse(model, exs, tok.pad_token_id, batch_size=1)
                 if dense_grad is None:      # once per sequence: the dense reference ignores the selector

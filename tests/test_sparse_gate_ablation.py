@@ -114,6 +114,13 @@ def test_top_k_sets_the_top_k_budgets_and_leaves_every_window_and_mass_budget():
     assert sq.selector_budgets("learned", args(None)) == [{"top_k": k} for k in (1, 2, 4, 8)]
 
 
+def test_headline_top_k_sets_the_metrics_budget_of_the_top_k_selectors_only():
+    args = type("A", (), {"headline_top_k": 7})
+    assert sq.headline("learned", args) == {"top_k": 7} and sq.headline("oracle", args) == {"top_k": 7}
+    assert sq.headline("window", args) == sq.HEADLINE["window"]
+    assert sq.headline("quest", type("A", (), {"headline_top_k": None})) == sq.HEADLINE["quest"]
+
+
 def test_window_sets_the_window_budgets_in_tokens_and_leaves_the_top_k_ones():
     args = type("A", (), {"top_k": None, "block_size": 32, "window": [320]})
     assert sq.selector_budgets("window", args) == [{"window": 320, "sinks": 4}]
