@@ -136,3 +136,20 @@ def test_a_recovered_selector_that_keeps_more_pairs_is_compared_only_as_such(tmp
     line = next(x for x in table.splitlines() if x.startswith("- learned (density 0.275) against quest (density 0.280)"))
     assert "better on 4/4" in line
     assert not any(x.startswith("- quest (density") for x in table.splitlines())
+
+
+def test_with_a_density_the_recovered_selectors_are_read_at_it_between_their_budgets(tmp_path):
+    _setup(tmp_path)
+    run = json.loads((tmp_path / DIR / "rec.json").read_text())
+    run["points"]["learned:top_k=5"] = {**_point("learned", lambda i: 0.10, lambda i: 0.225), "budget": {"top_k": 5}}
+    run["recovery"]["learned:top_k=5"] = {"kl_first": 0.06, "kl_last": 0.05}
+    _write(tmp_path, f"{DIR}/rec.json", run)
+    ref = json.loads((tmp_path / RESULTS / "sparse_gate_ablation/ref.json").read_text())
+    ref["points"]["learned:top_k=5"] = {**_point("learned", lambda i: 0.12, lambda i: 0.225), "budget": {"top_k": 5}}
+    _write(tmp_path, f"{RESULTS}/sparse_gate_ablation/ref.json", ref)
+    table = sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref|0.25")
+    line = next(x for x in table.splitlines() if x.startswith("- learned against dense"))
+    # halfway between 0.225 (+0.10) and 0.275 (+0.04 / +0.041): +0.0705 nats per token on average
+    assert line.startswith(f"- learned against dense: {100 * (math.exp(0.0705) - 1):+.1f}%")
+    with pytest.raises(DataError, match="both sides of density 0.1"):
+        sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref|0.1")

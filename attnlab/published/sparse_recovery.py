@@ -84,10 +84,13 @@ def _gap_closed(before: dict, after: dict) -> str:
 
 
 def sparse_recovery(root, arg: str) -> str:
-    """`FILE|BEFORE,BEFORE...`: the table of a recovery run (FILE in benchmarks/results/sparse_recovery,
-    without .json) against the same points unrecovered, found in the results files BEFORE (paths
-    under benchmarks/results without .json, e.g. sparse_gate_ablation/reference_b32)."""
-    name, befores = arg.split("|")
+    """`FILE|BEFORE,BEFORE...[|DENSITY]`: the table of a recovery run (FILE in
+    benchmarks/results/sparse_recovery, without .json) against the same points unrecovered, found in
+    the results files BEFORE (paths under benchmarks/results without .json, e.g.
+    sparse_gate_ablation/reference_b32); with DENSITY, also each recovered selector against dense and
+    against the others at that density (NLL interpolated per sequence between its recovered budgets)."""
+    name, befores, *rest = arg.split("|")
+    target = float(rest[0]) if rest else None
     run = _json(root, f"{DIR}/{name}.json")
     seqs = quality.complete(run)
     if len(seqs) < quality.MIN_SEQUENCES:
@@ -131,4 +134,13 @@ def sparse_recovery(root, arg: str) -> str:
             (sa, da, va), (sb, db, vb) = after_of[a], after_of[b]
             lines.append(f"- {sa} (density {da.mean():.3f}) against {sb} (density {db.mean():.3f}): "
                          f"{_pct(quality.paired_change(va - vb))}")
+    if target is not None:
+        sels = list(dict.fromkeys(sel for sel, _, _ in after_of.values()))
+        rows = quality.compare(run, seqs, [(a, "dense") for a in sels] + [(a, b) for a in sels for b in sels if a < b],
+                               [target])
+        if not rows:
+            raise DataError(f"{DIR}/{name}.json: no recovered selector has budgets on both sides of density {target}")
+        lines += ["", f"Recovered, at density {target:.2f} (NLL per token interpolated per sequence between each "
+                  "selector's recovered budgets):", ""]
+        lines += [f"- {c['a']} against {c['b']}: {_pct(c)}" for c in rows]
     return "\n".join(lines)
