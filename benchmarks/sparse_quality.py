@@ -139,11 +139,57 @@ def check_flags(args) -> None:
         raise SystemExit(f"--headline-top-k {args.headline_top_k}: a top-k budget keeps at least 1 extra block")
     if args.window and min(args.window) < 1:
         raise SystemExit(f"--window {min(args.window)}: a window keeps at least 1 token (tokens, before the 4 sinks)")
+    check_budgets(args)
     unit = args.gate_unit or args.granularity
     need, what = shortest(unit, args.block_size)
     if any(s.startswith("learned") for s in args.selectors) and args.train and args.length < need:
         raise SystemExit(f"--length {args.length} is too short for a gate per query {unit}: the teacher needs {what} "
                          f"({need} tokens at --block-size {args.block_size}); raise --length or lower --block-size")
+
+
+COUNTS = (("length", 1), ("train", 0), ("heldout", 1), ("validation", 1), ("metric_sequences", 0),
+          ("recover_steps", 0))        # (flag, its least value)
+
+
+def check_budgets(args) -> None:
+    """The sequence counts and budgets, checked before the model loads (one line naming the flag): no
+    negative count (--train -1 would distil from every sequence but the last, held-out ones included),
+    no budget named twice or given to no selector that reads it, and none that keeps every causal pair
+    (dense, not sparse): a window of W tokens plus 4 sinks keeps them all once W >= --length - 4, and
+    top-k once k reaches the candidates of the last query block (blocks 1..i-2 of i = ceil(T / bs) - 1)."""
+    for name, low in COUNTS:
+        value = getattr(args, name, low)
+        if value is not None and value < low:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}")
+    selectors = args.selectors or []
+    top_k_selectors = [s for s in selectors if "top_k" in HEADLINE.get(s, {})]
+    candidates = max(-(-args.length // args.block_size) - 3, 0)
+    for flag, values, readers in (("--window", args.window, "window" in selectors),
+                                  ("--top-k", getattr(args, "top_k", None), top_k_selectors)):
+        if not values:
+            continue
+        if len(set(values)) < len(values):
+            raise SystemExit(f"{flag} {' '.join(map(str, values))}: a budget is named twice (each is read once)")
+        if not readers:
+            raise SystemExit(f"{flag} sets the budgets of {'the window' if flag == '--window' else 'quest, learned and oracle'}"
+                             f", and --selectors names none of them: add one, or drop {flag}")
+    if args.window and max(args.window) >= args.length - 4:
+        raise SystemExit(f"--window {max(args.window)} keeps every causal pair of a --length {args.length} sequence "
+                         f"(with the 4 sinks: dense): use a window below {args.length - 4}")
+    for flag, k in [("--top-k", k) for k in getattr(args, "top_k", None) or []] + [
+            ("--headline-top-k", getattr(args, "headline_top_k", None))]:
+        if k is not None and k < 0:
+            raise SystemExit(f"{flag} {k}: a top-k budget is a number of extra blocks, >= 0")
+        if k is not None and top_k_selectors and k >= max(candidates, 1):
+            raise SystemExit(f"{flag} {k} keeps every causal pair at --length {args.length} (the last query block has "
+                             f"{candidates} candidate blocks of {args.block_size}: dense): use a top-k below {max(candidates, 1)}")
+    metric_sequences = getattr(args, "metric_sequences", 0)
+    if getattr(args, "headline_top_k", None) is not None and not (metric_sequences and top_k_selectors):
+        raise SystemExit("--headline-top-k sets the top-k budget the metrics read: name --metric-sequences N and a "
+                         "top-k selector (quest, learned, oracle), or drop it")
+    if getattr(args, "metrics_only", False) and not metric_sequences:
+        raise SystemExit("--metrics-only reads only the metrics (attention MSE, gradient cosine): name "
+                         "--metric-sequences N, or drop --metrics-only")
 
 
 def gate_settings(args) -> dict:
