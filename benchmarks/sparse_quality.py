@@ -124,11 +124,12 @@ def save(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def check_flags(args) -> None:
-    """The gate and selection flags, checked before the model loads (one line naming the flag)."""
+def check_flags(args, state_dir: Path | None = None) -> None:
+    """The gate and selection flags, checked before the model loads (one line naming the flag);
+    state_dir: where the run's distilled gate is kept (with --train 0 the learned selectors need it)."""
     from attnlab.modules.base import PluginError
     from attnlab.modules.sparse import SparseConfig
-    from attnlab.modules.sparse.teacher import shortest
+    from attnlab.modules.sparse.teacher import check_options, shortest
 
     try:
         SparseConfig(variant="learned", block_size=args.block_size, gate_dim=args.gate_dim,
@@ -141,6 +142,14 @@ def check_flags(args) -> None:
         raise SystemExit(f"--window {min(args.window)}: a window keeps at least 1 token (tokens, before the 4 sinks)")
     check_budgets(args)
     unit = args.gate_unit or args.granularity
+    if any(s.startswith("learned") for s in args.selectors):
+        try:
+            check_options(unit, rows=args.gate_rows, steps=args.gate_steps, lr=args.gate_lr, target=args.gate_target)
+        except PluginError as e:
+            raise SystemExit(f"{e} (--gate-rows, --gate-steps, --gate-lr)") from None
+        if not args.train and state_dir is not None and not (state_dir / "gate.safetensors").is_file():
+            raise SystemExit(f"--train 0 leaves the learned gate no sequence to distil from, and {state_dir} holds "
+                             f"no distilled gate: name --train N, or drop learned from --selectors")
     need, what = shortest(unit, args.block_size)
     if any(s.startswith("learned") for s in args.selectors) and args.train and args.length < need:
         raise SystemExit(f"--length {args.length} is too short for a gate per query {unit}: the teacher needs {what} "
@@ -187,6 +196,9 @@ def check_budgets(args) -> None:
     if getattr(args, "headline_top_k", None) is not None and not (metric_sequences and top_k_selectors):
         raise SystemExit("--headline-top-k sets the top-k budget the metrics read: name --metric-sequences N and a "
                          "top-k selector (quest, learned, oracle), or drop it")
+    if getattr(args, "recover_steps", 0) and not args.train:
+        raise SystemExit("--recover-steps trains each adapter on the --train sequences: name --train N (or drop "
+                         "--recover-steps)")
     if getattr(args, "metrics_only", False) and not metric_sequences:
         raise SystemExit("--metrics-only reads only the metrics (attention MSE, gradient cosine): name "
                          "--metric-sequences N, or drop --metrics-only")
@@ -320,9 +332,9 @@ def main(argv=None):
         return
     if args.publish:
         raise SystemExit("--publish goes with --report (it publishes the curves of a finished JSON)")
-    check_flags(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state_dir = ROOT / "runs" / out.stem          # the gate belongs to its JSON: another --out, another gate
+    check_flags(args, state_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)

@@ -25,8 +25,8 @@ def checked(monkeypatch):
     """main up to its flag checks: Passed when they pass, and the model is never loaded."""
     own = sq.check_flags
 
-    def check_then_stop(args):
-        own(args)
+    def check_then_stop(args, *rest):
+        own(args, *rest)
         raise Passed
 
     monkeypatch.setattr(sq, "check_flags", check_then_stop)
@@ -53,6 +53,10 @@ def checked(monkeypatch):
     ("--headline-top-k 2", "name --metric-sequences N and a top-k selector"),
     ("--headline-top-k 2 --metric-sequences 1 --selectors window", "name --metric-sequences N and a top-k selector"),
     ("--metrics-only", "--metrics-only reads only the metrics"),
+    ("--train 0 --selectors window --recover-steps 4", "--recover-steps trains each adapter on the --train sequences"),
+    ("--gate-steps -1", "steps must be an integer >= 0, got -1"),
+    ("--gate-lr 0", "lr must be a positive number"),
+    ("--train 0 --selectors learned", "--train 0 leaves the learned gate no sequence to distil from"),
 ])
 def test_a_bad_count_or_budget_is_refused_naming_the_flag_before_the_model_loads(checked, tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message.replace("-", r"\-")):
