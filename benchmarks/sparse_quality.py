@@ -193,6 +193,10 @@ def check_budgets(args) -> None:
             raise SystemExit(f"{flag} {k} keeps every causal pair at --length {args.length} (the last query block has "
                              f"{candidates} candidate blocks of {args.block_size}: dense): use a top-k below {max(candidates, 1)}")
     metric_sequences = getattr(args, "metric_sequences", 0)
+    split = "validation" if getattr(args, "split", "heldout") == "validation" else "heldout"
+    if metric_sequences and metric_sequences > getattr(args, split):
+        raise SystemExit(f"--metric-sequences {metric_sequences} reads more sequences than the --{split} "
+                         f"{getattr(args, split)} the run reads: use --metric-sequences {getattr(args, split)} or fewer")
     if getattr(args, "headline_top_k", None) is not None and not (metric_sequences and top_k_selectors):
         raise SystemExit("--headline-top-k sets the top-k budget the metrics read: name --metric-sequences N and a "
                          "top-k selector (quest, learned, oracle), or drop it")

@@ -53,6 +53,8 @@ def checked(monkeypatch):
     ("--headline-top-k 2", "name --metric-sequences N and a top-k selector"),
     ("--headline-top-k 2 --metric-sequences 1 --selectors window", "name --metric-sequences N and a top-k selector"),
     ("--metrics-only", "--metrics-only reads only the metrics"),
+    ("--heldout 2 --metric-sequences 5", "--metric-sequences 5 reads more sequences than the --heldout 2"),
+    ("--split validation --heldout 16 --validation 4 --metric-sequences 8", "than the --validation 4"),
     ("--train 0 --selectors window --recover-steps 4", "--recover-steps trains each adapter on the --train sequences"),
     ("--gate-steps -1", "steps must be an integer >= 0, got -1"),
     ("--gate-lr 0", "lr must be a positive number"),
