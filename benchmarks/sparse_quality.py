@@ -124,11 +124,12 @@ def save(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def check_flags(args) -> None:
-    """The gate and selection flags, checked before the model loads (one line naming the flag)."""
+def check_flags(args, state_dir: Path | None = None) -> None:
+    """The gate and selection flags, checked before the model loads (one line naming the flag);
+    state_dir: where the run's distilled gate is kept (with --train 0 the learned selectors need it)."""
     from attnlab.modules.base import PluginError
     from attnlab.modules.sparse import SparseConfig
-    from attnlab.modules.sparse.teacher import shortest
+    from attnlab.modules.sparse.teacher import check_options, shortest
 
     try:
         SparseConfig(variant="learned", block_size=args.block_size, gate_dim=args.gate_dim,
@@ -139,11 +140,72 @@ def check_flags(args) -> None:
         raise SystemExit(f"--headline-top-k {args.headline_top_k}: a top-k budget keeps at least 1 extra block")
     if args.window and min(args.window) < 1:
         raise SystemExit(f"--window {min(args.window)}: a window keeps at least 1 token (tokens, before the 4 sinks)")
+    check_budgets(args)
     unit = args.gate_unit or args.granularity
+    if any(s.startswith("learned") for s in args.selectors):
+        try:
+            check_options(unit, rows=args.gate_rows, steps=args.gate_steps, lr=args.gate_lr, target=args.gate_target)
+        except PluginError as e:
+            raise SystemExit(f"{e} (--gate-rows, --gate-steps, --gate-lr)") from None
+        if not args.train and state_dir is not None and not (state_dir / "gate.safetensors").is_file():
+            raise SystemExit(f"--train 0 leaves the learned gate no sequence to distil from, and {state_dir} holds "
+                             f"no distilled gate: name --train N, or drop learned from --selectors")
     need, what = shortest(unit, args.block_size)
     if any(s.startswith("learned") for s in args.selectors) and args.train and args.length < need:
         raise SystemExit(f"--length {args.length} is too short for a gate per query {unit}: the teacher needs {what} "
                          f"({need} tokens at --block-size {args.block_size}); raise --length or lower --block-size")
+
+
+COUNTS = (("length", 1), ("train", 0), ("heldout", 1), ("validation", 1), ("metric_sequences", 0),
+          ("recover_steps", 0))        # (flag, its least value)
+
+
+def check_budgets(args) -> None:
+    """The sequence counts and budgets, checked before the model loads (one line naming the flag): no
+    negative count (--train -1 would distil from every sequence but the last, held-out ones included),
+    no budget named twice or given to no selector that reads it, and none that keeps every causal pair
+    (dense, not sparse): a window of W tokens plus 4 sinks keeps them all once W >= --length - 4, and
+    top-k once k reaches the candidates of the last query block (blocks 1..i-2 of i = ceil(T / bs) - 1)."""
+    for name, low in COUNTS:
+        value = getattr(args, name, low)
+        if value is not None and value < low:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}")
+    selectors = args.selectors or []
+    top_k_selectors = [s for s in selectors if "top_k" in HEADLINE.get(s, {})]
+    candidates = max(-(-args.length // args.block_size) - 3, 0)
+    for flag, values, readers in (("--window", args.window, "window" in selectors),
+                                  ("--top-k", getattr(args, "top_k", None), top_k_selectors)):
+        if not values:
+            continue
+        if len(set(values)) < len(values):
+            raise SystemExit(f"{flag} {' '.join(map(str, values))}: a budget is named twice (each is read once)")
+        if not readers:
+            raise SystemExit(f"{flag} sets the budgets of {'the window' if flag == '--window' else 'quest, learned and oracle'}"
+                             f", and --selectors names none of them: add one, or drop {flag}")
+    if args.window and max(args.window) >= args.length - 4:
+        raise SystemExit(f"--window {max(args.window)} keeps every causal pair of a --length {args.length} sequence "
+                         f"(with the 4 sinks: dense): use a window below {args.length - 4}")
+    for flag, k in [("--top-k", k) for k in getattr(args, "top_k", None) or []] + [
+            ("--headline-top-k", getattr(args, "headline_top_k", None))]:
+        if k is not None and k < 0:
+            raise SystemExit(f"{flag} {k}: a top-k budget is a number of extra blocks, >= 0")
+        if k is not None and top_k_selectors and k >= max(candidates, 1):
+            raise SystemExit(f"{flag} {k} keeps every causal pair at --length {args.length} (the last query block has "
+                             f"{candidates} candidate blocks of {args.block_size}: dense): use a top-k below {max(candidates, 1)}")
+    metric_sequences = getattr(args, "metric_sequences", 0)
+    split = "validation" if getattr(args, "split", "heldout") == "validation" else "heldout"
+    if metric_sequences and metric_sequences > getattr(args, split):
+        raise SystemExit(f"--metric-sequences {metric_sequences} reads more sequences than the --{split} "
+                         f"{getattr(args, split)} the run reads: use --metric-sequences {getattr(args, split)} or fewer")
+    if getattr(args, "headline_top_k", None) is not None and not (metric_sequences and top_k_selectors):
+        raise SystemExit("--headline-top-k sets the top-k budget the metrics read: name --metric-sequences N and a "
+                         "top-k selector (quest, learned, oracle), or drop it")
+    if getattr(args, "recover_steps", 0) and not args.train:
+        raise SystemExit("--recover-steps trains each adapter on the --train sequences: name --train N (or drop "
+                         "--recover-steps)")
+    if getattr(args, "metrics_only", False) and not metric_sequences:
+        raise SystemExit("--metrics-only reads only the metrics (attention MSE, gradient cosine): name "
+                         "--metric-sequences N, or drop --metrics-only")
 
 
 def gate_settings(args) -> dict:
@@ -274,9 +336,9 @@ def main(argv=None):
         return
     if args.publish:
         raise SystemExit("--publish goes with --report (it publishes the curves of a finished JSON)")
-    check_flags(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state_dir = ROOT / "runs" / out.stem          # the gate belongs to its JSON: another --out, another gate
+    check_flags(args, state_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)

@@ -37,7 +37,8 @@ def _write(root: Path, rel: str, data: dict) -> None:
 
 def _setup(root: Path, dense_shift: float = 0.0, before_meta=None, quest_before=lambda i: 0.09,
            quest_density=lambda i: 0.275):
-    before = {"meta": {**META, **(before_meta or {})},
+    unrecovered = {k: v for k, v in META.items() if k != "recover"}
+    before = {"meta": {**unrecovered, **(before_meta or {})},
               "points": {"dense": _dense(), "learned:top_k=7": _point("learned", lambda i: 0.08),
                          "quest:top_k=7": _point("quest", quest_before)}}
     _write(root, f"{RESULTS}/sparse_gate_ablation/ref.json", before)
@@ -153,3 +154,24 @@ def test_with_a_density_the_recovered_selectors_are_read_at_it_between_their_bud
     assert line.startswith(f"- learned against dense: {100 * (math.exp(0.0705) - 1):+.1f}%")
     with pytest.raises(DataError, match="both sides of density 0.1"):
         sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref|0.1")
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("rec", r"expected FILE\|BEFORE,BEFORE"), ("rec|sparse_gate_ablation/ref|0.25|x", r"expected FILE\|BEFORE,BEFORE"),
+    ("rec|sparse_gate_ablation/ref|more", "a density in"),
+    ("rec|sparse_recovery/rec", "is a recovery run .meta.recover.: its points are recovered"),
+    ("../sparse_gate_ablation/ref|sparse_gate_ablation/ref", "is not a recovery run")])
+def test_a_recovery_block_with_a_wrong_argument_is_one_line_naming_the_fix(tmp_path, arg, message):
+    # the recovery run named as its own 'before' rendered every gap as closed by 0%, before == after
+    _setup(tmp_path)
+    with pytest.raises(DataError, match=message):
+        sparse_recovery(tmp_path, arg)
+
+
+def test_unrecovered_runs_at_another_block_size_are_named_as_such(tmp_path):
+    _setup(tmp_path, before_meta={"block_size": 64})
+    data = json.loads((tmp_path / RESULTS / "sparse_gate_ablation" / "ref.json").read_text())
+    data["points"] = {"dense": data["points"]["dense"]}       # a block-64 run has no top_k 7
+    _write(tmp_path, f"{RESULTS}/sparse_gate_ablation/ref.json", data)
+    with pytest.raises(DataError, match="sparse_gate_ablation/ref at block_size 64, the recovery run at 32"):
+        sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref")

@@ -50,9 +50,15 @@ def _before(root, names: list[str], key: str, run: dict) -> tuple[dict, np.ndarr
     recovery run with the same dense NLL, block size, granularity and per-sequence density (and a gate
     of the same recipe), and that file's dense NLL per token on those sequences."""
     seqs = quality.complete(run)
+    elsewhere = []                      # the files read at another block size: a point there is another selection
     for name in names:
         rel = f"{RESULTS}/{name}.json"
         other = _json(root, rel)
+        if other.get("meta", {}).get("block_size") != run["meta"].get("block_size"):
+            elsewhere.append(f"{name} at block_size {other.get('meta', {}).get('block_size')}")
+        if "recover" in other.get("meta", {}):
+            raise DataError(f"{rel} is a recovery run (meta.recover): its points are recovered, not the selection "
+                            f"before recovery; name a run without --recover-steps")
         if key not in other["points"]:
             continue
         if (si := quality.dense_mismatch(run, other)) is not None:
@@ -72,7 +78,9 @@ def _before(root, names: list[str], key: str, run: dict) -> tuple[dict, np.ndarr
                            rtol=1e-6, atol=0):
             raise DataError(f"{rel}'s {key} keeps another density than the recovery run's: not the same selection")
         return p, quality.dense_nll(other, seqs)
-    raise DataError(f"none of {', '.join(names)} in {RESULTS} has the unrecovered point {key}: read it first "
+    where = (f" ({', '.join(elsewhere)}, the recovery run at {run['meta'].get('block_size')}: name runs of its block "
+             f"size)" if elsewhere else "")
+    raise DataError(f"none of {', '.join(names)} in {RESULTS} has the unrecovered point {key}{where}: read it first "
                     f"(sparse_quality.py --split validation with that selector and budget)")
 
 
@@ -89,9 +97,21 @@ def sparse_recovery(root, arg: str) -> str:
     the results files BEFORE (paths under benchmarks/results without .json, e.g.
     sparse_gate_ablation/reference_b32); with DENSITY, also each recovered selector against dense and
     against the others at that density (NLL interpolated per sequence between its recovered budgets)."""
+    if arg.count("|") not in (1, 2):
+        raise DataError(f"render:sparse_recovery:{arg}: expected FILE|BEFORE,BEFORE...[|DENSITY] (the recovery run "
+                        f"under {DIR}, then the unrecovered runs under {RESULTS}, all without .json, then optionally "
+                        f"a density)")
     name, befores, *rest = arg.split("|")
-    target = float(rest[0]) if rest else None
+    try:
+        target = float(rest[0]) if rest else None
+    except ValueError:
+        target = -1.0
+    if target is not None and not 0 < target <= 1:
+        raise DataError(f"render:sparse_recovery:{arg}: the third field is a density in (0, 1], got {rest[0]!r}")
     run = _json(root, f"{DIR}/{name}.json")
+    if "recover" not in run.get("meta", {}):
+        raise DataError(f"{DIR}/{name}.json is not a recovery run (no meta.recover): name the JSON of a "
+                        f"sparse_quality.py --recover-steps run before the '|', and the runs without it after")
     seqs = quality.complete(run)
     if len(seqs) < quality.MIN_SEQUENCES:
         raise DataError(f"{DIR}/{name}.json: fewer than {quality.MIN_SEQUENCES} sequences read by every point")
