@@ -145,8 +145,10 @@ def sparse_recovery(root, arg: str) -> str:
         for a, b in pairs:
             (sa, d, va), (sb, _, vb) = after_of[a], after_of[b]
             lines.append(f"- {sa} against {sb}, density {d.mean():.3f}: {_pct(quality.paired_change(va - vb))}")
-    richer = [(a, b) for a in after_of for b in after_of if a != b and (a, b) not in pairs and (b, a) not in pairs
-              and np.all(after_of[a][1] <= after_of[b][1])]
+    # Across selectors only (one selector at two budgets says nothing about selection), and only without a
+    # target density: with one, the interpolated comparison at equal density below replaces these.
+    richer = [(a, b) for a in after_of for b in after_of if after_of[a][0] != after_of[b][0] and target is None
+              and (a, b) not in pairs and (b, a) not in pairs and np.all(after_of[a][1] <= after_of[b][1])]
     if richer:
         lines += ["", "Recovered against a recovered selector that keeps more pairs on every sequence (no equal "
                   "density to compare at; an advantage to B):", ""]
