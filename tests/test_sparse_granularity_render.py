@@ -45,3 +45,22 @@ def test_runs_on_different_text_are_refused(tmp_path):
     run(tmp_path, "sparse_quality_8_block.json", "/a/other.txt", points(31.0))
     with pytest.raises(DataError, match="in text"):
         render_one("sparse_granularity:8", tmp_path)
+
+
+def test_a_block_gate_is_read_against_its_row_self_and_against_quest_and_the_oracle_per_block(tmp_path):
+    def with_gate(quest_nll, gate_nll):
+        p = points(quest_nll)
+        for k in ("1", "2"):
+            p[f"learned:top_k={k}"] = {**p[f"quest:top_k={k}"], "selector": "learned"}
+            p[f"learned:top_k={k}"]["sequences"] = {s: {**r, "nll": r["nll"] + gate_nll - quest_nll}
+                                                    for s, r in p[f"quest:top_k={k}"]["sequences"].items()}
+        return p
+
+    run(tmp_path, "sparse_quality_8.json", "/a/valid.txt", with_gate(30.0, 29.0))
+    run(tmp_path, "sparse_quality_8_block.json", "/a/valid.txt", with_gate(31.0, 30.0))
+    lines = render_one("sparse_granularity:8|0.25", tmp_path).splitlines()
+    assert lines[2] == "| A | B | density 0.25 |"
+    cell = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3].strip() for line in lines[4:]}
+    assert cell[("learned·block", "learned")].startswith("+10.5%")      # +0.1 nats per token on every sequence
+    assert cell[("learned·block", "quest·block")].startswith("-9.5%")   # exp(-0.1) - 1
+    assert ("learned·block", "oracle·block") not in cell and ("quest·block", "window") not in cell  # neither run has them

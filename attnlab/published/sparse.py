@@ -233,11 +233,14 @@ def recovered_row(root: Path, length: str) -> str:
 GRANULARITY_SAME = ("model", "length", "block_size", "text_tokens", "sequences")   # the text: by these and its name
 
 
+GRANULAR = ("quest", "oracle", "learned")     # the selectors with a granularity (the window has none)
+
+
 def _granularity_data(root: Path, length: str) -> dict:
-    """The row-wise run's dense, window, quest and oracle points and the block-shared run's quest and
-    oracle points (renamed `quest·block`, `oracle·block`) in one data dict, on the sequences both read;
-    refused when the runs differ in model, length, block size, text (its name and token count: the
-    two runs may have read it from different folders) or a sequence's dense NLL."""
+    """The row-wise run's points and the block-shared run's quest, oracle and learned points (renamed
+    `quest·block`, ...) in one data dict, on the sequences both read; refused when the runs differ in
+    model, length, block size, text (its name and token count: the two runs may have read it from
+    different folders) or a sequence's dense NLL."""
     row = _json(root, f"benchmarks/results/sparse_quality_{length}.json")
     block = _json(root, f"benchmarks/results/sparse_quality_{length}_block.json")
     bad = [k for k in GRANULARITY_SAME if row["meta"].get(k) != block["meta"].get(k)]
@@ -247,34 +250,43 @@ def _granularity_data(root: Path, length: str) -> dict:
                         f"{', '.join(bad)}: rerun it with the row-wise run's settings")
     if (si := quality.dense_mismatch(row, block)) is not None:
         raise DataError(f"sequence {si}: the block-shared run's dense NLL differs from the row-wise run's")
-    points = {k: p for k, p in row["points"].items() if p["selector"] in ("dense", "window", "quest", "oracle")}
+    points = {k: p for k, p in row["points"].items() if p["selector"] in ("dense", "window") + GRANULAR}
     for k, p in block["points"].items():
-        if p["selector"] in ("quest", "oracle"):
+        if p["selector"] in GRANULAR:
             name = p["selector"] + "·block"
             points[f"{name}:{k.split(':', 1)[1]}"] = {**p, "selector": name}
     return {"meta": row["meta"], "points": points}
 
 
 def sparse_granularity(root: Path, arg: str) -> str:
-    """`LENGTH`: the block-shared selection (granularity: block) against the row-wise one and the
-    window, at equal density, on the held-out sequences both sparse_quality_LENGTH runs read
-    (quality.compare: per sequence, NLL per token interpolated in density; paired over sequences)."""
+    """`LENGTH[|DENSITY,...]`: the block-shared selection (granularity: block) against the row-wise one,
+    the window, dense, and (where the block run has a gate) the gate per block against Quest and the
+    oracle per block, at equal density (0.25, 0.3 and 0.4 unless named), on the held-out sequences both
+    sparse_quality_LENGTH runs read (quality.compare: per sequence, NLL per token interpolated in
+    density; paired over sequences). A pair with a selector neither run has is left out."""
     from ..modules.sparse import quality
     from .sparse_ablation import _pct
 
-    data = _granularity_data(root, arg)
+    length, *dens = arg.split("|")
+    densities = [float(d) for d in dens[0].split(",")] if dens else [0.25, 0.3, 0.4]
+    data = _granularity_data(root, length)
     seqs = quality.complete(data)
     if len(seqs) < quality.MIN_SEQUENCES:
-        raise DataError(f"sparse_quality_{arg}_block.json: fewer than {quality.MIN_SEQUENCES} held-out sequences "
+        raise DataError(f"sparse_quality_{length}_block.json: fewer than {quality.MIN_SEQUENCES} held-out sequences "
                         f"read by every budget of both runs")
-    lines = [f"{len(seqs)} held-out sequences of {arg} tokens (sequences {_ranges([int(s) for s in seqs])}), read by "
-             f"both runs; A ÷ B − 1 in perplexity at equal density (negative: A is better); intervals: 95% "
-             f"bootstrap over sequences, and the t-interval.", "",
-             "| A | B | density 0.25 | density 0.3 | density 0.4 |", "|---|---|---:|---:|---:|"]
-    for a, b in (("quest·block", "quest"), ("oracle·block", "oracle"), ("quest·block", "window"),
-                 ("oracle·block", "window"), ("quest·block", "dense"), ("oracle·block", "dense")):
+    have = {p["selector"] for p in data["points"].values()}
+    lines = [f"{len(seqs)} held-out sequences of {data['meta']['length']} tokens (sequences "
+             f"{_ranges([int(s) for s in seqs])}), read by both runs; A ÷ B − 1 in perplexity at equal density "
+             f"(negative: A is better); intervals: 95% bootstrap over sequences, and the t-interval.", "",
+             "| A | B | " + " | ".join(f"density {d:g}" for d in densities) + " |",
+             "|---|---|" + "---:|" * len(densities)]
+    pairs = [(f"{s}·block", s) for s in GRANULAR] + [(f"{s}·block", b) for b in ("window", "dense") for s in GRANULAR]
+    pairs += [("learned·block", "quest·block"), ("learned·block", "oracle·block")]
+    for a, b in pairs:
+        if a not in have or b not in have:
+            continue
         cells = []
-        for density in (0.25, 0.3, 0.4):
+        for density in densities:
             rows = quality.compare(data, seqs, [(a, b)], [density])
             cells.append(_pct(rows[0]) if rows else "– (density not reached)")
         lines.append(f"| {a} | {b} | " + " | ".join(cells) + " |")
