@@ -69,7 +69,7 @@ def headline(selector: str, args) -> dict:
     """The budget the metrics read for `selector`: HEADLINE (v2, block 64), or with --headline-top-k
     that top-k for the top-k selectors (e.g. 7 at block 32, near a quarter of the pairs at 2048)."""
     k = getattr(args, "headline_top_k", None)
-    return {"top_k": k} if k and "top_k" in HEADLINE[selector] else HEADLINE[selector]
+    return {"top_k": k} if k is not None and "top_k" in HEADLINE[selector] else HEADLINE[selector]
 
 
 def common(args) -> dict:

@@ -113,8 +113,6 @@ def check_flags(args, state_dir: Path | None = None) -> None:
                      granularity=args.granularity, gate_quest=args.gate_quest)
     except PluginError as e:
         raise SystemExit(f"{e} (--block-size, --gate-dim)") from None
-    if getattr(args, "headline_top_k", None) is not None and args.headline_top_k < 1:
-        raise SystemExit(f"--headline-top-k {args.headline_top_k}: a top-k budget keeps at least 1 extra block")
     if args.window and min(args.window) < 1:
         raise SystemExit(f"--window {min(args.window)}: a window keeps at least 1 token (tokens, before the 4 sinks)")
     check_budgets(args)

@@ -119,6 +119,8 @@ def test_headline_top_k_sets_the_metrics_budget_of_the_top_k_selectors_only():
     assert sq.headline("learned", args) == {"top_k": 7} and sq.headline("oracle", args) == {"top_k": 7}
     assert sq.headline("window", args) == sq.HEADLINE["window"]
     assert sq.headline("quest", type("A", (), {"headline_top_k": None})) == sq.HEADLINE["quest"]
+    # top-k 0 (only the three fixed blocks) is a budget like any other: read as 0, not as "unset"
+    assert sq.headline("learned", type("A", (), {"headline_top_k": 0})) == {"top_k": 0}
 
 
 def test_window_sets_the_window_budgets_in_tokens_and_leaves_the_top_k_ones():

@@ -50,6 +50,7 @@ def checked(monkeypatch):
     ("--window 100000 --selectors window", "use a window below 2044"),
     ("--top-k 29", "--top-k 29 keeps every causal pair at --length 2048"),
     ("--headline-top-k 1000 --metric-sequences 1", "--headline-top-k 1000 keeps every causal pair"),
+    ("--headline-top-k -1 --metric-sequences 1", "--headline-top-k -1: a top-k budget is a number of extra blocks"),
     ("--headline-top-k 2", "name --metric-sequences N and a top-k selector"),
     ("--headline-top-k 2 --metric-sequences 1 --selectors window", "name --metric-sequences N and a top-k selector"),
     ("--metrics-only", "--metrics-only reads only the metrics"),
