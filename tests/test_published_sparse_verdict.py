@@ -78,7 +78,7 @@ def test_the_v3_rows_judge_the_ten_percent_goal_at_2048_tokens_only_and_beating_
 def test_the_recovered_row_marks_the_five_percent_goal_from_the_gate_at_a_quarter_of_the_pairs(tmp_path):
     from pathlib import Path
 
-    from attnlab.published.sparse import RECOVERED, recovered_row
+    from attnlab.published.sparse import RECOVERED, _quality, recovered_row
 
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "benchmarks" / "results" / "sparse_recovery").mkdir(parents=True)
@@ -94,4 +94,18 @@ def test_the_recovered_row_marks_the_five_percent_goal_from_the_gate_at_a_quarte
             for s in p["sequences"].values():
                 s["nll"] += 0.05 * s["tokens"]
     out.write_text(json.dumps(data))
+    _quality.cache_clear()                          # the same root, its file rewritten
     assert recovered_row(tmp_path, "2048_b32").endswith("≤ +5% (point estimate) ✘ |")
+
+
+def test_a_quality_run_is_read_and_summarised_once_per_render(tmp_path):
+    from pathlib import Path
+
+    from attnlab.published.sparse import _quality
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "sparse_quality.py").symlink_to(root / "benchmarks" / "sparse_quality.py")
+    data = json.loads((root / "benchmarks/results/sparse_quality_2048_b32.json").read_text())
+    (tmp_path / "benchmarks/results/sparse_quality_2048_b32.json").write_text(json.dumps(data))
+    assert _quality(tmp_path, "2048_b32") is _quality(tmp_path, "2048_b32")   # the bootstrap runs once, not per cell

@@ -159,6 +159,19 @@ def test_with_a_density_the_recovered_selectors_are_read_at_it_between_their_bud
         sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref|0.1")
 
 
+def test_without_a_density_one_selector_at_two_budgets_is_not_compared_with_itself(tmp_path):
+    _setup(tmp_path)
+    for rel, extra in ((f"{DIR}/rec.json", 0.10), (f"{RESULTS}/sparse_gate_ablation/ref.json", 0.12)):
+        data = json.loads((tmp_path / rel).read_text())
+        data["points"]["learned:top_k=5"] = {**_point("learned", lambda i: extra, lambda i: 0.225), "budget": {"top_k": 5}}
+        if "recovery" in data:                                  # the recovery run's training record
+            data["recovery"]["learned:top_k=5"] = {"kl_first": 0.06, "kl_last": 0.05}
+        _write(tmp_path, rel, data)
+    lines = sparse_recovery(tmp_path, "rec|sparse_gate_ablation/ref").splitlines()
+    assert any(x.startswith("- learned (density 0.225) against quest (density 0.275)") for x in lines)
+    assert not any(x.startswith("- learned (density 0.225) against learned") for x in lines)
+
+
 @pytest.mark.parametrize("arg, message", [
     ("rec", r"expected FILE\|BEFORE,BEFORE"), ("rec|sparse_gate_ablation/ref|0.25|x", r"expected FILE\|BEFORE,BEFORE"),
     ("rec|sparse_gate_ablation/ref|more", "a density in"),

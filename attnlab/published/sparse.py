@@ -32,13 +32,13 @@ def sparse_speed(root: Path, arg: str) -> str:
     return _benchmark(root, "sparse_speed").tables(_json(root, path)["rows"], parts.split(",") if parts else None)
 
 
-@functools.lru_cache(maxsize=None)
 def _name(length: str) -> str:
     """A run's file under benchmarks/results: `2048_b32` names sparse_quality_2048_b32.json; a name with a
     folder (`sparse_recovery/sparse_quality_2048_b32_recovered`) names that file."""
     return f"{length}.json" if "/" in length else f"sparse_quality_{length}.json"
 
 
+@functools.lru_cache(maxsize=None)
 def _quality(root: Path, length: str) -> dict:
     """The JSON with its summaries recomputed from the per-sequence records by the benchmark's own
     `summarise` (deterministic bootstrap), so nothing stored by an older version is quoted. Cached:
