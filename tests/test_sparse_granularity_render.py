@@ -64,3 +64,11 @@ def test_a_block_gate_is_read_against_its_row_self_and_against_quest_and_the_ora
     assert cell[("learned·block", "learned")].startswith("+10.5%")      # +0.1 nats per token on every sequence
     assert cell[("learned·block", "quest·block")].startswith("-9.5%")   # exp(-0.1) - 1
     assert ("learned·block", "oracle·block") not in cell and ("quest·block", "window") not in cell  # neither run has them
+
+
+def test_a_row_run_gate_that_the_block_run_lacks_does_not_narrow_the_sequences_compared(tmp_path):
+    row = points(30.0, seqs=("10", "11", "12"))
+    row["learned:top_k=1"] = point("learned", {"10": (0.2, 29.0)})      # the row run's gate read one sequence only
+    run(tmp_path, "sparse_quality_8.json", "/a/valid.txt", row)
+    run(tmp_path, "sparse_quality_8_block.json", "/a/valid.txt", points(31.0))
+    assert "3 held-out sequences" in render_one("sparse_granularity:8", tmp_path)

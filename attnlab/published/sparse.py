@@ -250,7 +250,9 @@ def _granularity_data(root: Path, length: str) -> dict:
                         f"{', '.join(bad)}: rerun it with the row-wise run's settings")
     if (si := quality.dense_mismatch(row, block)) is not None:
         raise DataError(f"sequence {si}: the block-shared run's dense NLL differs from the row-wise run's")
-    points = {k: p for k, p in row["points"].items() if p["selector"] in ("dense", "window") + GRANULAR}
+    in_block = {p["selector"] for p in block["points"].values()}     # a row-run selector the block run lacks would
+    keep = ("dense", "window") + tuple(s for s in GRANULAR if s in in_block)   # only narrow the sequences compared
+    points = {k: p for k, p in row["points"].items() if p["selector"] in keep}
     for k, p in block["points"].items():
         if p["selector"] in GRANULAR:
             name = p["selector"] + "·block"
