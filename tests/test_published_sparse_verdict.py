@@ -109,3 +109,35 @@ def test_a_quality_run_is_read_and_summarised_once_per_render(tmp_path):
     data = json.loads((root / "benchmarks/results/sparse_quality_2048_b32.json").read_text())
     (tmp_path / "benchmarks/results/sparse_quality_2048_b32.json").write_text(json.dumps(data))
     assert _quality(tmp_path, "2048_b32") is _quality(tmp_path, "2048_b32")   # the bootstrap runs once, not per cell
+
+
+def test_the_road_is_the_gates_share_of_the_log_perplexity_gap_from_quest_to_the_oracle(tmp_path):
+    from pathlib import Path
+
+    import pytest
+
+    from attnlab.errors import DataError
+    from attnlab.published.sparse import _quality, sparse_road
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "sparse_quality.py").symlink_to(root / "benchmarks" / "sparse_quality.py")
+    data = json.loads((root / "benchmarks/results/sparse_quality_2048_b32.json").read_text())
+    out = tmp_path / "benchmarks/results/sparse_quality_9_b32.json"
+
+    def shift(selector_nats):      # set every point's NLL per token to dense + the selector's nats
+        dense = data["points"]["dense"]["sequences"]
+        for p in data["points"].values():
+            for si, r in p["sequences"].items():
+                if p["selector"] in selector_nats:
+                    r["nll"] = (dense[si]["nll"] / dense[si]["tokens"] + selector_nats[p["selector"]]) * r["tokens"]
+        out.write_text(json.dumps(data))
+        _quality.cache_clear()
+
+    shift({"quest": 0.20, "oracle": 0.04, "learned": 0.12})
+    assert sparse_road(tmp_path, "9_b32|0.25") == "50%"                        # halfway in nats
+    shift({"quest": 0.20, "oracle": 0.04, "learned": 0.24})
+    assert sparse_road(tmp_path, "9_b32|0.25") == f"{100 * -0.04 / 0.16:.0f}%"  # behind Quest: negative
+    shift({"quest": 0.04, "oracle": 0.04, "learned": 0.04})
+    with pytest.raises(DataError, match="no road"):
+        sparse_road(tmp_path, "9_b32|0.25")

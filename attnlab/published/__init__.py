@@ -18,7 +18,7 @@ from .bench import (benchmark_table, factorized_goal, factorized_recompute, fact
 from .gpu import gpu_checks, gpu_sparse_table, gpu_train_table
 from .kept import kept_run, kept_sweep
 from .sparse_ablation import gate_ablation, gate_pair
-from .sparse import (sparse_compare, sparse_gate_kl, sparse_goal,
+from .sparse import (sparse_compare, sparse_gate_kl, sparse_goal, sparse_road,
                      sparse_granularity, sparse_point, sparse_speed, sparse_table, sparse_text)
 from .sparse_goals import sparse_speed_goals
 from .sparse_recovery import sparse_recovery
@@ -30,7 +30,7 @@ from .tables import (bench_ratio, cell, column_range, gguf, include, json_table,
 RENDERERS = {"include": include, "cell": cell, "ratio": ratio, "range": column_range, "run_tables": run_tables,
              "run_change": run_change, "run_wall": run_wall, "gguf": gguf, "table": table, "bench_ratio": bench_ratio,
              "benchmarks": benchmark_table, "factorized_bench": factorized_table, "feature_cache": feature_cache_table, "sparse_goal": sparse_goal,
-             "sparse_table": sparse_table, "sparse_compare": sparse_compare, "sparse_text": sparse_text,
+             "sparse_table": sparse_table, "sparse_compare": sparse_compare, "sparse_text": sparse_text, "sparse_road": sparse_road,
              "sparse_speed": sparse_speed, "gpu_train": gpu_train_table, "gpu_sparse": gpu_sparse_table, "gpu_checks": gpu_checks,
              "gate_ablation": gate_ablation, "sparse_speed_goals": sparse_speed_goals,
              "factorized_goal": factorized_goal, "factorized_recompute": factorized_recompute,

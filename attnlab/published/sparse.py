@@ -179,7 +179,7 @@ def sparse_quality_rows(root: Path) -> list[str]:
     out.append(f"| Learned gate vs Quest at equal density (same runs, interpolated per sequence) | "
                f"`python benchmarks/sparse_quality.py --length 2048 --report` (and `--length 4096`) | {cmp} | beats Quest "
                f"{_mark(False)} |")
-    for length in ("2048_b32", "4096_b32"):     # committed only once complete (in progress: under runs/)
+    for length in ("2048_b32", "2048_b32_block", "4096_b32"):     # committed only once complete (in progress: runs/)
         if (root / f"benchmarks/results/sparse_quality_{length}.json").is_file():
             out += v3_rows(root, length)
         if (root / f"benchmarks/results/{RECOVERED.format(length)}.json").is_file():
@@ -192,14 +192,32 @@ def _pair(root: Path, length: str, a: str, b: str, dens: float) -> dict:
     return quality.compare(data, quality.complete(data), [(a, b)], [dens])[0]
 
 
+def sparse_road(root: Path, arg: str) -> str:
+    """`LENGTH|DENSITY`: the share of the road from Quest to the oracle that the gate covers at DENSITY
+    (issue 27's "half the road"), from the three point estimates against dense in log-perplexity,
+
+        share = (log PPL_quest - log PPL_gate) / (log PPL_quest - log PPL_oracle),
+
+    0% at Quest, 100% at the oracle (negative: behind Quest). A point estimate: no interval."""
+    import math
+
+    length, dens = arg.split("|")
+    q, o, g = (math.log1p(_pair(root, length, s, "dense", float(dens))["change"]) for s in ("quest", "oracle", "learned"))
+    if q - o <= 0:
+        raise DataError(f"{_name(length)}: the oracle is not ahead of Quest at density {dens}: no road to measure")
+    return f"{100 * (q - g) / (q - o):.0f}%"
+
+
 def v3_rows(root: Path, length: str) -> list[str]:
     """The gate v3 recipe's held-out rows (issue 27's goals at density 0.25): against dense (≤ +10%, a
     goal at 2048 tokens only) and against Quest at the same block size (better outside noise: both
     intervals below zero, a goal at every length)."""
     data = _quality(root, length)
     m, g = data["meta"], data["meta"]["gate"]
+    per_block = m.get("granularity") == "block"      # one choice per query block: what the fast prefill kernel runs
     recipe = (f"block {m['block_size']}, {len(m['train_sequences'])} teacher sequences, target {g.get('target', 'peak')}"
-              + (", reading Quest's bound" if g.get("quest") else ""))
+              + (", reading Quest's bound" if g.get("quest") else "")
+              + (", one choice per query block (the fast kernel's)" if per_block else ""))
     cmd = "; ".join(f"`{c}`" for c in (m.get("commands") or [m["command"]]))
     dense, quest = _pair(root, length, "learned", "dense", 0.25), _pair(root, length, "learned", "quest", 0.25)
     beats = quest["hi"] < 0 and quest["t_hi"] < 0
@@ -207,7 +225,8 @@ def v3_rows(root: Path, length: str) -> list[str]:
     return [f"| Sparse gate v3 ({recipe}), perplexity vs dense at density 0.25 (interpolated per sequence), {tokens} "
             f"tokens, {measured_on(data, root)} | {cmd} | {sparse_compare(root, f'{length}|learned|dense|0.25')} | "
             + (f"≤ +10% (point estimate) {_mark(dense['change'] <= 0.10)} |" if tokens == 2048 else "no goal at this length |"),
-            f"| Sparse gate v3 vs Quest at block {m['block_size']}, density 0.25, {tokens} tokens (same run) | (the same) | "
+            f"| Sparse gate v3 vs Quest at block {m['block_size']}{' (both per query block)' if per_block else ''}, "
+            f"density 0.25, {tokens} tokens (same run) | (the same) | "
             f"{sparse_compare(root, f'{length}|learned|quest|0.25')} | beats Quest outside noise {_mark(beats)} |"]
 
 
