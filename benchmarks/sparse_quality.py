@@ -95,8 +95,6 @@ def selector_budgets(selector: str, args) -> list[dict]:
     return [{"top_k": k} for k in args.top_k]
 
 
-
-
 def read_text(spec: str) -> str:
     """The distillation text of --train-text: python_docs (Python's own documentation, offline), a
     .jsonl of {question, answer} rows (GSM8K: each problem and its solution), or a text file."""
