@@ -74,7 +74,8 @@ def headline(selector: str, args) -> dict:
 
 def common(args) -> dict:
     """The options every selector shares (recipe.options picks what each needs)."""
-    out = {"block_size": args.block_size, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim}
+    out = {"block_size": args.block_size, "kernel": args.kernel, "granularity": args.granularity, "gate_dim": args.gate_dim,
+           "rank": args.rank}
     return {**out, "gate_quest": True} if args.gate_quest else out
 
 
@@ -145,6 +146,10 @@ def merge_meta(data: dict, meta: dict, out: Path) -> dict:
         old["gate"] = meta["gate"]           # no gate distilled or read yet: its settings describe nothing
     same = ("model", "length", "block_size", "text", "train_sequences", "gate", "split", "granularity", "train_text",
             "recover")
+    if "lowrank" in meta:                    # only a run that reads lowrank fits or checks its indexer
+        if not any(p["selector"] == "lowrank" for p in data.get("points", {}).values()):
+            old["lowrank"] = meta["lowrank"]
+        same += ("lowrank",)
     if any(old.get(k) != meta.get(k) for k in same):
         raise SystemExit(f"{out} holds a run with other settings ({', '.join(k for k in same if old.get(k) != meta.get(k))}); "
                          "rerun with those, or give another --out")
@@ -208,6 +213,8 @@ def main(argv=None):
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     if args.recover_steps:
         meta["recover"] = {"steps": args.recover_steps, "lr": args.recover_lr, "r": args.recover_r}
+    if "lowrank" in args.selectors:
+        meta["lowrank"] = {"rank": args.rank, "calibrate": args.calibrate}
     merge_meta(data, meta, out)
     data.setdefault("points", {})
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -231,6 +238,22 @@ def main(argv=None):
             save_file(gate_state, str(gate_file))
             data["gate"] = gate_record
             save(out, data)
+
+    # -- the lowrank indexer: fitted in closed form from the first --calibrate training sequences ------
+    if "lowrank" in args.selectors:
+        from safetensors.torch import load_file, save_file
+        index_file = state_dir / "lowrank.safetensors"
+        if index_file.is_file():
+            index_state = load_file(str(index_file))
+        else:
+            plugin = attnlab.attach(model, "sparse", **recipe.options("lowrank", {"top_k": 1}, common(args)))
+            log(f"[lowrank] fitting the rank-{args.rank} indexer from {args.calibrate} x {args.length} tokens")
+            data["lowrank"] = plugin.calibrate(list(train[:args.calibrate]))
+            index_state = plugin.state_dict()
+            plugin.detach()
+            save_file(index_state, str(index_file))
+            save(out, data)
+        gate_state = {**(gate_state or {}), **index_state}
 
     # -- per held-out sequence (keyed by its index in the text): dense once, then every budget --------
     points = [] if args.metrics_only else [(s, b) for s in args.selectors for b in selector_budgets(s, args)]

@@ -16,9 +16,9 @@ from attnlab.modules.sparse.quality import budgets
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 64
 BUDGETS = budgets(BLOCK)
-DEFAULT_SELECTORS = [s for s in BUDGETS if s in quality.DEFAULT_SELECTORS]   # oracle-qhead only when named
+DEFAULT_SELECTORS = [s for s in BUDGETS if s in quality.DEFAULT_SELECTORS]   # oracle-qhead, lowrank only when named
 HEADLINE = {"window": {"window": 256, "sinks": 4}, "quest": {"top_k": 2}, "learned": {"top_k": 2},
-            "learned-mass": {"mass": 0.9}, "oracle": {"top_k": 2}, "oracle-qhead": {"top_k": 2}}
+            "learned-mass": {"mass": 0.9}, "oracle": {"top_k": 2}, "oracle-qhead": {"top_k": 2}, "lowrank": {"top_k": 2}}
 
 
 def parse(argv, doc: str) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse(argv, doc: str) -> argparse.Namespace:
                          "or python_docs: the prose of Python's documentation), cut into --length sequences; "
                          "default: the first --train sequences of --text")
     ap.add_argument("--selectors", nargs="+", default=None, choices=list(BUDGETS),
-                    help="default: every selector but oracle-qhead (DEFAULT_SELECTORS)")
+                    help="default: every selector but oracle-qhead and lowrank (DEFAULT_SELECTORS)")
     ap.add_argument("--kernel", default="masked", help="the kernels compute the same function (tested); "
                     "masked is the fastest on CPU for per-row selections; work is counted with gather")
     ap.add_argument("--granularity", default="row", choices=["row", "block"],
@@ -64,6 +64,9 @@ def parse(argv, doc: str) -> argparse.Namespace:
                     help="what one gate training example is: a query row (its own target) or a whole query "
                          "block (SeerAttention's 2-D max-pooled target, scored by the block's mean gate query); "
                          "default: the --granularity the gate serves")
+    ap.add_argument("--rank", type=int, default=16, help="lowrank: the indexer's dimensions (lowrank.py)")
+    ap.add_argument("--calibrate", type=int, default=16,
+                    help="lowrank: the indexer is fitted from the first this many --train sequences (one dense pass each)")
     ap.add_argument("--teacher-cache", default=None,
                     help="a file for the dense teacher's cache: loaded when it holds the same training "
                          "sequences, rows and block size, else written, so that gate recipes share one teacher pass")
@@ -125,6 +128,18 @@ def check_flags(args, state_dir: Path | None = None) -> None:
         if not args.train and state_dir is not None and not (state_dir / "gate.safetensors").is_file():
             raise SystemExit(f"--train 0 leaves the learned gate no sequence to distil from, and {state_dir} holds "
                              f"no distilled gate: name --train N, or drop learned from --selectors")
+    if "lowrank" in args.selectors:
+        try:
+            SparseConfig(variant="lowrank", block_size=args.block_size, granularity=args.granularity, rank=args.rank)
+        except PluginError as e:
+            raise SystemExit(f"{e} (--rank)") from None
+        saved = state_dir is not None and (state_dir / "lowrank.safetensors").is_file()
+        if not saved and not args.train:
+            raise SystemExit(f"--train 0 leaves the lowrank indexer no sequence to fit from, and {state_dir} holds no "
+                             f"fitted indexer: name --train N, or drop lowrank from --selectors")
+        if not saved and args.calibrate > args.train:
+            raise SystemExit(f"--calibrate {args.calibrate} fits the lowrank indexer from the first --calibrate of the "
+                             f"--train {args.train} sequences: use --calibrate {args.train} or fewer (or --train more)")
     need, what = shortest(unit, args.block_size)
     if any(s.startswith("learned") for s in args.selectors) and args.train and args.length < need:
         raise SystemExit(f"--length {args.length} is too short for a gate per query {unit}: the teacher needs {what} "
@@ -132,7 +147,7 @@ def check_flags(args, state_dir: Path | None = None) -> None:
 
 
 COUNTS = (("length", 1), ("train", 0), ("heldout", 1), ("validation", 1), ("metric_sequences", 0),
-          ("recover_steps", 0))        # (flag, its least value)
+          ("recover_steps", 0), ("rank", 1), ("calibrate", 1))        # (flag, its least value)
 
 
 def check_budgets(args) -> None:

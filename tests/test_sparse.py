@@ -560,4 +560,4 @@ def test_at_block_granularity_the_query_head_oracle_is_the_oracle_and_is_not_swe
         sel[selector] = select(cfg, q, k, p, None, 8 ** -0.5)
     assert torch.equal(sel["oracle"].idx, sel["oracle-qhead"].idx)
     assert "oracle-qhead" not in quality.DEFAULT_SELECTORS and "oracle" in quality.DEFAULT_SELECTORS   # read only when named
-    assert set(quality.DEFAULT_SELECTORS) == set(quality.SELECTORS) - {"oracle-qhead"}
+    assert set(quality.DEFAULT_SELECTORS) == set(quality.SELECTORS) - {"oracle-qhead", "lowrank"}

@@ -60,6 +60,9 @@ def checked(monkeypatch):
     ("--gate-steps -1", "steps must be an integer >= 0, got -1"),
     ("--gate-lr 0", "lr must be a positive number"),
     ("--train 0 --selectors learned", "--train 0 leaves the learned gate no sequence to distil from"),
+    ("--selectors lowrank --rank 0", "--rank 0: expected an integer >= 1"),
+    ("--selectors lowrank --train 4 --calibrate 8", "--calibrate 8 fits the lowrank indexer from the first --calibrate"),
+    ("--selectors lowrank --train 0", "--train 0 leaves the lowrank indexer no sequence to fit from"),
 ])
 def test_a_bad_count_or_budget_is_refused_naming_the_flag_before_the_model_loads(checked, tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message.replace("-", r"\-")):

@@ -7,31 +7,33 @@ from dataclasses import dataclass, field
 
 from ..base import PluginError
 
-VARIANTS = ("window", "learned", "quest", "performer", "dense")
+VARIANTS = ("window", "learned", "quest", "lowrank", "performer", "dense")
 KERNELS = ("auto", "flex", "gather", "masked")
 GRANULARITIES = ("block", "row")
 
 
 @dataclass
 class SparseConfig:
-    variant: str = "learned"             # window | learned | quest | performer | dense
+    variant: str = "learned"             # window | learned | quest | lowrank | performer | dense
     layers: list[int] | None = None      # None: every layer
     kernel: str = "auto"                 # auto | flex | gather | masked (kernels.py, blocksparse.py)
     window: int = 10                     # window: keys seen per query, itself included
     sinks: int = 0                       # window: the first `sinks` keys are always seen
     block_size: int = 64                 # key block of the selection; all: tile of gather/flex
-    # learned / quest: per query row, blocks 0, i-1, i (sinks, local) plus those chosen among 1..i-2 by
+    # learned / quest / lowrank: per query row, blocks 0, i-1, i (sinks, local) plus those chosen among 1..i-2 by
     top_k: int = 4                       #   the top_k best scores (the default), or
     mass: float | None = None            #   learned: the fewest whose softmax mass over the candidates
                                          #   reaches `mass` (density adapts per row), or
     threshold: float | None = None       #   learned: those whose softmax probability is >= threshold
-    granularity: str = "block"           # learned / quest: one choice per query block (block: every row of a
+    granularity: str = "block"           # learned / quest / lowrank: one choice per query block (block: every row of a
                                          # block sees the same blocks; work = density) or per query row (row);
                                          # a decoding step is one row: row-wise (selection.py)
     gate_dim: int = 64                   # learned: width of the gate's query and key projections (even; 64: the
                                          # width the distilled recipe measured, benchmarks/sparse_quality.py)
     gate_quest: bool = False             # learned: the gate's score adds a learned multiple (per kv head, from 1)
                                          # of Quest's bound, in logit units (gate.py): a gate that starts at Quest
+    rank: int = 16                       # lowrank: dimensions of the indexer's approximate logits (lowrank.py;
+                                         # fitted by plugin.calibrate)
     features: int = 64                   # performer: random features
     train_modules: list[str] = field(default_factory=list)  # e.g. ["model.layers.5.mlp"]
     # distillation from the dense base (attnlab.distill): per token KL(P_base || P_sparse) plus
@@ -53,7 +55,7 @@ class SparseConfig:
         if self.granularity not in GRANULARITIES:
             raise PluginError(f"unknown sparse granularity '{self.granularity}'; use one of: {', '.join(GRANULARITIES)}")
         for name, low in (("window", 1), ("sinks", 0), ("block_size", 1), ("top_k", 0), ("gate_dim", 1),
-                          ("features", 1)):
+                          ("features", 1), ("rank", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise PluginError(f"sparse option {name} must be an integer >= {low}, got {value!r}")

@@ -12,6 +12,7 @@ from .config import SparseConfig
 from .decode import decode_attention
 from .gate import BlockGate, gate_kl
 from .kernels import flex_attention_kernel, masked_attention
+from .lowrank import LowRankIndexer
 from .pages import Pages
 from .patterns import Pattern, Selection, normalise_mask, scatter_blocks
 from .performer import orthogonal_features, performer_chunked, performer_features, performer_weights, repeat_kv
@@ -35,13 +36,15 @@ class SparseLayer(nn.Module):
         if config.variant == "learned":
             self.gate = BlockGate(head_dim, kv_heads, heads // kv_heads, config.gate_dim, config.block_size,
                                   seed=1000 + layer_idx, quest=config.gate_quest)
+        if config.variant == "lowrank":
+            self.indexer = LowRankIndexer(head_dim, kv_heads, config.rank)
         if config.variant == "performer":
             self.register_buffer("features", orthogonal_features(config.features, head_dim, 2000 + layer_idx),
                                  persistent=False)
         self.pages = Pages(config.variant, config.gate_quest) if config.variant in ("quest", "learned") else None
         self.force_dense = False          # dense_reference()
         self.collect_gate_loss = False
-        self.recorder = None              # teacher.Recorder while the cached teacher runs
+        self.recorder = None              # teacher.Recorder (the cached teacher), lowrank.Moments (calibrate)
         self.capture: dict | None = None  # capture_attention()
         self._sparsity: torch.Tensor | None = None
         self._counts: tuple | None = None  # (pattern, selection) of the last forward: sparsity on demand
@@ -63,7 +66,8 @@ class SparseLayer(nn.Module):
     # -- which key blocks each query computes (selection.py) --------------------------------------
     def select(self, q, k, p: Pattern, base, scale) -> Selection:
         """The selection of this layer's variant at the call's granularity."""
-        return select(self.config, q, k, p, base, scale, self.pages, getattr(self, "gate", None), self.rope)
+        return select(self.config, q, k, p, base, scale, self.pages, getattr(self, "gate", None), self.rope,
+                      getattr(self, "indexer", None))
 
     def gate_scores(self, q, k, p: Pattern, scale: float) -> torch.Tensor:
         """(B, Hkv, Tq, nfull): the learned gate's scores per row, from the rows' own queries and the
@@ -89,7 +93,8 @@ class SparseLayer(nn.Module):
         if self.collect_gate_loss and cfg.variant == "learned" and p.has_candidates:
             scores = self.gate_scores(q, k, p, scale)
         kernel = cfg.kernel if cfg.kernel != "auto" else ("flex" if q.device.type == "cuda" else "gather")
-        decoding = self.pages is not None and p.tq == 1 and p.qoff > 0 and (base is None or bool(base.all()))
+        decoding = (cfg.variant in ("quest", "learned", "lowrank") and p.tq == 1 and p.qoff > 0
+                    and (base is None or bool(base.all())))
         if kernel == "gather" and decoding:
             out, self.last_pairs_scored = decode_attention(q, k, v, p, sel, scale)
         elif kernel == "gather" and blockshared.supported(p, sel, base) and cfg.variant != "window":

@@ -257,6 +257,13 @@ class SparseAttention(Plugin):
                                                  "steps": steps, "rows": rows},
                 "layers": {layer.layer_idx: r for layer, r in zip(layers, results)}}
 
+    def calibrate(self, sequences) -> dict:
+        """Fit every lowrank indexer in closed form (lowrank.py) from one dense forward per sequence
+        (1-D token tensors); returns the pass's seconds and tokens."""
+        from .lowrank import calibrate
+
+        return calibrate(self.model, self, sequences)
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Plugin.load_state_dict; gate weights saved with gate_quest into a gate without (or the
         reverse) are refused naming the option."""

@@ -18,27 +18,30 @@ import numpy as np
 
 from ...stats import bootstrap_ci, paired_bootstrap_ppl, t_interval
 
-SELECTORS = ("window", "quest", "learned", "learned-mass", "oracle", "oracle-qhead")
+SELECTORS = ("window", "quest", "learned", "learned-mass", "oracle", "oracle-qhead", "lowrank")
 COMPARE = [("learned", "quest"), ("learned", "window"), ("learned-mass", "quest"), ("quest", "window"),
-           ("oracle", "learned"), ("oracle-qhead", "oracle")]
+           ("oracle", "learned"), ("oracle-qhead", "oracle"), ("lowrank", "quest"), ("lowrank", "learned"),
+           ("oracle-qhead", "lowrank")]
 DENSITIES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 MIN_SEQUENCES = 2          # below this, no interval and no comparison
 
 
-# read when no selectors are named: every one but oracle-qhead, an analysis selector read only when named
-# (so the committed runs' own commands reproduce without it; at granularity block it is the oracle itself)
-DEFAULT_SELECTORS = tuple(s for s in SELECTORS if s != "oracle-qhead")
+# read when no selectors are named: every one but oracle-qhead (an analysis selector; at granularity block it
+# is the oracle itself) and lowrank (added after them): read only when named, so that the committed runs' own
+# commands reproduce without them
+DEFAULT_SELECTORS = tuple(s for s in SELECTORS if s not in ("oracle-qhead", "lowrank"))
 
 
 def budgets(block: int) -> dict[str, list[dict]]:
-    """Each selector's budgets: windows of 1, 2, 4, 8 blocks + 4 sinks; quest, learned and the oracles with
+    """Each selector's budgets: windows of 1, 2, 4, 8 blocks + 4 sinks; quest, learned, lowrank and the oracles with
     k = 1, 2, 4, 8 extra blocks; learned by cumulative mass 0.5..0.95."""
     return {"window": [{"window": w * block, "sinks": 4} for w in (1, 2, 4, 8)],
             "quest": [{"top_k": k} for k in (1, 2, 4, 8)],
             "learned": [{"top_k": k} for k in (1, 2, 4, 8)],
             "learned-mass": [{"mass": m} for m in (0.5, 0.7, 0.9, 0.95)],
             "oracle": [{"top_k": k} for k in (1, 2, 4, 8)],
-            "oracle-qhead": [{"top_k": k} for k in (1, 2, 4, 8)]}
+            "oracle-qhead": [{"top_k": k} for k in (1, 2, 4, 8)],
+            "lowrank": [{"top_k": k} for k in (1, 2, 4, 8)]}
 
 
 def key(selector: str, budget: dict) -> str:

@@ -30,7 +30,7 @@ from .quality import key
 # learned gate, which selects per kv head; oracle-qhead: each query head ranks by its own mass, the bound
 # for a selector per query head (as Quest is)
 VARIANT = {"learned-mass": "learned", "oracle": "learned", "oracle-qhead": "quest"}
-GATED = ("quest", "learned")     # the variants whose selection has a granularity
+GATED = ("quest", "learned", "lowrank")     # the variants whose selection has a granularity
 
 
 def options(selector: str, budget: dict, common: dict) -> dict:
@@ -44,18 +44,22 @@ def options(selector: str, budget: dict, common: dict) -> dict:
         out["granularity"] = common["granularity"]
     if selector.startswith("learned"):
         out.update({k: common[k] for k in ("gate_dim", "gate_quest") if k in common})
+    if selector == "lowrank" and "rank" in common:
+        out["rank"] = common["rank"]
     if selector.startswith("oracle"):
         out["oracle"] = True
     return out
 
 
 def attach(model, selector: str, budget: dict, common: dict, gate_state):
-    """The selector at this budget on the patched layers; the learned ones with the distilled gate."""
+    """The selector at this budget on the patched layers; the learned ones with the distilled gate,
+    lowrank with its fitted indexer (gate_state holds either's weights, or both: each loads its own)."""
     from ... import attach as attach_plugin
 
     plugin = attach_plugin(model, "sparse", **options(selector, budget, common))
-    if selector.startswith("learned"):
-        plugin.load_state_dict(gate_state)
+    if selector.startswith("learned") or selector == "lowrank":
+        own = plugin.trainable_parameters()
+        plugin.load_state_dict({k: v for k, v in (gate_state or {}).items() if k in own})
     return plugin
 
 

@@ -1,16 +1,17 @@
 """Selection: which key blocks each query computes (a patterns.Selection, block indices only).
 
-Two granularities (config `granularity`) for quest and learned:
+Two granularities (config `granularity`) for quest, learned and lowrank:
   block  one choice per (query block, kv head), shared by the block's rows and the G query heads of
          the kv head (as SeerAttention, MoBA and NSA choose). The block's queries are pooled
          (pooling.py) and scored against the complete key blocks:
            quest    the box bound over the block's queries (quest.quest_block_scores): an upper bound
                     on every logit between the two blocks;
            learned  the gate's score of the block's mean gate query (its rows' gate queries, each
-                    rotated to its own position, averaged): the mean of the rows' scores.
+                    rotated to its own position, averaged): the mean of the rows' scores;
+           lowrank  the mean over the block's rows of their approximate mass (lowrank.py).
          Every row of a query block sees the same key blocks, so the kernel computes exactly what it
          selected (blockshared.py): work = density.
-  row    each query row chooses from its own query (quest: each query head; learned: each kv head).
+  row    each query row chooses from its own query (quest, lowrank: each query head; learned: each kv head).
 A decoding step is one row, so it is row-wise by construction, whatever the granularity: cached
 generation equals a full recomputation with granularity row (tested), not with block (a block's
 choice in a full forward depends on rows that come after the decoded one). Both keep the fixed
@@ -28,6 +29,7 @@ import torch
 
 from .config import SparseConfig
 from .gate import BlockGate, unrope
+from .lowrank import LowRankIndexer
 from .pages import Pages
 from .patterns import Pattern, Selection
 from .pooling import pool_queries
@@ -61,9 +63,9 @@ def gate_scores(gate: BlockGate, q, p: Pattern, stats, rope, block: bool, real=N
 
 @torch.no_grad()
 def select(cfg: SparseConfig, q, k, p: Pattern, base, scale, pages: Pages | None = None,
-           gate: BlockGate | None = None, rope=None) -> Selection:
+           gate: BlockGate | None = None, rope=None, indexer: LowRankIndexer | None = None) -> Selection:
     """q (B, Hq, Tq, D), k (B, Hkv, Tk, D) -> the Selection of the config's variant (window, quest,
-    learned) at this call's granularity."""
+    learned, lowrank) at this call's granularity."""
     if cfg.variant == "window":
         return p.window_selection()
     b, hq, tq, _ = q.shape
@@ -80,6 +82,8 @@ def select(cfg: SparseConfig, q, k, p: Pattern, base, scale, pages: Pages | None
         elif cfg.variant == "learned":
             mass = mass.sum(2, keepdim=True)
         scores = mass.clamp_min(torch.finfo(mass.dtype).tiny).log()
+    elif cfg.variant == "lowrank":
+        scores = indexer.scores(q, k, p, base, scale, block, real)
     else:
         pages = pages or Pages(cfg.variant, cfg.gate_quest)
         meta = pages.get(k, p, rope)

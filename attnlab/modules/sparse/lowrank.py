@@ -1,0 +1,168 @@
+"""The low-rank indexer (variant: lowrank): a selection scored from every key, in r of D dimensions.
+
+Quest and the learned gate score a key block from a summary of it (a box, pooled keys). What a
+selection should keep is the block's attention mass, a sum over the block's own keys,
+
+    mass(p, j) = sum_{x in j} exp(q_p . k_x * scale) / Z_p,
+
+and no summary of the block can tell one sharp key from many moderate ones. The indexer (after the
+"lightning indexer" of DeepSeek Sparse Attention, and Loki's low-rank keys) computes the logits
+themselves, approximately, in r << D dimensions, for every key, and scores each block by its
+approximate mass.
+
+Which r dimensions. Per layer and kv head, the logit is the bilinear form q . k (q of any of the G
+query heads, after RoPE, as the attention uses them). Replace it by q W k with W of rank r. Over a
+query and a key drawn independently from the text (second moments C_q = E[q q^T], C_k = E[k k^T]):
+
+    E[(q (I - W) k)^2] = tr((I - W)^T C_q (I - W) C_k) = || C_q^(1/2) (I - W) C_k^(1/2) ||_F^2,
+
+so (Eckart-Young) the best W makes C_q^(1/2) W C_k^(1/2) the rank-r truncation U_r S_r V_r^T of
+M = C_q^(1/2) C_k^(1/2) (its SVD M = U S V^T):
+
+    W = A B^T,   A = C_q^(-1/2) U_r S_r^(1/2)  (D x r),   B = C_k^(-1/2) V_r S_r^(1/2)  (D x r).
+
+Fitted in closed form from the moments of a few dense forward passes (calibrate()): nothing is
+trained. With C_q = I it is the PCA of the keys (Loki); the queries' moments matter because a
+key direction the queries never read costs nothing to drop.
+
+The score. The approximate logits s(p, x) = (q_p A) . (k_x B) * scale; per row and query head,
+block j's score is log sum_{x in j} exp(s(p, x)), the log of its approximate mass up to the row's
+normaliser (a row ranks its own blocks, so the normaliser drops out): selection per query head,
+as Quest's (granularity row). Per query block (granularity block) the rows' approximate masses,
+normalised per row and summed over the G heads, are averaged over the block's rows (what the
+block oracle ranks by), then logged.
+
+Cost per row and query head: r multiply-adds per key, against 2 D per kept key for the sparse
+attention itself: at r = 16, D = 64 and density 1/4 the indexer is half the sparse attention's
+multiply-adds, over all keys in r dimensions (DeepSeek's indexer is O(T^2) too, in fewer heads
+and FP8). Memory: rows are scored in chunks of CHUNK. A decoding step projects the whole cache's
+keys again (r x D per key): not kept beside the cache yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..base import PluginError
+from .patterns import Pattern
+from .pooling import pool_queries
+
+CHUNK = 256            # query rows scored at once (memory ~ B x Hq x CHUNK x Tk)
+
+
+class LowRankIndexer(nn.Module):
+    """One layer's A, B (Hkv, D, r); zero until fitted (calibrate(), or a saved state loaded)."""
+
+    def __init__(self, head_dim: int, hkv: int, rank: int):
+        super().__init__()
+        if rank > head_dim:
+            raise PluginError(f"sparse option rank {rank} is above the head dimension {head_dim}: use rank <= {head_dim}")
+        self.wq = nn.Parameter(torch.zeros(hkv, head_dim, rank), requires_grad=False)
+        self.wk = nn.Parameter(torch.zeros(hkv, head_dim, rank), requires_grad=False)
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.wk.detach().abs().sum() > 0)
+
+    @torch.no_grad()
+    def fit(self, cq: torch.Tensor, ck: torch.Tensor) -> None:
+        """A, B from the second moments cq, ck (Hkv, D, D) (the module docstring's W = A B^T)."""
+        rank = self.wq.shape[-1]
+        hq, hk = _sqrt(cq), _sqrt(ck)
+        u, s, vh = torch.linalg.svd(hq @ hk)
+        root = s[..., :rank].sqrt()[..., None, :]
+        self.wq.copy_((_sqrt(cq, inverse=True) @ u[..., :rank] * root).to(self.wq.dtype))
+        self.wk.copy_((_sqrt(ck, inverse=True) @ vh.transpose(-1, -2)[..., :rank] * root).to(self.wk.dtype))
+
+    @torch.no_grad()
+    def scores(self, q, k, p: Pattern, base, scale: float, block: bool, real=None) -> torch.Tensor:
+        """q (B, Hq, Tq, D), k (B, Hkv, Tk, D) after RoPE -> (B, Hkv, G, Tq, nfull) per row and query
+        head, or (B, Hkv, 1, nq, nfull) per query block (module docstring)."""
+        if not self.fitted:
+            raise PluginError("the lowrank indexer is not fitted: call plugin.calibrate(sequences) (a few dense "
+                              "forward passes) or load a saved lowrank state first")
+        b, hq, tq, d = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        g, nfull, bs = hq // hkv, p.nfull, p.bs
+        kp = torch.einsum("bhtd,hdr->bhtr", k, self.wk)                               # (B, Hkv, Tk, r)
+        qp = torch.einsum("bhgtd,hdr->bhgtr", q.reshape(b, hkv, g, tq, d), self.wq)   # (B, Hkv, G, Tq, r)
+        kpos = torch.arange(tk, device=q.device)
+        out = q.new_full((b, hkv, g, tq, nfull), -torch.inf)
+        for r0 in range(0, tq, CHUNK):
+            r1 = min(tq, r0 + CHUNK)
+            s = (qp[:, :, :, r0:r1] @ kp[:, :, None].transpose(-1, -2)) * scale      # (B, Hkv, G, C, Tk)
+            ok = (kpos[None] <= p.qpos[r0:r1, None])[None, None, None]
+            if base is not None:
+                ok = ok & base[:, :, r0:r1][:, :, None]
+            s = s.masked_fill(~ok, -torch.inf)
+            if block:
+                s = s.softmax(-1).nan_to_num(0.0)         # each row's approximate attention, to average
+                out[:, :, :, r0:r1] = s[..., :nfull * bs].view(*s.shape[:-1], nfull, bs).sum(-1)
+            else:
+                out[:, :, :, r0:r1] = s[..., :nfull * bs].view(*s.shape[:-1], nfull, bs).logsumexp(-1)
+        if not block:
+            return out
+        mass = pool_queries(out.sum(2), p, "mean", real)                                # (B, Hkv, nq, nfull)
+        return mass.clamp_min(torch.finfo(mass.dtype).tiny).log()[:, :, None]
+
+
+def _sqrt(c: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """C^(1/2) or C^(-1/2) of symmetric positive semi-definite c (..., D, D), in float64; eigenvalues
+    below 1e-8 of the largest are raised to it (a direction the text never uses)."""
+    e, v = torch.linalg.eigh(c.double())
+    e = e.clamp_min(e.amax(-1, keepdim=True) * 1e-8)
+    return (v * e.pow(-0.5 if inverse else 0.5)[..., None, :]) @ v.transpose(-1, -2)
+
+
+class Moments:
+    """Accumulates, per patched layer, C_q and C_k (Hkv, D, D) over the real rows and keys of the
+    dense forward passes it records (the recorder hook of SparseLayer, as the cached teacher uses)."""
+
+    def __init__(self):
+        self.cq: dict[int, torch.Tensor] = {}
+        self.ck: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer, q, k, base, scale, p: Pattern) -> None:
+        b, hq, tq, d = q.shape
+        hkv = k.shape[1]
+        qf, kf = q.detach().double(), k.detach().double()
+        if base is not None:                            # padding rows and keys count for nothing
+            idx = torch.arange(tq, device=q.device)
+            real = base[:, 0, idx, idx + p.qoff]          # (B|1, Tq)
+            qf = qf * real[:, None, :, None]
+            kf = kf * base[:, 0].any(1)[:, None, :, None]
+        qg = qf.reshape(b, hkv, hq // hkv, tq, d).transpose(0, 1).reshape(hkv, -1, d)
+        kg = kf.transpose(0, 1).reshape(hkv, -1, d)
+        i = layer.layer_idx
+        self.cq[i] = self.cq.get(i, 0) + qg.transpose(-1, -2) @ qg
+        self.ck[i] = self.ck.get(i, 0) + kg.transpose(-1, -2) @ kg
+
+
+@torch.no_grad()
+def calibrate(model, plugin, sequences) -> dict:
+    """Fit every patched layer's indexer from one dense forward per sequence (1-D token tensors);
+    returns {'seconds', 'tokens'} of the pass."""
+    import time
+
+    layers = plugin.layers()
+    if any(not hasattr(layer, "indexer") for layer in layers):
+        raise PluginError("calibrate fits the lowrank indexer: attach sparse with variant 'lowrank'")
+    moments = Moments()
+    dev = next(model.parameters()).device
+    start, tokens = time.perf_counter(), 0
+    try:
+        for layer in layers:
+            layer.recorder = moments
+        with plugin.base_function():
+            for ids in sequences:
+                model(input_ids=ids.view(1, -1).to(dev), use_cache=False)
+                tokens += ids.numel()
+    finally:
+        for layer in layers:
+            layer.recorder = None
+    if not tokens:
+        raise PluginError("calibrate needs at least one sequence of tokens")
+    for layer in layers:
+        layer.indexer.fit(moments.cq[layer.layer_idx], moments.ck[layer.layer_idx])
+    return {"seconds": time.perf_counter() - start, "tokens": tokens}

@@ -1,0 +1,146 @@
+"""The low-rank indexer (variant lowrank, lowrank.py): its closed-form fit is the best rank-r bilinear
+form for the moments it is given, at full rank it selects what the oracle selects, and it behaves as
+every sparse variant must (padding, the KV cache, save and load, one-line errors)."""
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.modules.base import PluginError, load_weights
+from attnlab.modules.sparse import SparseConfig
+from attnlab.modules.sparse.lowrank import LowRankIndexer, _sqrt
+from attnlab.modules.sparse.patterns import Pattern
+from attnlab.modules.sparse.selection import select
+
+from .conftest import logits_of
+from .test_sparse import gap, ids
+
+
+def _moments(d: int, seed: int):
+    """Two anisotropic second-moment matrices (1, d, d) whose main directions differ."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+        scales = torch.logspace(1, -2, d, dtype=torch.float64)
+        out.append((basis * scales) @ basis.T)
+    return out[0][None], out[1][None]
+
+
+def _error(cq, ck, w):
+    """E[(q (I - W) k)^2] for independent q, k with these moments."""
+    e = torch.eye(w.shape[-1], dtype=torch.float64) - w
+    return (_sqrt(cq) @ e @ _sqrt(ck)).pow(2).sum().item()
+
+
+def _fitted(cq, ck, rank):
+    ix = LowRankIndexer(cq.shape[-1], 1, rank).double()
+    ix.fit(cq, ck)
+    return (ix.wq @ ix.wk.transpose(-1, -2))[0].detach()
+
+
+def test_at_full_rank_the_fit_reproduces_every_logit():
+    cq, ck = _moments(8, 0)
+    assert torch.allclose(_fitted(cq, ck, 8), torch.eye(8, dtype=torch.float64), atol=1e-8)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_the_fit_beats_the_keys_and_the_queries_own_principal_directions_at_equal_rank(rank):
+    cq, ck = _moments(8, 1)
+    fit = _error(cq, ck, _fitted(cq, ck, rank))
+    for c in (ck, cq):            # Loki's basis (the keys' PCA), and the queries' PCA
+        top = torch.linalg.eigh(c[0])[1][:, -rank:]
+        assert fit < _error(cq, ck, top @ top.T) * 0.99
+
+
+def _random_qk(seed=0, t=64, d=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, t, d, generator=g) * 1.5, torch.randn(1, 2, t, d, generator=g) * 1.5
+
+
+@pytest.mark.parametrize("granularity", ["row", "block"])
+def test_at_full_rank_the_indexer_selects_what_the_query_head_oracle_selects(granularity):
+    q, k = _random_qk()
+    p = Pattern(64, 64, 4, "cpu")
+    ix = LowRankIndexer(16, 2, 16)
+    qg = q.reshape(1, 2, -1, 16)[0]
+    ix.fit(qg.transpose(-1, -2).double() @ qg.double(), k[0].transpose(-1, -2).double() @ k[0].double())
+    common = dict(top_k=3, block_size=4, granularity=granularity)
+    mine = select(SparseConfig(variant="lowrank", rank=16, **common), q, k, p, None, 0.25, indexer=ix)
+    oracle = select(SparseConfig(variant="quest", oracle=True, **common), q, k, p, None, 0.25)
+    assert torch.equal(mine.idx.sort(-1).values, oracle.idx.sort(-1).values)
+
+
+def _calibrated(bb, **options):
+    plugin = attnlab.attach(bb.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4, **options)
+    plugin.calibrate([ids(40, batch=1, seed=s)[0] for s in range(3)])
+    return plugin
+
+
+def test_an_unfitted_indexer_is_one_line_naming_calibrate(tiny_llama):
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
+    with pytest.raises(PluginError, match=r"not fitted: call plugin.calibrate\(sequences\)"):
+        logits_of(tiny_llama.model, ids())
+    plugin.detach()
+
+
+def test_a_rank_above_the_head_dimension_is_refused_naming_the_limit(tiny_llama):
+    d = tiny_llama.model.config.hidden_size // tiny_llama.model.config.num_attention_heads
+    with pytest.raises(PluginError, match=f"rank {d + 1} is above the head dimension {d}: use rank <= {d}"):
+        attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", rank=d + 1)
+    assert tiny_llama.model.config._attn_implementation == "sdpa"      # the failed attach left nothing behind
+
+
+def test_calibration_changes_the_selection_and_really_skips_pairs(tiny_llama):
+    base = logits_of(tiny_llama.model, ids())
+    plugin = _calibrated(tiny_llama)
+    assert gap(logits_of(tiny_llama.model, ids()), base) > 1e-3
+    assert plugin.sparsity() > 0.2
+    plugin.detach()
+
+
+def test_gather_and_masked_kernels_agree_and_padding_does_not_leak(tiny):
+    plugin = _calibrated(tiny, kernel="gather")
+    lengths, pad = [37, 22, 9], tiny.tokenizer.pad_token_id
+    seqs = [ids(n, batch=1, seed=n)[0] for n in lengths]
+    x, mask = torch.full((3, 37), pad), torch.zeros(3, 37, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)], mask[i, :len(s)] = s, 1
+    with torch.no_grad():
+        batched = tiny.model(input_ids=x, attention_mask=mask).logits
+        for i, s in enumerate(seqs):
+            assert gap(batched[i, :len(s)], tiny.model(input_ids=s[None]).logits[0]) <= 1e-5
+    state = plugin.state_dict()
+    plugin.detach()
+    masked = attnlab.attach(tiny.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4, kernel="masked")
+    masked.load_state_dict(state)
+    with torch.no_grad():
+        assert gap(tiny.model(input_ids=x, attention_mask=mask).logits, batched) <= 1e-5
+    masked.detach()
+
+
+def test_kv_cache_generation_matches_no_cache(tiny):
+    plugin = _calibrated(tiny, granularity="row")
+    prompt = ids(26, batch=1, seed=3)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(tiny.model.generate(prompt, **kw), tiny.model.generate(prompt, use_cache=False, **kw))
+    plugin.detach()
+
+
+def test_the_fitted_indexer_saves_and_loads_with_the_plugin(tiny_llama, tmp_path):
+    plugin = _calibrated(tiny_llama)
+    before = logits_of(tiny_llama.model, ids())
+    plugin.save_pretrained(tmp_path / "lowrank")
+    plugin.detach()
+    again = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
+    again.load_state_dict(load_weights(tmp_path / "lowrank"))
+    assert torch.equal(logits_of(tiny_llama.model, ids()), before)
+    again.detach()
+
+
+def test_calibrate_is_refused_for_another_variant(tiny_llama):
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="quest", block_size=4, top_k=1)
+    with pytest.raises(PluginError, match="calibrate fits the lowrank indexer: attach sparse with variant 'lowrank'"):
+        plugin.calibrate([ids(40, batch=1)[0]])
+    plugin.detach()
