@@ -25,6 +25,11 @@ sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.p
     the same training examples, and is read on the same held-out examples: report.md adds that table
     and its comparisons at equal density (each selector with the same recovery budget).
 The cell's `train:` options are not used (the gate takes `steps` steps of its own).
+
+With `variant: lowrank` the block fits the low-rank indexer instead (modules/sparse/lowrank.py: closed
+form, from one dense pass over the first `sequences` training examples; nothing is trained, so the
+gate's rows, steps, lr, target and unit do not apply), and the held-out sweep reads lowrank in place
+of the learned selectors. A lowrank method needs the block: without it there is nothing to fit from.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ DEFAULTS = {"sequences": 64, "rows": 512, "steps": 2000, "lr": 3e-3, "heldout": 
 MAY_BE_ZERO = ("recover_steps",)
 CHOICES = {"target": ("peak", "mass"), "unit": ("row", "block")}     # the keys that name, with their values
 RECOVERED = ("window", "quest", "learned")      # the selectors recovery training is given to
-SHARED = ("block_size", "kernel", "granularity", "gate_dim", "gate_quest", "layers")
+SHARED = ("block_size", "kernel", "granularity", "gate_dim", "gate_quest", "rank", "layers")
+GATE_ONLY = ("rows", "steps", "lr", "target", "unit")   # the learned gate's keys: a lowrank fit has none
 # the benchmark's densities, and higher ones: short held-out blocks (few key blocks) never get sparser
 DENSITIES = quality.DENSITIES + (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -51,17 +57,24 @@ DENSITIES = quality.DENSITIES + (0.5, 0.6, 0.7, 0.8, 0.9)
 def distill_options(m: dict, where: str) -> dict | None:
     """The method's `distill:` block with its defaults filled (None without one); a bad block is one
     line naming the fix."""
+    lowrank = m.get("method") == "sparse" and m.get("variant") == "lowrank"
     if "distill" not in m:
+        if lowrank and not m.get("oracle"):
+            raise ConfigError(f"{where}: variant lowrank is fitted, not trained: add distill: {{sequences: 16}} "
+                              f"(the indexer's fit reads that many training examples)")
         return None
     d = m["distill"]
     if d is None:   # `distill:` with nothing after it: meant as the defaults, it used to train the gate online
         raise ConfigError(f"{where}.distill: is empty; write distill: {{}} for the defaults "
                           f"({', '.join(f'{k} {v}' for k, v in DEFAULTS.items())}), or remove the key")
-    if m.get("method") != "sparse" or m.get("variant", "learned") != "learned" or m.get("oracle"):
-        raise ConfigError(f"{where}.distill: distillation trains the learned gate; use it with method: sparse, "
-                          f"variant: learned (without oracle)")
+    if m.get("method") != "sparse" or m.get("variant", "learned") not in ("learned", "lowrank") or m.get("oracle"):
+        raise ConfigError(f"{where}.distill: distillation trains the learned gate (or fits the lowrank indexer); use "
+                          f"it with method: sparse, variant: learned or lowrank (without oracle)")
     if not isinstance(d, dict):
         raise ConfigError(f"{where}.distill: expected a mapping such as {{sequences: 64, steps: 2000}}, got {d!r}")
+    if lowrank and set(d) & set(GATE_ONLY):
+        raise ConfigError(f"{where}.distill: {sorted(set(d) & set(GATE_ONLY))} train the learned gate; the lowrank "
+                          f"indexer is fitted in closed form: keep sequences, heldout and recover_* only")
     unknown = sorted(set(d) - set(DEFAULTS) - set(CHOICES))
     if unknown:
         raise ConfigError(f"{where}.distill: unknown key(s) {unknown}; the keys are {', '.join([*DEFAULTS, *CHOICES])}")
@@ -76,6 +89,8 @@ def distill_options(m: dict, where: str) -> dict | None:
             raise ConfigError(f"{where}.distill.{k}: expected a {'non-negative' if low == 0 else 'positive'} "
                               f"{kind.__name__}, got {v!r}")
         out[k] = kind(v)
+    if lowrank:        # nothing of the gate's recipe applies to a closed-form fit
+        return {k: v for k, v in out.items() if k not in GATE_ONLY}
     return {**out, "target": d.get("target", "peak"), "unit": d.get("unit")}
 
 
@@ -84,12 +99,18 @@ def _sequences(examples, n: int) -> list[torch.Tensor]:
 
 
 def distil(plugin, splits, opts: dict, log) -> tuple[TrainResult, dict]:
-    """The attached learned plug-in's gates from the teacher over the first training examples; the
-    TrainResult the cell records (steps, teacher tokens, seconds) and the gate's record."""
+    """The attached learned plug-in's gates from the teacher over the first training examples (a
+    lowrank plug-in's indexer fitted from them); the TrainResult the cell records (steps, teacher
+    tokens, seconds) and the gate's record."""
     seqs = _sequences(splits.train, opts["sequences"])
     if not seqs:
         raise ConfigError("distill: the training split is empty; give the data more examples (n_train)")
     cfg = plugin.config
+    if getattr(cfg, "variant", "learned") == "lowrank":
+        log(f"[distill] fitting the rank-{cfg.rank} lowrank indexer from {len(seqs)} training sequences")
+        record = {"calibrate": plugin.calibrate(seqs)}
+        return TrainResult(steps=0, tokens=record["calibrate"]["tokens"],
+                           seconds=record["calibrate"]["seconds"]), record
     unit = opts.get("unit") or cfg.granularity
     need, what = shortest(unit, cfg.block_size)
     if max(len(s) for s in seqs) < need:   # else the teacher pass records nothing, and says so only after it
@@ -108,8 +129,9 @@ def heldout_sweep(model, splits, options, opts: dict, gate_state, gate_record: d
     intervals and the equal-density comparisons of benchmarks/sparse_quality.py."""
     seqs = _sequences(splits.eval, opts["heldout"])
     common = {k: getattr(options, k) for k in SHARED}
-    points = [(s, b) for s, bs in quality.budgets(options.block_size).items() for b in bs
-              if s in quality.DEFAULT_SELECTORS]
+    lowrank = options.variant == "lowrank"      # lowrank in place of the learned selectors (no gate was trained)
+    read = [s for s in quality.DEFAULT_SELECTORS if not (lowrank and s.startswith("learned"))] + ["lowrank"] * lowrank
+    points = [(s, b) for s, bs in quality.budgets(options.block_size).items() for b in bs if s in read]
     data = {"meta": {"length": max((len(s) for s in seqs), default=0), "block_size": options.block_size,
                      "heldout_sequences": list(range(len(seqs))), "distill": opts, "common": common},
             "gate": gate_record}
@@ -119,10 +141,10 @@ def heldout_sweep(model, splits, options, opts: dict, gate_state, gate_record: d
         from .modules.sparse.recovery import sweep_recovered
         rec = {"meta": {**data["meta"], "recover": {k: opts[k] for k in ("recover_steps", "recover_lr", "recover_r")}}}
         sweep_recovered(model, _sequences(splits.train, opts["sequences"]), dict(enumerate(seqs)),
-                        [(s, b) for s, b in points if s in RECOVERED], common, gate_state, rec, {},
+                        [(s, b) for s, b in points if s in RECOVERED + ("lowrank",)], common, gate_state, rec, {},
                         steps=opts["recover_steps"], lr=opts["recover_lr"], r=opts["recover_r"], log=log)
-        quality.summarise(rec, pairs=[("learned", "quest"), ("learned", "window"), ("quest", "window")],
-                          densities=DENSITIES)
+        own = "lowrank" if lowrank else "learned"
+        quality.summarise(rec, pairs=[(own, "quest"), (own, "window"), ("quest", "window")], densities=DENSITIES)
         data["recovered"] = rec
     return data
 
@@ -134,9 +156,11 @@ def report_lines(results: dict) -> list[str]:
     for c in results["cells"]:
         data = c.get("sparse_quality")
         if data:
-            lines += ["", f"## Distilled gate `{c['method']}` (seed {c['seed']}): density vs quality on the "
+            what = "Fitted lowrank indexer" if data["meta"]["common"].get("rank") and "calibrate" in (
+                data.get("gate") or {}) else "Distilled gate"
+            lines += ["", f"## {what} `{c['method']}` (seed {c['seed']}): density vs quality on the "
                       f"held-out test split", "",
-                      f"Distilled from the first {data['meta']['distill']['sequences']} training examples "
+                      f"{what.split()[0]} from the first {data['meta']['distill']['sequences']} training examples "
                       f"(`distill: {data['meta']['distill']}`); every selector on the patched layers with "
                       f"{', '.join(f'{k} {v}' for k, v in data['meta']['common'].items() if v is not None)}.", "",
                       quality.report(data)]

@@ -144,3 +144,41 @@ def test_calibrate_is_refused_for_another_variant(tiny_llama):
     with pytest.raises(PluginError, match="calibrate fits the lowrank indexer: attach sparse with variant 'lowrank'"):
         plugin.calibrate([ids(40, batch=1)[0]])
     plugin.detach()
+
+
+# --- attnlab run: the distill block fits the indexer, the held-out sweep reads it ------------------
+
+LOWRANK = {"name": "lowrank", "method": "sparse", "variant": "lowrank", "block_size": 8, "top_k": 1, "rank": 4,
+           "distill": {"sequences": 3, "heldout": 2}}
+
+
+def _run_config(method):
+    from .test_sparse_distill import CFG
+    return {**CFG, "name": "lowrank_run", "methods": [method]}
+
+
+def test_the_distill_block_fits_saves_and_reports_the_indexer_against_quest_and_the_oracle(tmp_path):
+    from attnlab.experiment import run_experiment
+    logs = []
+    res = run_experiment(_run_config(LOWRANK), out_root=tmp_path, log=logs.append)
+    cell = res["cells"][0]
+    assert any("fitting the rank-4 lowrank indexer from 3 training sequences" in line for line in logs)
+    assert cell["train"]["steps"] == 0 and cell["train"]["tokens"] == 3 * 64
+    read = {p["selector"] for p in cell["sparse_quality"]["points"].values()}
+    assert {"lowrank", "quest", "oracle", "window"} <= read and not any(s.startswith("learned") for s in read)
+    report = (tmp_path / "lowrank_run" / "report.md").read_text()
+    assert "## Fitted lowrank indexer `lowrank` (seed 0)" in report and "| lowrank | quest |" in report
+    bb = attnlab.load_backbone("tiny-llama")
+    plugin = attnlab.load_plugin(bb.model, tmp_path / "lowrank_run" / "lowrank" / "seed0" / "plugin")
+    assert all(layer.indexer.fitted for layer in plugin.layers())
+    plugin.detach()
+
+
+@pytest.mark.parametrize("method, message", [
+    ({k: v for k, v in LOWRANK.items() if k != "distill"}, "variant lowrank is fitted, not trained: add distill:"),
+    ({**LOWRANK, "distill": {"steps": 100}}, r"\['steps'\] train the learned gate; the lowrank indexer is fitted"),
+])
+def test_a_lowrank_method_without_a_fit_or_with_the_gates_recipe_is_one_line(method, message):
+    from attnlab.experiment import ConfigError, load_config
+    with pytest.raises(ConfigError, match=message):
+        load_config(_run_config(method))

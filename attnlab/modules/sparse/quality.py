@@ -196,7 +196,11 @@ def report(data: dict) -> str:
             cos = [r["grad_cosine"] for r in v.values()]
             lines.append(f"| {k.split(':')[0]} | {k.split(':')[1]} | {len(v)} | {sum(mse) / len(mse):.3g} | "
                          f"{sum(cos) / len(cos):.4f} | {min(cos):.4f} | {sum(c >= 0.95 for c in cos)}/{len(cos)} |")
-    if data.get("gate"):
+    fit = data.get("lowrank") or (data.get("gate") or {}).get("calibrate")    # benchmark, or `attnlab run`
+    if fit:
+        lines += ["", f"Lowrank indexer fit: one dense pass, {fit['seconds']:.0f} s for {fit['tokens']} tokens "
+                  f"({fit['seconds'] / fit['tokens'] * 1e3:.1f} ms/token); nothing trained."]
+    if data.get("gate") and "calibrate" not in data["gate"]:
         g = data["gate"]
         lines += ["", f"Gate distillation: teacher pass {g['teacher_seconds']:.0f} s for {g['tokens']} tokens "
                   f"({g['teacher_seconds_per_token'] * 1e3:.1f} ms/token), gate training {g['training_seconds']:.0f} s "
