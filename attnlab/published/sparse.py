@@ -181,7 +181,7 @@ def sparse_quality_rows(root: Path) -> list[str]:
                f"{_mark(False)} |")
     for length in ("2048_b32", "2048_b32_block", "4096_b32"):     # committed only once complete (in progress: runs/)
         if (root / f"benchmarks/results/sparse_quality_{length}.json").is_file():
-            out += v3_rows(root, length)
+            out += v3_rows(root, length) + lowrank_rows(root, length)
         if (root / f"benchmarks/results/{RECOVERED.format(length)}.json").is_file():
             out.append(recovered_row(root, length))
     return out
@@ -193,19 +193,24 @@ def _pair(root: Path, length: str, a: str, b: str, dens: float) -> dict:
 
 
 def sparse_road(root: Path, arg: str) -> str:
-    """`LENGTH|DENSITY`: the share of the road from Quest to the oracle that the gate covers at DENSITY
-    (issue 27's "half the road"), from the three point estimates against dense in log-perplexity,
+    """`LENGTH|DENSITY[|SELECTOR]`: the share of the road from Quest to the oracle that the gate (or
+    SELECTOR, e.g. lowrank) covers at DENSITY (issue 27's "half the road"), from the three point
+    estimates against dense in log-perplexity,
 
         share = (log PPL_quest - log PPL_gate) / (log PPL_quest - log PPL_oracle),
 
     0% at Quest, 100% at the oracle (negative: behind Quest). A point estimate: no interval."""
+    length, dens, *sel = arg.split("|")
+    return f"{100 * _road(root, length, float(dens), sel[0] if sel else 'learned'):.0f}%"
+
+
+def _road(root: Path, length: str, dens: float, selector: str) -> float:
     import math
 
-    length, dens = arg.split("|")
-    q, o, g = (math.log1p(_pair(root, length, s, "dense", float(dens))["change"]) for s in ("quest", "oracle", "learned"))
+    q, o, g = (math.log1p(_pair(root, length, s, "dense", dens)["change"]) for s in ("quest", "oracle", selector))
     if q - o <= 0:
         raise DataError(f"{_name(length)}: the oracle is not ahead of Quest at density {dens}: no road to measure")
-    return f"{100 * (q - g) / (q - o):.0f}%"
+    return (q - g) / (q - o)
 
 
 def v3_rows(root: Path, length: str) -> list[str]:
@@ -228,6 +233,30 @@ def v3_rows(root: Path, length: str) -> list[str]:
             f"| Sparse gate v3 vs Quest at block {m['block_size']}{' (both per query block)' if per_block else ''}, "
             f"density 0.25, {tokens} tokens (same run) | (the same) | "
             f"{sparse_compare(root, f'{length}|learned|quest|0.25')} | beats Quest outside noise {_mark(beats)} |"]
+
+
+def lowrank_rows(root: Path, length: str) -> list[str]:
+    """Issue 27's goals for the lowrank indexer (lowrank.py) where the run holds its points, at density
+    0.25: against dense (≤ +10% by the point estimate, a goal at 2048 tokens only), against Quest
+    (outside noise) and its share of the road from Quest to the oracle (half)."""
+    data = _quality(root, length)
+    if not any(p["selector"] == "lowrank" for p in data["points"].values()):
+        return []
+    m, tokens = data["meta"], data["meta"]["length"]
+    per_block = m.get("granularity") == "block"
+    what = (f"Sparse lowrank indexer (rank {m['lowrank']['rank']}, fitted in closed form on "
+            f"{m['lowrank']['calibrate']} training sequences, block {m['block_size']}"
+            + (", one choice per query block (the fast kernel's)" if per_block else "") + ")")
+    cmd = "; ".join(f"`{c}`" for c in m["commands"] if "lowrank" in c)
+    dense, quest = _pair(root, length, "lowrank", "dense", 0.25), _pair(root, length, "lowrank", "quest", 0.25)
+    beats, road = quest["hi"] < 0 and quest["t_hi"] < 0, _road(root, length, 0.25, "lowrank")
+    return [f"| {what}, perplexity vs dense at density 0.25 (interpolated per sequence), {tokens} tokens, "
+            f"{measured_on(data, root)} | {cmd} | {sparse_compare(root, f'{length}|lowrank|dense|0.25')} | "
+            + (f"≤ +10% (point estimate) {_mark(dense['change'] <= 0.10)} |" if tokens == 2048 else "no goal at this length |"),
+            f"| {what} vs Quest{' per query block' if per_block else ''}, density 0.25, {tokens} tokens (same run) | "
+            f"(the same) | {sparse_compare(root, f'{length}|lowrank|quest|0.25')} | beats Quest outside noise {_mark(beats)} |",
+            f"| {what}: its share of the road from Quest to the oracle (log-perplexity, point estimate), density "
+            f"0.25, {tokens} tokens (same run) | (the same) | {100 * road:.0f}% | half {_mark(road >= 0.5)} |"]
 
 
 RECOVERED = "sparse_recovery/sparse_quality_{}_recovered"     # the v3 run's points after recovery training

@@ -3,7 +3,8 @@ the held-out ones the docs report): every JSON of benchmarks/results/sparse_gate
 `benchmarks/sparse_quality.py --split validation` run. `reference.json` holds dense and the
 selectors that need no training (quest, oracle, window); `reference_<tag>.json` more of them with
 other settings (e.g. reference_b32.json: the oracle at block size 32), rows named `selector·<tag>`;
-every other file one distilled gate (selectors learned and learned-mass), named by its file. Each gate is merged with the reference on
+every other file one distilled gate (selectors learned and learned-mass) or one fitted lowrank indexer,
+named by its file. Each gate is merged with the reference on
 the sequences both read and compared at equal density by the benchmark's own summary
 (quality.compare: per sequence, NLL per token interpolated in density; paired over sequences)."""
 
@@ -38,7 +39,7 @@ def _runs(root: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
 
 
 def merged(ref: dict, run: dict, name: str, tag: str | None = None) -> dict:
-    """The reference's points and the run's learned points (renamed `name`, `name·mass`), or with a
+    """The reference's points and the run's learned (or lowrank) points (renamed `name`, `name·mass`), or with a
     tag (another reference, at another block size, say) its every selector as `selector·tag`, in one
     data dict; refused when the two were read on different text, length, split or sequences' dense
     NLL (a different block size is allowed: the comparisons are at equal density)."""
@@ -65,10 +66,13 @@ def _pct(c: dict) -> str:
 
 
 def _recipe(meta: dict) -> str:
+    block = f", block {meta['block_size']}" if meta.get("block_size", 64) != 64 else ""
+    if "lowrank" in meta:         # a fitted indexer (lowrank.py), not a distilled gate
+        lr = meta["lowrank"]
+        return f"lowrank indexer, rank {lr['rank']}, fitted on {lr['calibrate']} seq, {meta.get('granularity', 'row')}{block}"
     g = meta["gate"]
     extra = ", ".join(f"{k} {v}" for k, v in g.items() if k not in ("rows", "steps", "lr", "dim"))
     text = "" if meta.get("train_text", meta["text"]) == meta["text"] else f" of {Path(meta['train_text']).name}"
-    block = f", block {meta['block_size']}" if meta.get("block_size", 64) != 64 else ""
     return (f"{len(meta['train_sequences'])} seq{text}, {g['rows']} rows, {g['steps']} steps, lr {g['lr']}, "
             f"width {g['dim']}, {meta.get('granularity', 'row')}{block}" + (f", {extra}" if extra else ""))
 
