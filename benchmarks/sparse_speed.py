@@ -46,11 +46,23 @@ from sparse_kernel import timed  # noqa: E402
 TOP_K = 6
 
 
-def options(T: int) -> dict[str, dict]:
+VARIANTS = ("window", "quest", "learned")    # the default: the committed runs' (lowrank: --variants)
+
+
+def options(T: int, variants=VARIANTS) -> dict[str, dict]:
     bs = max(64, 64 * T // 4096)
-    return {"window": dict(variant="window", window=T // 8, sinks=4, block_size=bs),
-            "quest": dict(variant="quest", top_k=TOP_K, block_size=bs),
-            "learned": dict(variant="learned", top_k=TOP_K, block_size=bs, gate_dim=32)}   # as committed
+    every = {"window": dict(variant="window", window=T // 8, sinks=4, block_size=bs),
+             "quest": dict(variant="quest", top_k=TOP_K, block_size=bs),
+             "learned": dict(variant="learned", top_k=TOP_K, block_size=bs, gate_dim=32),   # as committed
+             "lowrank": dict(variant="lowrank", top_k=TOP_K, block_size=bs, rank=16)}
+    return {name: every[name] for name in variants}
+
+
+def fit(model, plugin, T: int) -> None:
+    """A lowrank plug-in's indexer fitted on one random sequence of the random model (its cost does
+    not depend on the fit; an unfitted indexer refuses to select)."""
+    if plugin.config.variant == "lowrank":
+        plugin.calibrate([torch.randint(0, model.config.vocab_size, (T,), generator=torch.Generator().manual_seed(1))])
 
 
 def record_qkv(model, T: int):
@@ -70,14 +82,15 @@ def record_qkv(model, T: int):
     return kept["qkv"]
 
 
-def attention_rows(model, T: int, repeat: int) -> list[dict]:
+def attention_rows(model, T: int, repeat: int, variants=VARIANTS) -> list[dict]:
     q0, k0, v0 = record_qkv(model, T)
     q, k, v = (x.requires_grad_(True) for x in (q0, k0, v0))
     scale = q.shape[-1] ** -0.5
     fns = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)}
     info = {"dense-sdpa": {"density": 1.0, "work": 1.0}}
-    for name, opts in options(T).items():
+    for name, opts in options(T, variants).items():
         plugin = attach(model, "sparse", **opts)
+        fit(model, plugin, T)
         layer = plugin.layers()[0]
         fns[name] = lambda layer=layer: layer(q, k, v, None, scale)
         with torch.no_grad():
@@ -282,6 +295,8 @@ def main(argv=None):
     ap.add_argument("--parts", nargs="+", default=["attention", "body", "decode"],
                     choices=["attention", "body", "decode", "flex"], help="flex: compiled FlexAttention inference "
                     "against the gather kernel (not in the default: the first compile takes minutes)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, "lowrank"],
+                    help="the sparse variants of part 1 (attention); lowrank is fitted on one random sequence")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_speed.json"))
     ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's JSON (of --parts, "
                     "when given)")
@@ -307,7 +322,7 @@ def main(argv=None):
         if part in args.parts:
             model = build_model("smollm2-135m", random_weights=True, layers=layers)
             for T in lengths:
-                rows += measure(model, T, args.repeat)
+                rows += measure(model, T, args.repeat, *([args.variants] if part == "attention" else []))
                 save()
     save()
     print(json.dumps(meta))

@@ -58,17 +58,31 @@ def _random_qk(seed=0, t=64, d=16):
     return torch.randn(1, 4, t, d, generator=g) * 1.5, torch.randn(1, 2, t, d, generator=g) * 1.5
 
 
-@pytest.mark.parametrize("granularity", ["row", "block"])
-def test_at_full_rank_the_indexer_selects_what_the_query_head_oracle_selects(granularity):
-    q, k = _random_qk()
-    p = Pattern(64, 64, 4, "cpu")
+def _full_rank(q, k):
     ix = LowRankIndexer(16, 2, 16)
     qg = q.reshape(1, 2, -1, 16)[0]
     ix.fit(qg.transpose(-1, -2).double() @ qg.double(), k[0].transpose(-1, -2).double() @ k[0].double())
-    common = dict(top_k=3, block_size=4, granularity=granularity)
-    mine = select(SparseConfig(variant="lowrank", rank=16, **common), q, k, p, None, 0.25, indexer=ix)
+    return ix
+
+
+def test_at_full_rank_the_indexer_selects_per_row_what_the_query_head_oracle_selects():
+    q, k = _random_qk()
+    p = Pattern(64, 64, 4, "cpu")
+    common = dict(top_k=3, block_size=4, granularity="row")
+    mine = select(SparseConfig(variant="lowrank", rank=16, **common), q, k, p, None, 0.25, indexer=_full_rank(q, k))
     oracle = select(SparseConfig(variant="quest", oracle=True, **common), q, k, p, None, 0.25)
     assert torch.equal(mine.idx.sort(-1).values, oracle.idx.sort(-1).values)
+
+
+def test_at_full_rank_a_query_block_scores_the_true_attention_its_mean_query_gives_the_blocks_before_it():
+    q, k = _random_qk()
+    p = Pattern(64, 64, 4, "cpu")
+    got = _full_rank(q, k).scores(q, k, p, None, 0.25, block=True)[0, :, 0]          # (Hkv, nq, nfull)
+    qbar = q[0].view(4, 16, 4, 16).mean(2)                                            # (Hq, nq, D)
+    for i in (3, 9, 15):                      # query block i sees keys 0 .. 4i-1 as a whole
+        w = (qbar[:, i, None] @ k[0].repeat_interleave(2, 0)[:, :4 * i].transpose(-1, -2) * 0.25).softmax(-1)
+        want = w.view(2, 2, i, 4).sum((1, 3))                                          # (Hkv, i blocks)
+        assert torch.allclose(got[:, i, :i].exp(), want, atol=1e-5)
 
 
 def _calibrated(bb, **options):

@@ -28,15 +28,22 @@ key direction the queries never read costs nothing to drop.
 The score. The approximate logits s(p, x) = (q_p A) . (k_x B) * scale; per row and query head,
 block j's score is log sum_{x in j} exp(s(p, x)), the log of its approximate mass up to the row's
 normaliser (a row ranks its own blocks, so the normaliser drops out): selection per query head,
-as Quest's (granularity row). Per query block (granularity block) the rows' approximate masses,
-normalised per row and summed over the G heads, are averaged over the block's rows (what the
-block oracle ranks by), then logged.
+as Quest's (granularity row). Cost per row and query head: r multiply-adds and one exponential
+per earlier key, against 2 D multiply-adds per kept key for the sparse attention itself (at r = 16,
+D = 64, density 1/4: half of it, and the exponentials on top). That is what a decoding step pays
+(one row); rows are scored in chunks of CHUNK.
 
-Cost per row and query head: r multiply-adds per key, against 2 D per kept key for the sparse
-attention itself: at r = 16, D = 64 and density 1/4 the indexer is half the sparse attention's
-multiply-adds, over all keys in r dimensions (DeepSeek's indexer is O(T^2) too, in fewer heads
-and FP8). Memory: rows are scored in chunks of CHUNK. A decoding step projects the whole cache's
-keys again (r x D per key): not kept beside the cache yet.
+Per query block (granularity block, the prefill kernel's unit) scoring every row would cost more
+than the dense attention it saves, so the block's queries are pooled first. The logit is linear in
+the query, so the mean of the block's rows' logits for key x is exactly the pooled query's,
+s(qbar_i, x) with qbar_i the mean of the block's (real) rows; the approximation is taking the
+softmax of the mean logit for the mean of the rows' softmaxes. Per query head the pooled query's
+approximate attention over the keys before the block (every row of block i sees all of them), summed
+over each candidate block and over the G heads of the kv head, is the block's score (logged):
+
+    score(i, j) = log sum_g [ sum_{x in j} exp(s_g(qbar_i, x)) / sum_{x < start_i} exp(s_g(qbar_i, x)) ],
+
+nq rows instead of Tq: the cost falls by the block size.
 """
 
 from __future__ import annotations
@@ -86,8 +93,18 @@ class LowRankIndexer(nn.Module):
         hkv, tk = k.shape[1], k.shape[2]
         g, nfull, bs = hq // hkv, p.nfull, p.bs
         kp = torch.einsum("bhtd,hdr->bhtr", k, self.wk)                               # (B, Hkv, Tk, r)
-        qp = torch.einsum("bhgtd,hdr->bhgtr", q.reshape(b, hkv, g, tq, d), self.wq)   # (B, Hkv, G, Tq, r)
         kpos = torch.arange(tk, device=q.device)
+        if block:
+            qbar = pool_queries(q, p, "mean", real)                                     # (B, Hq, nq, D)
+            qp = torch.einsum("bhgtd,hdr->bhgtr", qbar.reshape(b, hkv, g, p.nq, d), self.wq)
+            s = (qp @ kp[:, :, None].transpose(-1, -2)) * scale                        # (B, Hkv, G, nq, Tk)
+            ok = (kpos[None] < p.qblocks[:, None] * bs)[None, None, None]             # keys before the block
+            if base is not None:                                                       # padding keys: none
+                ok = ok & base[:, :1].any(2)[:, :, None, None]
+            w = s.masked_fill(~ok, -torch.inf).softmax(-1).nan_to_num(0.0)
+            mass = w[..., :nfull * bs].view(*w.shape[:-1], nfull, bs).sum((-1, 2))    # (B, Hkv, nq, nfull)
+            return mass.clamp_min(torch.finfo(mass.dtype).tiny).log()[:, :, None]
+        qp = torch.einsum("bhgtd,hdr->bhgtr", q.reshape(b, hkv, g, tq, d), self.wq)   # (B, Hkv, G, Tq, r)
         out = q.new_full((b, hkv, g, tq, nfull), -torch.inf)
         for r0 in range(0, tq, CHUNK):
             r1 = min(tq, r0 + CHUNK)
@@ -96,15 +113,8 @@ class LowRankIndexer(nn.Module):
             if base is not None:
                 ok = ok & base[:, :, r0:r1][:, :, None]
             s = s.masked_fill(~ok, -torch.inf)
-            if block:
-                s = s.softmax(-1).nan_to_num(0.0)         # each row's approximate attention, to average
-                out[:, :, :, r0:r1] = s[..., :nfull * bs].view(*s.shape[:-1], nfull, bs).sum(-1)
-            else:
-                out[:, :, :, r0:r1] = s[..., :nfull * bs].view(*s.shape[:-1], nfull, bs).logsumexp(-1)
-        if not block:
-            return out
-        mass = pool_queries(out.sum(2), p, "mean", real)                                # (B, Hkv, nq, nfull)
-        return mass.clamp_min(torch.finfo(mass.dtype).tiny).log()[:, :, None]
+            out[:, :, :, r0:r1] = s[..., :nfull * bs].view(*s.shape[:-1], nfull, bs).logsumexp(-1)
+        return out
 
 
 def _sqrt(c: torch.Tensor, inverse: bool = False) -> torch.Tensor:
