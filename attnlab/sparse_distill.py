@@ -102,9 +102,12 @@ def distil(plugin, splits, opts: dict, log) -> tuple[TrainResult, dict]:
     """The attached learned plug-in's gates from the teacher over the first training examples (a
     lowrank plug-in's indexer fitted from them); the TrainResult the cell records (steps, teacher
     tokens, seconds) and the gate's record."""
+    for key, split, n in (("sequences", splits.train, "n_train"), ("heldout", splits.eval, "n_eval")):
+        if opts[key] > len(split):     # else it reads fewer than the report says it read
+            raise ConfigError(f"distill.{key}: {opts[key]} is above the {len(split)} examples of the "
+                              f"{'training' if key == 'sequences' else 'test'} split: use {key}: {len(split)} or "
+                              f"fewer, or raise data.{n}")
     seqs = _sequences(splits.train, opts["sequences"])
-    if not seqs:
-        raise ConfigError("distill: the training split is empty; give the data more examples (n_train)")
     cfg = plugin.config
     if getattr(cfg, "variant", "learned") == "lowrank":
         log(f"[distill] fitting the rank-{cfg.rank} lowrank indexer from {len(seqs)} training sequences")

@@ -146,6 +146,54 @@ def test_calibrate_is_refused_for_another_variant(tiny_llama):
     plugin.detach()
 
 
+@pytest.mark.parametrize("sequences", [
+    [torch.tensor([], dtype=torch.long)],            # an empty sequence
+    ids(40, batch=1)[0],                             # one sequence, not a list of them: 40 one-token passes
+    [ids(40, batch=2)],                              # a batch as one sequence: its rows run together
+    [torch.rand(40)],                                # not token ids
+    [[5, 6, 7]],                                     # not a tensor
+], ids=["empty", "bare-1-d", "2-d", "float", "list"])
+def test_calibrate_refuses_anything_but_a_list_of_1d_token_tensors_and_fits_nothing(tiny_llama, sequences):
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
+    with pytest.raises(PluginError, match=r"give a list of 1-D tensors of token ids.*one sequence: \[ids\]"):
+        plugin.calibrate(sequences)
+    assert not any(layer.indexer.fitted for layer in plugin.layers())
+    plugin.detach()
+
+
+def test_a_boolean_rank_is_refused_not_read_as_rank_1():
+    with pytest.raises(PluginError, match="sparse option rank must be an integer >= 1, got True"):
+        SparseConfig(variant="lowrank", rank=True)
+
+
+def test_saving_an_unfitted_indexer_is_refused_naming_calibrate_and_writes_nothing(tiny_llama, tmp_path):
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
+    with pytest.raises(PluginError, match=r"not fitted, so there is nothing to save: call plugin.calibrate"):
+        plugin.save_pretrained(tmp_path / "lowrank")
+    assert not (tmp_path / "lowrank").exists()
+    plugin.detach()
+
+
+@pytest.mark.parametrize("saved, loading, message", [
+    ("lowrank", {"variant": "lowrank", "rank": 8}, "fitted at rank 4; attach sparse with rank=4 to load it"),
+    ("lowrank", {"variant": "learned"}, "are a lowrank indexer; attach sparse with variant='lowrank'"),
+    ("lowrank", {"variant": "quest"}, "are a lowrank indexer; attach sparse with variant='lowrank'"),
+    ("learned", {"variant": "lowrank", "rank": 4}, "are a learned gate; attach sparse with variant='learned'"),
+    ("quest", {"variant": "lowrank", "rank": 4}, r"hold no lowrank indexer .* or fit it with plugin.calibrate"),
+])
+def test_weights_of_another_variant_or_rank_are_refused_naming_the_option(tiny_llama, saved, loading, message):
+    if saved == "lowrank":
+        plugin = _calibrated(tiny_llama)
+    else:
+        plugin = attnlab.attach(tiny_llama.model, "sparse", variant=saved, block_size=4, top_k=1)
+    state = plugin.state_dict()
+    plugin.detach()
+    other = attnlab.attach(tiny_llama.model, "sparse", block_size=4, top_k=1, **loading)
+    with pytest.raises(PluginError, match=message):
+        other.load_state_dict(state)
+    other.detach()
+
+
 # --- attnlab run: the distill block fits the indexer, the held-out sweep reads it ------------------
 
 LOWRANK = {"name": "lowrank", "method": "sparse", "variant": "lowrank", "block_size": 8, "top_k": 1, "rank": 4,
@@ -182,3 +230,17 @@ def test_a_lowrank_method_without_a_fit_or_with_the_gates_recipe_is_one_line(met
     from attnlab.experiment import ConfigError, load_config
     with pytest.raises(ConfigError, match=message):
         load_config(_run_config(method))
+
+
+@pytest.mark.parametrize("distill, message", [
+    ({"sequences": 5, "heldout": 2}, "distill.sequences: 5 is above the 4 examples of the training split: use "
+                                     "sequences: 4 or fewer, or raise data.n_train"),
+    ({"sequences": 3, "heldout": 3}, "distill.heldout: 3 is above the 2 examples of the test split"),
+])
+def test_a_fit_or_sweep_asking_more_examples_than_the_split_holds_is_one_line_not_a_smaller_run(tmp_path, distill,
+                                                                                               message):
+    from attnlab.experiment import ConfigError, run_experiment
+    logs = []
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(_run_config({**LOWRANK, "distill": distill}), out_root=tmp_path, log=logs.append)
+    assert not any("fitting the rank-4 lowrank indexer" in line for line in logs)

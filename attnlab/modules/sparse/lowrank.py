@@ -148,6 +148,13 @@ def calibrate(model, plugin, sequences) -> dict:
     layers = plugin.layers()
     if any(not hasattr(layer, "indexer") for layer in layers):
         raise PluginError("calibrate fits the lowrank indexer: attach sparse with variant 'lowrank'")
+    sequences = list(sequences)
+    for i, ids in enumerate(sequences):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() or not ids.numel():
+            what = (f"tensor of shape {tuple(ids.shape)}, {ids.dtype}" if isinstance(ids, torch.Tensor)
+                    else type(ids).__name__)
+            raise PluginError(f"calibrate: sequence {i} is a {what}; give a list of 1-D tensors of token ids, "
+                              f"each at least one token long (one sequence: [ids]; a batch: list(batch))")
     moments = Moments()
     dev = next(model.parameters()).device
     start, tokens = time.perf_counter(), 0
