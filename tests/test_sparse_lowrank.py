@@ -161,6 +161,17 @@ def test_calibrate_refuses_anything_but_a_list_of_1d_token_tensors_and_fits_noth
     plugin.detach()
 
 
+def test_calibrate_refuses_fewer_tokens_than_the_head_dimension_where_unseen_key_directions_would_blow_up(tiny_llama):
+    d = tiny_llama.model.config.hidden_size // tiny_llama.model.config.num_attention_heads
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
+    with pytest.raises(PluginError, match=f"calibrate: 3 tokens are fewer than the head dimension {d}.*at least {d}"):
+        plugin.calibrate([ids(2, batch=1)[0], ids(1, batch=1)[0]])
+    assert not any(layer.indexer.fitted for layer in plugin.layers())
+    plugin.calibrate([ids(d, batch=1)[0]])
+    assert all(layer.indexer.fitted for layer in plugin.layers())
+    plugin.detach()
+
+
 def test_a_boolean_rank_is_refused_not_read_as_rank_1():
     with pytest.raises(PluginError, match="sparse option rank must be an integer >= 1, got True"):
         SparseConfig(variant="lowrank", rank=True)

@@ -142,7 +142,8 @@ class Moments:
 @torch.no_grad()
 def calibrate(model, plugin, sequences) -> dict:
     """Fit every patched layer's indexer from one dense forward per sequence (1-D token tensors);
-    returns {'seconds', 'tokens'} of the pass."""
+    returns {'seconds', 'tokens'} of the pass. Fewer keys than the head dimension D leave C_k singular
+    (directions no key took, which C_k^(-1/2) would blow up): refused."""
     import time
 
     layers = plugin.layers()
@@ -155,6 +156,12 @@ def calibrate(model, plugin, sequences) -> dict:
                     else type(ids).__name__)
             raise PluginError(f"calibrate: sequence {i} is a {what}; give a list of 1-D tensors of token ids, "
                               f"each at least one token long (one sequence: [ids]; a batch: list(batch))")
+    if not sequences:
+        raise PluginError("calibrate needs at least one sequence of tokens")
+    d, seen = layers[0].indexer.wq.shape[1], sum(ids.numel() for ids in sequences)
+    if seen < d:
+        raise PluginError(f"calibrate: {seen} tokens are fewer than the head dimension {d}, so some key directions "
+                          f"are never seen: give at least {d} tokens (a few sequences of hundreds is the intended use)")
     moments = Moments()
     dev = next(model.parameters()).device
     start, tokens = time.perf_counter(), 0
@@ -168,8 +175,6 @@ def calibrate(model, plugin, sequences) -> dict:
     finally:
         for layer in layers:
             layer.recorder = None
-    if not tokens:
-        raise PluginError("calibrate needs at least one sequence of tokens")
     for layer in layers:
         layer.indexer.fit(moments.cq[layer.layer_idx], moments.ck[layer.layer_idx])
     return {"seconds": time.perf_counter() - start, "tokens": tokens}
