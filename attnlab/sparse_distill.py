@@ -72,6 +72,9 @@ def distill_options(m: dict, where: str) -> dict | None:
                           f"it with method: sparse, variant: learned or lowrank (without oracle)")
     if not isinstance(d, dict):
         raise ConfigError(f"{where}.distill: expected a mapping such as {{sequences: 64, steps: 2000}}, got {d!r}")
+    if m.get("train_modules"):     # else saved untrained: the block replaces the online training that trains them
+        raise ConfigError(f"{where}: train_modules are trained online, and a distill: block trains nothing online: "
+                          f"drop train_modules (distill.recover_steps gives each budget trained adapters instead)")
     if lowrank and set(d) & set(GATE_ONLY):
         raise ConfigError(f"{where}.distill: {sorted(set(d) & set(GATE_ONLY))} train the learned gate; the lowrank "
                           f"indexer is fitted in closed form: keep sequences, heldout and recover_* only")

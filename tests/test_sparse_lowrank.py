@@ -236,8 +236,9 @@ def test_the_distill_block_fits_saves_and_reports_the_indexer_against_quest_and_
 @pytest.mark.parametrize("method, message", [
     ({k: v for k, v in LOWRANK.items() if k != "distill"}, "variant lowrank is fitted, not trained: add distill:"),
     ({**LOWRANK, "distill": {"steps": 100}}, r"\['steps'\] train the learned gate; the lowrank indexer is fitted"),
+    ({**LOWRANK, "train_modules": ["model.layers.0.mlp"]}, "train_modules are trained online, and a distill: block"),
 ])
-def test_a_lowrank_method_without_a_fit_or_with_the_gates_recipe_is_one_line(method, message):
+def test_a_lowrank_method_without_a_fit_or_with_the_gates_recipe_or_train_modules_is_one_line(method, message):
     from attnlab.experiment import ConfigError, load_config
     with pytest.raises(ConfigError, match=message):
         load_config(_run_config(method))
