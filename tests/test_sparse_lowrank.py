@@ -146,16 +146,22 @@ def test_calibrate_is_refused_for_another_variant(tiny_llama):
     plugin.detach()
 
 
-@pytest.mark.parametrize("sequences", [
-    [torch.tensor([], dtype=torch.long)],            # an empty sequence
-    ids(40, batch=1)[0],                             # one sequence, not a list of them: 40 one-token passes
-    [ids(40, batch=2)],                              # a batch as one sequence: its rows run together
-    [torch.rand(40)],                                # not token ids
-    [[5, 6, 7]],                                     # not a tensor
-], ids=["empty", "bare-1-d", "2-d", "float", "list"])
-def test_calibrate_refuses_anything_but_a_list_of_1d_token_tensors_and_fits_nothing(tiny_llama, sequences):
+SHAPE = r"give a list of 1-D tensors of token ids.*one sequence: \[ids\]"
+
+
+@pytest.mark.parametrize("sequences, message", [
+    ([torch.tensor([], dtype=torch.long)], SHAPE),       # an empty sequence
+    (ids(40, batch=1)[0], SHAPE),                         # one sequence, not a list of them: 40 one-token passes
+    ([ids(40, batch=2)], SHAPE),                          # a batch as one sequence: its rows run together
+    ([torch.rand(40)], SHAPE),                            # not token ids
+    ([[5, 6, 7]], SHAPE),                                 # not a tensor
+    ([torch.full((40,), 300)], r"outside the model's vocabulary 0..258: tokenize with the backbone's tokenizer"),
+    ([torch.full((40,), -1)], "outside the model's vocabulary"),
+    ([ids(600, batch=1)[0]], "sequence 0 has 600 tokens, past the 512 positions the model reads: cut it to at most 512"),
+], ids=["empty", "bare-1-d", "2-d", "float", "list", "past-vocab", "negative", "past-positions"])
+def test_calibrate_refuses_anything_but_a_list_of_1d_token_tensors_and_fits_nothing(tiny_llama, sequences, message):
     plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
-    with pytest.raises(PluginError, match=r"give a list of 1-D tensors of token ids.*one sequence: \[ids\]"):
+    with pytest.raises(PluginError, match=message):
         plugin.calibrate(sequences)
     assert not any(layer.indexer.fitted for layer in plugin.layers())
     plugin.detach()

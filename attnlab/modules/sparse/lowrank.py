@@ -149,19 +149,7 @@ def calibrate(model, plugin, sequences) -> dict:
     layers = plugin.layers()
     if any(not hasattr(layer, "indexer") for layer in layers):
         raise PluginError("calibrate fits the lowrank indexer: attach sparse with variant 'lowrank'")
-    sequences = list(sequences)
-    for i, ids in enumerate(sequences):
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() or not ids.numel():
-            what = (f"tensor of shape {tuple(ids.shape)}, {ids.dtype}" if isinstance(ids, torch.Tensor)
-                    else type(ids).__name__)
-            raise PluginError(f"calibrate: sequence {i} is a {what}; give a list of 1-D tensors of token ids, "
-                              f"each at least one token long (one sequence: [ids]; a batch: list(batch))")
-    if not sequences:
-        raise PluginError("calibrate needs at least one sequence of tokens")
-    d, seen = layers[0].indexer.wq.shape[1], sum(ids.numel() for ids in sequences)
-    if seen < d:
-        raise PluginError(f"calibrate: {seen} tokens are fewer than the head dimension {d}, so some key directions "
-                          f"are never seen: give at least {d} tokens (a few sequences of hundreds is the intended use)")
+    sequences = _checked(model, list(sequences), layers[0].indexer.wq.shape[1])
     moments = Moments()
     dev = next(model.parameters()).device
     start, tokens = time.perf_counter(), 0
@@ -178,3 +166,30 @@ def calibrate(model, plugin, sequences) -> dict:
     for layer in layers:
         layer.indexer.fit(moments.cq[layer.layer_idx], moments.ck[layer.layer_idx])
     return {"seconds": time.perf_counter() - start, "tokens": tokens}
+
+
+def _checked(model, sequences: list, d: int) -> list:
+    """calibrate's sequences, refused in one line naming the fix unless each is a 1-D tensor of the
+    model's token ids, within its positions, and together at least d (the head dimension) tokens."""
+    from ...backbone import max_positions
+
+    limit, vocab = max_positions(model), model.get_input_embeddings().num_embeddings
+    for i, ids in enumerate(sequences):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() or not ids.numel():
+            what = (f"tensor of shape {tuple(ids.shape)}, {ids.dtype}" if isinstance(ids, torch.Tensor)
+                    else type(ids).__name__)
+            raise PluginError(f"calibrate: sequence {i} is a {what}; give a list of 1-D tensors of token ids, "
+                              f"each at least one token long (one sequence: [ids]; a batch: list(batch))")
+        if limit is not None and ids.numel() > limit:
+            raise PluginError(f"calibrate: sequence {i} has {ids.numel()} tokens, past the {limit} positions the "
+                              f"model reads: cut it to at most {limit}")
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise PluginError(f"calibrate: sequence {i} holds token ids outside the model's vocabulary 0..{vocab - 1}:"
+                              f" tokenize with the backbone's tokenizer")
+    if not sequences:
+        raise PluginError("calibrate needs at least one sequence of tokens")
+    seen = sum(ids.numel() for ids in sequences)
+    if seen < d:
+        raise PluginError(f"calibrate: {seen} tokens are fewer than the head dimension {d}, so some key directions "
+                          f"are never seen: give at least {d} tokens (a few sequences of hundreds is the intended use)")
+    return sequences
