@@ -157,7 +157,8 @@ SHAPE = r"give a list of 1-D tensors of token ids.*one sequence: \[ids\]"
     ([[5, 6, 7]], SHAPE),                                 # not a tensor
     ([torch.full((40,), 300)], r"outside the model's vocabulary 0..258: tokenize with the backbone's tokenizer"),
     ([torch.full((40,), -1)], "outside the model's vocabulary"),
-    ([ids(600, batch=1)[0]], "sequence 0 has 600 tokens, past the 512 positions the model reads: cut it to at most 512"),
+    ([ids(600, batch=1)[0]], "sequence 0 has 600 tokens, past the 512 positions the model reads: cut it to at "
+                             "most 512"),
 ], ids=["empty", "bare-1-d", "2-d", "float", "list", "past-vocab", "negative", "past-positions"])
 def test_calibrate_refuses_anything_but_a_list_of_1d_token_tensors_and_fits_nothing(tiny_llama, sequences, message):
     plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
