@@ -263,3 +263,11 @@ def test_a_fit_or_sweep_asking_more_examples_than_the_split_holds_is_one_line_no
     with pytest.raises(ConfigError, match=message):
         run_experiment(_run_config({**LOWRANK, "distill": distill}), out_root=tmp_path, log=logs.append)
     assert not any("fitting the rank-4 lowrank indexer" in line for line in logs)
+
+
+def test_attnlab_profile_times_the_lowrank_variant_with_an_indexer_fitted_on_random_tokens(tiny_llama):
+    from attnlab.profile import profile
+    rows = profile(tiny_llama.model, ["lowrank:top_k=1,block_size=8"], [64], modes=("inference", "decode"),
+                   repeat=1, log=lambda *_: None)
+    assert {r["mode"] for r in rows if r["seconds"] > 0} == {"inference", "decode"}
+    assert tiny_llama.model.config._attn_implementation == "sdpa"       # the plug-in was detached after
