@@ -24,7 +24,9 @@ sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.p
     adapter (rank recover_r, Adam at recover_lr) trained recover_steps steps by token KL to dense on
     the same training examples, and is read on the same held-out examples: report.md adds that table
     and its comparisons at equal density (each selector with the same recovery budget).
-The cell's `train:` options are not used (the gate takes `steps` steps of its own).
+The cell's `train:` options are not used (the gate takes `steps` steps of its own), and train_modules
+are refused (nothing trains online). sequences and heldout above the examples the splits hold are
+refused, not read as fewer.
 
 With `variant: lowrank` the block fits the low-rank indexer instead (modules/sparse/lowrank.py: closed
 form, from one dense pass over the first `sequences` training examples; nothing is trained, so the

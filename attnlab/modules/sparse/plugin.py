@@ -288,7 +288,7 @@ class SparseAttention(Plugin):
             raise PluginError(f"these sparse weights hold no {own} {kinds[own][1]} (saved with another variant, or "
                               f"with oracle): load weights saved with variant {own!r}, or {kinds[own][2]}")
         ranks = {v.shape[-1] for k, v in state.items() if k.endswith(".indexer.wq")}
-        if own == "lowrank" and ranks != {self.config.rank}:
+        if own == "lowrank" and ranks and ranks != {self.config.rank}:
             raise PluginError(f"this lowrank indexer was fitted at rank {min(ranks)}; attach sparse with "
                               f"rank={min(ranks)} to load it (or calibrate one at rank {self.config.rank})")
         saved = any(k.endswith(".gate.quest_scale") for k in state)
