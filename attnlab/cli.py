@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lengths", type=_positive, nargs="+", default=LENGTHS, help=f"default: {LENGTHS}")
     pr.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                     help="dense-eager, dense-sdpa, or VARIANT[:key=value,...] of the sparse attention "
-                    f"(window, learned, quest, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
+                    f"(window, learned, quest, lowrank, performer, dense); default: {' '.join(DEFAULT_VARIANTS)}")
     pr.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training", "decode"],
                     help="decode: one generated token with a KV cache of each --lengths context")
     pr.add_argument("--decode-cache", default="generate", choices=["generate", "dynamic", "growing"],

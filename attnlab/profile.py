@@ -16,7 +16,8 @@ model's transformer body (the LM head is the same for every variant and is left 
 Peak memory is the tensors created during the call: on CUDA torch.cuda.max_memory_allocated, on CPU
 an allocator-level dispatch mode (attnlab.memory). Timings: median of `repeat` after one warm-up
 (which also triggers any compilation). Weights do not change timings, so `random_weights` profiles
-a model of the same shape without loading it (e.g. on a machine without the embedded file).
+a model of the same shape without loading it (e.g. on a machine without the embedded file), and the
+lowrank variant's indexer is fitted on one sequence of random tokens (any fit times the same).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import RANDOM, RANDOM_PREFIX, TINY, decoder, layers as block_stack, load_backbone
+from .backbone import RANDOM, RANDOM_PREFIX, TINY, decoder, layers as block_stack, load_backbone, max_positions
 from .kvcache import GrowingCache, generation_cache
 from .memory import peak_bytes
 
@@ -52,7 +53,7 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     """'dense-eager', 'dense-sdpa', or 'VARIANT[:key=value,...]' with VARIANT one of the sparse
-    attention's variants (window, learned, performer, dense)."""
+    attention's variants (window, learned, quest, lowrank, performer, dense)."""
     kind, _, rest = text.partition(":")
     opts = {}
     for kv in filter(None, rest.split(",")):
@@ -179,6 +180,9 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
             else:
                 model.config._attn_implementation = "sdpa"
                 plugin = attach(model, "sparse", variant=v.kind, **v.options)
+                if v.kind == "lowrank" and not v.options.get("oracle"):   # else it refuses to run unfitted
+                    n, g = min(512, max_positions(model) or 512), torch.Generator().manual_seed(0)
+                    plugin.calibrate([torch.randint(0, emb.weight.shape[0], (n,), generator=g)])
             _labelled(model)
             for T in lengths:
                 g = torch.Generator().manual_seed(T)

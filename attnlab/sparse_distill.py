@@ -24,7 +24,9 @@ sweep on the held-out test split, both by the recipe benchmarks/sparse_quality.p
     adapter (rank recover_r, Adam at recover_lr) trained recover_steps steps by token KL to dense on
     the same training examples, and is read on the same held-out examples: report.md adds that table
     and its comparisons at equal density (each selector with the same recovery budget).
-The cell's `train:` options are not used (the gate takes `steps` steps of its own).
+The cell's `train:` options are not used (the gate takes `steps` steps of its own), and train_modules
+are refused (nothing trains online). sequences and heldout above the examples the splits hold are
+refused, not read as fewer.
 
 With `variant: lowrank` the block fits the low-rank indexer instead (modules/sparse/lowrank.py: closed
 form, from one dense pass over the first `sequences` training examples; nothing is trained, so the
@@ -72,6 +74,9 @@ def distill_options(m: dict, where: str) -> dict | None:
                           f"it with method: sparse, variant: learned or lowrank (without oracle)")
     if not isinstance(d, dict):
         raise ConfigError(f"{where}.distill: expected a mapping such as {{sequences: 64, steps: 2000}}, got {d!r}")
+    if m.get("train_modules"):     # else saved untrained: the block replaces the online training that trains them
+        raise ConfigError(f"{where}: train_modules are trained online, and a distill: block trains nothing online: "
+                          f"drop train_modules (distill.recover_steps gives each budget trained adapters instead)")
     if lowrank and set(d) & set(GATE_ONLY):
         raise ConfigError(f"{where}.distill: {sorted(set(d) & set(GATE_ONLY))} train the learned gate; the lowrank "
                           f"indexer is fitted in closed form: keep sequences, heldout and recover_* only")
@@ -102,9 +107,12 @@ def distil(plugin, splits, opts: dict, log) -> tuple[TrainResult, dict]:
     """The attached learned plug-in's gates from the teacher over the first training examples (a
     lowrank plug-in's indexer fitted from them); the TrainResult the cell records (steps, teacher
     tokens, seconds) and the gate's record."""
+    for key, split, n in (("sequences", splits.train, "n_train"), ("heldout", splits.eval, "n_eval")):
+        if opts[key] > len(split):     # else it reads fewer than the report says it read
+            raise ConfigError(f"distill.{key}: {opts[key]} is above the {len(split)} examples of the "
+                              f"{'training' if key == 'sequences' else 'test'} split: use {key}: {len(split)} or "
+                              f"fewer, or raise data.{n}")
     seqs = _sequences(splits.train, opts["sequences"])
-    if not seqs:
-        raise ConfigError("distill: the training split is empty; give the data more examples (n_train)")
     cfg = plugin.config
     if getattr(cfg, "variant", "learned") == "lowrank":
         log(f"[distill] fitting the rank-{cfg.rank} lowrank indexer from {len(seqs)} training sequences")

@@ -58,7 +58,7 @@ from attnlab.distill import attention_gradients, attention_mse  # noqa: E402
 from attnlab.modules.sparse import quality, recipe  # noqa: E402
 from attnlab.modules.sparse.quality import budgets, key  # noqa: E402
 from benchmarks.sparse_quality_args import (BLOCK, BUDGETS, COUNTS, DEFAULT_SELECTORS, HEADLINE,  # noqa: E402,F401
-                                            check_budgets, check_flags, parse)
+                                            MODEL, check_budgets, check_flags, parse)
 
 COMPARE = quality.COMPARE
 DENSITIES = quality.DENSITIES
@@ -184,7 +184,7 @@ def main(argv=None):
     state_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
-    bb = attnlab.load_backbone("smollm2-135m")
+    bb = attnlab.load_backbone(MODEL)
     model, tok = bb.model, bb.tokenizer
     ids = torch.tensor(tok(Path(args.text).read_text(), add_special_tokens=False)["input_ids"])
     n = len(ids) // args.length
@@ -205,7 +205,7 @@ def main(argv=None):
         train = other[:args.train * args.length].view(args.train, args.length)
     data = load(out)
     gate_meta = gate_settings(args)
-    meta = {"model": "smollm2-135m", "length": args.length, "block_size": args.block_size, "text": args.text,
+    meta = {"model": MODEL, "length": args.length, "block_size": args.block_size, "text": args.text,
             "text_tokens": len(ids), "sequences": n, "train_sequences": list(range(args.train)),
             "split": args.split, "heldout_sequences": list(range(first, first + count)), "kernel": args.kernel,
             "granularity": args.granularity, "train_text": args.train_text or args.text,

@@ -15,6 +15,7 @@ from attnlab.modules.sparse.quality import budgets
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 64
+MODEL = "smollm2-135m"      # the model every run reads (its head dimension bounds --rank before it loads)
 BUDGETS = budgets(BLOCK)
 DEFAULT_SELECTORS = [s for s in BUDGETS if s in quality.DEFAULT_SELECTORS]   # oracle-qhead, lowrank only when named
 HEADLINE = {"window": {"window": 256, "sinks": 4}, "quest": {"top_k": 2}, "learned": {"top_k": 2},
@@ -65,8 +66,9 @@ def parse(argv, doc: str) -> argparse.Namespace:
                          "block (SeerAttention's 2-D max-pooled target, scored by the block's mean gate query); "
                          "default: the --granularity the gate serves")
     ap.add_argument("--rank", type=int, default=16, help="lowrank: the indexer's dimensions (lowrank.py)")
-    ap.add_argument("--calibrate", type=int, default=16,
-                    help="lowrank: the indexer is fitted from the first this many --train sequences (one dense pass each)")
+    ap.add_argument("--calibrate", type=int, default=None,
+                    help="lowrank: the indexer is fitted from the first this many --train sequences (one dense pass "
+                         "each; default: 16, or every --train sequence when fewer)")
     ap.add_argument("--teacher-cache", default=None,
                     help="a file for the dense teacher's cache: loaded when it holds the same training "
                          "sequences, rows and block size, else written, so that gate recipes share one teacher pass")
@@ -96,6 +98,8 @@ def parse(argv, doc: str) -> argparse.Namespace:
                              "ones: name --heldout as the held-out runs do (16 at 2048 tokens, 7 at 4096), or "
                              "validation reads sequences that a held-out result reports")
         args.heldout = 4
+    if args.calibrate is None:
+        args.calibrate = min(16, args.train) if args.train > 0 else 16
     if args.selectors is None:
         args.selectors = list(DEFAULT_SELECTORS)
     elif args.granularity == "block" and "oracle-qhead" in args.selectors:
@@ -133,6 +137,11 @@ def check_flags(args, state_dir: Path | None = None) -> None:
             SparseConfig(variant="lowrank", block_size=args.block_size, granularity=args.granularity, rank=args.rank)
         except PluginError as e:
             raise SystemExit(f"{e} (--rank)") from None
+        from attnlab.backbone import RANDOM
+        head_dim = RANDOM[MODEL][1]["head_dim"]
+        if args.rank > head_dim:
+            raise SystemExit(f"--rank {args.rank} is above the head dimension {head_dim} of {MODEL}: use --rank "
+                             f"{head_dim} or less")
         saved = state_dir is not None and (state_dir / "lowrank.safetensors").is_file()
         if not saved and not args.train:
             raise SystemExit(f"--train 0 leaves the lowrank indexer no sequence to fit from, and {state_dir} holds no "

@@ -84,8 +84,10 @@ def test_the_distill_block_passes_its_target_and_unit_to_the_recipe(monkeypatch)
     seen = {}
     monkeypatch.setattr(sparse_distill.recipe, "distil", lambda plugin, seqs, **kw: seen.update(kw) or {"tokens": 64})
     plugin = SimpleNamespace(config=SimpleNamespace(granularity="block", block_size=8))
-    splits = SimpleNamespace(train=[SimpleNamespace(input_ids=list(range(64)))])
-    opts = sparse_distill.distill_options({**DISTILLED, "distill": {"target": "mass", "unit": "row"}}, "m")
+    one = [SimpleNamespace(input_ids=list(range(64)))]
+    splits = SimpleNamespace(train=one, eval=one)
+    opts = sparse_distill.distill_options({**DISTILLED, "distill": {"target": "mass", "unit": "row", "sequences": 1,
+                                                                    "heldout": 1}}, "m")
     sparse_distill.distil(plugin, splits, opts, log=lambda *a: None)
     assert (seen["target"], seen["unit"]) == ("mass", "row")
     defaults = sparse_distill.distill_options({**DISTILLED, "distill": {}}, "m")

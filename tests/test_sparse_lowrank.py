@@ -160,6 +160,72 @@ def test_calibrate_is_refused_for_another_variant(tiny_llama):
     plugin.detach()
 
 
+SHAPE = r"give a list of 1-D tensors of token ids.*one sequence: \[ids\]"
+
+
+@pytest.mark.parametrize("sequences, message", [
+    ([torch.tensor([], dtype=torch.long)], SHAPE),       # an empty sequence
+    (ids(40, batch=1)[0], SHAPE),                         # one sequence, not a list of them: 40 one-token passes
+    ([ids(40, batch=2)], SHAPE),                          # a batch as one sequence: its rows run together
+    ([torch.rand(40)], SHAPE),                            # not token ids
+    ([[5, 6, 7]], SHAPE),                                 # not a tensor
+    ([torch.full((40,), 300)], r"outside the model's vocabulary 0..258: tokenize with the backbone's tokenizer"),
+    ([torch.full((40,), -1)], "outside the model's vocabulary"),
+    ([ids(600, batch=1)[0]], "sequence 0 has 600 tokens, past the 512 positions the model reads: cut it to at "
+                             "most 512"),
+], ids=["empty", "bare-1-d", "2-d", "float", "list", "past-vocab", "negative", "past-positions"])
+def test_calibrate_refuses_anything_but_a_list_of_1d_token_tensors_and_fits_nothing(tiny_llama, sequences, message):
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
+    with pytest.raises(PluginError, match=message):
+        plugin.calibrate(sequences)
+    assert not any(layer.indexer.fitted for layer in plugin.layers())
+    plugin.detach()
+
+
+def test_calibrate_refuses_fewer_tokens_than_the_head_dimension_where_unseen_key_directions_would_blow_up(tiny_llama):
+    d = tiny_llama.model.config.hidden_size // tiny_llama.model.config.num_attention_heads
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
+    with pytest.raises(PluginError, match=f"calibrate: 3 tokens are fewer than the head dimension {d}.*at least {d}"):
+        plugin.calibrate([ids(2, batch=1)[0], ids(1, batch=1)[0]])
+    assert not any(layer.indexer.fitted for layer in plugin.layers())
+    plugin.calibrate([ids(d, batch=1)[0]])
+    assert all(layer.indexer.fitted for layer in plugin.layers())
+    plugin.detach()
+
+
+def test_a_boolean_rank_is_refused_not_read_as_rank_1():
+    with pytest.raises(PluginError, match="sparse option rank must be an integer >= 1, got True"):
+        SparseConfig(variant="lowrank", rank=True)
+
+
+def test_saving_an_unfitted_indexer_is_refused_naming_calibrate_and_writes_nothing(tiny_llama, tmp_path):
+    plugin = attnlab.attach(tiny_llama.model, "sparse", variant="lowrank", block_size=4, top_k=1, rank=4)
+    with pytest.raises(PluginError, match=r"not fitted, so there is nothing to save: call plugin.calibrate"):
+        plugin.save_pretrained(tmp_path / "lowrank")
+    assert not (tmp_path / "lowrank").exists()
+    plugin.detach()
+
+
+@pytest.mark.parametrize("saved, loading, message", [
+    ("lowrank", {"variant": "lowrank", "rank": 8}, "fitted at rank 4; attach sparse with rank=4 to load it"),
+    ("lowrank", {"variant": "learned"}, "are a lowrank indexer; attach sparse with variant='lowrank'"),
+    ("lowrank", {"variant": "quest"}, "are a lowrank indexer; attach sparse with variant='lowrank'"),
+    ("learned", {"variant": "lowrank", "rank": 4}, "are a learned gate; attach sparse with variant='learned'"),
+    ("quest", {"variant": "lowrank", "rank": 4}, r"hold no lowrank indexer .* or fit it with plugin.calibrate"),
+])
+def test_weights_of_another_variant_or_rank_are_refused_naming_the_option(tiny_llama, saved, loading, message):
+    if saved == "lowrank":
+        plugin = _calibrated(tiny_llama)
+    else:
+        plugin = attnlab.attach(tiny_llama.model, "sparse", variant=saved, block_size=4, top_k=1)
+    state = plugin.state_dict()
+    plugin.detach()
+    other = attnlab.attach(tiny_llama.model, "sparse", block_size=4, top_k=1, **loading)
+    with pytest.raises(PluginError, match=message):
+        other.load_state_dict(state)
+    other.detach()
+
+
 # --- attnlab run: the distill block fits the indexer, the held-out sweep reads it ------------------
 
 LOWRANK = {"name": "lowrank", "method": "sparse", "variant": "lowrank", "block_size": 8, "top_k": 1, "rank": 4,
@@ -191,8 +257,31 @@ def test_the_distill_block_fits_saves_and_reports_the_indexer_against_quest_and_
 @pytest.mark.parametrize("method, message", [
     ({k: v for k, v in LOWRANK.items() if k != "distill"}, "variant lowrank is fitted, not trained: add distill:"),
     ({**LOWRANK, "distill": {"steps": 100}}, r"\['steps'\] train the learned gate; the lowrank indexer is fitted"),
+    ({**LOWRANK, "train_modules": ["model.layers.0.mlp"]}, "train_modules are trained online, and a distill: block"),
 ])
-def test_a_lowrank_method_without_a_fit_or_with_the_gates_recipe_is_one_line(method, message):
+def test_a_lowrank_method_without_a_fit_or_with_the_gates_recipe_or_train_modules_is_one_line(method, message):
     from attnlab.experiment import ConfigError, load_config
     with pytest.raises(ConfigError, match=message):
         load_config(_run_config(method))
+
+
+@pytest.mark.parametrize("distill, message", [
+    ({"sequences": 5, "heldout": 2}, "distill.sequences: 5 is above the 4 examples of the training split: use "
+                                     "sequences: 4 or fewer, or raise data.n_train"),
+    ({"sequences": 3, "heldout": 3}, "distill.heldout: 3 is above the 2 examples of the test split"),
+])
+def test_a_fit_or_sweep_asking_more_examples_than_the_split_holds_is_one_line_not_a_smaller_run(tmp_path, distill,
+                                                                                               message):
+    from attnlab.experiment import ConfigError, run_experiment
+    logs = []
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(_run_config({**LOWRANK, "distill": distill}), out_root=tmp_path, log=logs.append)
+    assert not any("fitting the rank-4 lowrank indexer" in line for line in logs)
+
+
+def test_attnlab_profile_times_the_lowrank_variant_with_an_indexer_fitted_on_random_tokens(tiny_llama):
+    from attnlab.profile import profile
+    rows = profile(tiny_llama.model, ["lowrank:top_k=1,block_size=8"], [64], modes=("inference", "decode"),
+                   repeat=1, log=lambda *_: None)
+    assert {r["mode"] for r in rows if r["seconds"] > 0} == {"inference", "decode"}
+    assert tiny_llama.model.config._attn_implementation == "sdpa"       # the plug-in was detached after

@@ -63,6 +63,7 @@ def checked(monkeypatch):
     ("--selectors lowrank --rank 0", "--rank 0: expected an integer >= 1"),
     ("--selectors lowrank --train 4 --calibrate 8", "--calibrate 8 fits the lowrank indexer from the first --calibrate"),
     ("--selectors lowrank --train 0", "--train 0 leaves the lowrank indexer no sequence to fit from"),
+    ("--selectors lowrank --rank 65", "--rank 65 is above the head dimension 64 of smollm2-135m: use --rank 64"),
 ])
 def test_a_bad_count_or_budget_is_refused_naming_the_flag_before_the_model_loads(checked, tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message.replace("-", r"\-")):
@@ -73,6 +74,16 @@ def test_the_largest_sparse_budgets_pass(checked, tmp_path):
     # at 2048 tokens and block 64 the last query block has 29 candidate blocks: top-k 28 skips one
     with pytest.raises(Passed):
         checked(["--top-k", "28", "--window", "2043", "--out", str(tmp_path / "q.json")])
+
+
+@pytest.mark.parametrize("argv, fitted_from", [("--selectors lowrank", 8), ("--selectors lowrank --train 20", 16),
+                                                ("--selectors lowrank --train 3", 3)])
+def test_lowrank_with_the_default_calibrate_passes_and_fits_from_at_most_16_train_sequences(tmp_path, argv,
+                                                                                             fitted_from):
+    argv = shlex.split(argv) + ["--out", str(tmp_path / "q.json")]
+    args = sq.parse(argv, "")
+    assert args.calibrate == fitted_from
+    sq.check_flags(args, tmp_path)
 
 
 def _committed_commands() -> list[str]:

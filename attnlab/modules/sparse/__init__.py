@@ -12,6 +12,9 @@ Variants (per patched layer; the other layers stay dense):
   quest      Quest's training-free choice of key blocks (quest.py), per query block (granularity:
              block, the default) or per query row and query head (granularity: row).
   learned    a learned gate's choice of key blocks (gate.py), per query block or per row (each kv head).
+  lowrank    a low-rank indexer's choice of key blocks (lowrank.py): every key's logit approximated in
+             `rank` dimensions, fitted in closed form by plugin.calibrate(sequences); per query block
+             or per row and query head.
   performer  FAVOR+ causal linear attention (positive random features, fixed seed, a buffer).
   dense      the base kernel itself: the reference for benchmarking the harness.
 
@@ -29,7 +32,7 @@ an all-padding batch) outputs zeros, which is what SDPA does; the eager kernel w
 average every value there. Only padding rows are ever affected. Attention dropout is not applied by
 the sparse kernels (the frozen base runs in eval mode).
 
-Block selection (quest, learned; selection.py), per query block i (granularity: block, one choice
+Block selection (quest, learned, lowrank; selection.py), per query block i (granularity: block, one choice
 shared by the block's rows, from their pooled queries: pooling.py) or per query row at position p
 in block i = p // block_size (granularity: row; every decoding step):
   always kept   key block i (the diagonal, causal inside), i-1 (local) and 0 (sink);
@@ -62,7 +65,8 @@ Performer has its own chunked causal linear-attention kernel (quadratic within a
 for every kernel setting but "masked", which materialises the normalised (Tq, Tk) weights instead.
 
 Files: config.py (options), patterns.py (where queries and key blocks sit, selections), pooling.py
-(key-block and query-block statistics), quest.py, gate.py (the learned gate), selection.py (scores ->
+(key-block and query-block statistics), quest.py, gate.py (the learned gate), lowrank.py (the low-rank
+indexer and its fit), selection.py (scores ->
 Selection, both granularities), pages.py (page metadata beside the KV cache), teacher.py (the dense
 attention the selectors approximate; the cached teacher), blockshared.py and blocksparse.py (the
 gather kernels), decode.py (a decoding step), kernels.py (masked, flex), performer.py, layer.py (one

@@ -57,7 +57,7 @@ class SparseConfig:
         for name, low in (("window", 1), ("sinks", 0), ("block_size", 1), ("top_k", 0), ("gate_dim", 1),
                           ("features", 1), ("rank", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PluginError(f"sparse option {name} must be an integer >= {low}, got {value!r}")
         for name in ("threshold", "mass"):
             value = getattr(self, name)

@@ -152,12 +152,14 @@ class Moments:
 @torch.no_grad()
 def calibrate(model, plugin, sequences) -> dict:
     """Fit every patched layer's indexer from one dense forward per sequence (1-D token tensors);
-    returns {'seconds', 'tokens'} of the pass."""
+    returns {'seconds', 'tokens'} of the pass. Fewer keys than the head dimension D leave C_k singular
+    (directions no key took, which C_k^(-1/2) would blow up): refused."""
     import time
 
     layers = plugin.layers()
     if any(not hasattr(layer, "indexer") for layer in layers):
         raise PluginError("calibrate fits the lowrank indexer: attach sparse with variant 'lowrank'")
+    sequences = _checked(model, list(sequences), layers[0].indexer.wq.shape[1])
     moments = Moments()
     dev = next(model.parameters()).device
     start, tokens = time.perf_counter(), 0
@@ -171,8 +173,33 @@ def calibrate(model, plugin, sequences) -> dict:
     finally:
         for layer in layers:
             layer.recorder = None
-    if not tokens:
-        raise PluginError("calibrate needs at least one sequence of tokens")
     for layer in layers:
         layer.indexer.fit(moments.cq[layer.layer_idx], moments.ck[layer.layer_idx])
     return {"seconds": time.perf_counter() - start, "tokens": tokens}
+
+
+def _checked(model, sequences: list, d: int) -> list:
+    """calibrate's sequences, refused in one line naming the fix unless each is a 1-D tensor of the
+    model's token ids, within its positions, and together at least d (the head dimension) tokens."""
+    from ...backbone import max_positions
+
+    limit, vocab = max_positions(model), model.get_input_embeddings().num_embeddings
+    for i, ids in enumerate(sequences):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() or not ids.numel():
+            what = (f"tensor of shape {tuple(ids.shape)}, {ids.dtype}" if isinstance(ids, torch.Tensor)
+                    else type(ids).__name__)
+            raise PluginError(f"calibrate: sequence {i} is a {what}; give a list of 1-D tensors of token ids, "
+                              f"each at least one token long (one sequence: [ids]; a batch: list(batch))")
+        if limit is not None and ids.numel() > limit:
+            raise PluginError(f"calibrate: sequence {i} has {ids.numel()} tokens, past the {limit} positions the "
+                              f"model reads: cut it to at most {limit}")
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise PluginError(f"calibrate: sequence {i} holds token ids outside the model's vocabulary 0..{vocab - 1}:"
+                              f" tokenize with the backbone's tokenizer")
+    if not sequences:
+        raise PluginError("calibrate needs at least one sequence of tokens")
+    seen = sum(ids.numel() for ids in sequences)
+    if seen < d:
+        raise PluginError(f"calibrate: {seen} tokens are fewer than the head dimension {d}, so some key directions "
+                          f"are never seen: give at least {d} tokens (a few sequences of hundreds is the intended use)")
+    return sequences

@@ -264,9 +264,33 @@ class SparseAttention(Plugin):
 
         return calibrate(self.model, self, sequences)
 
+    def save_pretrained(self, path, *args, **kwargs):
+        """Plugin.save_pretrained; an unfitted lowrank indexer (all zeros) is refused naming calibrate."""
+        if (self.config.variant == "lowrank" and not self.config.oracle and self.model is not None
+                and not all(layer.indexer.fitted for layer in self._layers)):
+            raise PluginError("the lowrank indexer is not fitted, so there is nothing to save: call "
+                              "plugin.calibrate(sequences) first")
+        return super().save_pretrained(path, *args, **kwargs)
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Plugin.load_state_dict; gate weights saved with gate_quest into a gate without (or the
-        reverse) are refused naming the option."""
+        """Plugin.load_state_dict; a learned gate's weights into another variant, a lowrank indexer's
+        into another variant or rank, and gate weights saved with gate_quest into a gate without (or
+        the reverse) are refused naming the option."""
+        kinds = {"learned": (".gate.", "gate", "distil it with plugin.distil_gates(sequences)"),
+                 "lowrank": (".indexer.", "indexer", "fit it with plugin.calibrate(sequences)")}
+        held = next((v for v, (part, *_) in kinds.items() if any(part in k for k in state)), None)
+        own = self.config.variant if self.config.variant in kinds and not self.config.oracle else None
+        if held != own:
+            if held:
+                raise PluginError(f"these sparse weights are a {held} {kinds[held][1]}; attach sparse with "
+                                  f"variant={held!r} to load them (this plug-in is variant {self.config.variant}"
+                                  f"{' with oracle' if self.config.oracle else ''})")
+            raise PluginError(f"these sparse weights hold no {own} {kinds[own][1]} (saved with another variant, or "
+                              f"with oracle): load weights saved with variant {own!r}, or {kinds[own][2]}")
+        ranks = {v.shape[-1] for k, v in state.items() if k.endswith(".indexer.wq")}
+        if own == "lowrank" and ranks and ranks != {self.config.rank}:
+            raise PluginError(f"this lowrank indexer was fitted at rank {min(ranks)}; attach sparse with "
+                              f"rank={min(ranks)} to load it (or calibrate one at rank {self.config.rank})")
         saved = any(k.endswith(".gate.quest_scale") for k in state)
         if self.config.variant == "learned" and not self.config.oracle and saved != self.config.gate_quest:
             raise PluginError(f"these gate weights were saved {'with' if saved else 'without'} gate_quest; attach "
