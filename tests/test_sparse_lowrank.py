@@ -285,3 +285,16 @@ def test_attnlab_profile_times_the_lowrank_variant_with_an_indexer_fitted_on_ran
                    repeat=1, log=lambda *_: None)
     assert {r["mode"] for r in rows if r["seconds"] > 0} == {"inference", "decode"}
     assert tiny_llama.model.config._attn_implementation == "sdpa"       # the plug-in was detached after
+
+
+def test_a_decoding_step_projects_only_the_keys_of_newly_completed_blocks(tiny):
+    plugin = _calibrated(tiny, granularity="row")
+    indexer = plugin.layers()[0].indexer
+    projected, own = [], indexer.project
+    indexer.project = lambda k: projected.append(k.shape[2]) or own(k)
+    prompt = ids(26, batch=1, seed=3)
+    with torch.no_grad():
+        tiny.model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+    # the last step sees 37 keys: 9 complete blocks of 4, each key of them projected once over the whole run
+    assert sum(projected) == 36 and max(projected) == 24    # the prefill's 6 blocks, then one block at a time
+    plugin.detach()

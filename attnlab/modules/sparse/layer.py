@@ -41,7 +41,8 @@ class SparseLayer(nn.Module):
         if config.variant == "performer":
             self.register_buffer("features", orthogonal_features(config.features, head_dim, 2000 + layer_idx),
                                  persistent=False)
-        self.pages = Pages(config.variant, config.gate_quest) if config.variant in ("quest", "learned") else None
+        self.pages = (Pages(config.variant, config.gate_quest) if config.variant in ("quest", "learned", "lowrank")
+                      else None)
         self.force_dense = False          # dense_reference()
         self.collect_gate_loss = False
         self.recorder = None              # teacher.Recorder (the cached teacher), lowrank.Moments (calibrate)

@@ -31,7 +31,8 @@ normaliser (a row ranks its own blocks, so the normaliser drops out): selection 
 as Quest's (granularity row). Cost per row and query head: r multiply-adds and one exponential
 per earlier key, against 2 D multiply-adds per kept key for the sparse attention itself (at r = 16,
 D = 64, density 1/4: half of it, and the exponentials on top). That is what a decoding step pays
-(one row); rows are scored in chunks of CHUNK.
+(one row: the keys' projections k B are kept beside the KV cache, pages.py, so a step projects only
+the newly completed blocks); rows are scored in chunks of CHUNK.
 
 Per query block (granularity block, the prefill kernel's unit) scoring every row would cost more
 than the dense attention it saves, so the block's queries are pooled first. The logit is linear in
@@ -82,18 +83,26 @@ class LowRankIndexer(nn.Module):
         self.wq.copy_((_sqrt(cq, inverse=True) @ u[..., :rank] * root).to(self.wq.dtype))
         self.wk.copy_((_sqrt(ck, inverse=True) @ vh.transpose(-1, -2)[..., :rank] * root).to(self.wk.dtype))
 
+    def project(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys (B, Hkv, T, D) -> k B (B, Hkv, T, r)."""
+        return torch.einsum("bhtd,hdr->bhtr", k, self.wk)
+
     @torch.no_grad()
-    def scores(self, q, k, p: Pattern, base, scale: float, block: bool, real=None) -> torch.Tensor:
+    def scores(self, q, k, p: Pattern, base, scale: float, block: bool, real=None, kp=None) -> torch.Tensor:
         """q (B, Hq, Tq, D), k (B, Hkv, Tk, D) after RoPE -> (B, Hkv, G, Tq, nfull) per row and query
-        head, or (B, Hkv, 1, nq, nfull) per query block (module docstring)."""
+        head, or (B, Hkv, 1, nq, nfull) per query block (module docstring). Only the complete blocks'
+        keys are read (every candidate, and every key before a query block, lies in one); kp: their
+        projections, kept beside the KV cache (pages.Pages.lowrank_keys), else computed here."""
         if not self.fitted:
             raise PluginError("the lowrank indexer is not fitted: call plugin.calibrate(sequences) (a few dense "
                               "forward passes) or load a saved lowrank state first")
         b, hq, tq, d = q.shape
-        hkv, tk = k.shape[1], k.shape[2]
+        hkv = k.shape[1]
         g, nfull, bs = hq // hkv, p.nfull, p.bs
-        kp = torch.einsum("bhtd,hdr->bhtr", k, self.wk)                               # (B, Hkv, Tk, r)
+        tk = nfull * bs
+        kp = self.project(k[:, :, :tk]) if kp is None else kp                          # (B, Hkv, nfull*bs, r)
         kpos = torch.arange(tk, device=q.device)
+        base = None if base is None else base[..., :tk]
         if block:
             qbar = pool_queries(q, p, "mean", real)                                     # (B, Hq, nq, D)
             qp = torch.einsum("bhgtd,hdr->bhgtr", qbar.reshape(b, hkv, g, p.nq, d), self.wq)
@@ -102,18 +111,28 @@ class LowRankIndexer(nn.Module):
             if base is not None:                                                       # padding keys: none
                 ok = ok & base[:, :1].any(2)[:, :, None, None]
             w = s.masked_fill(~ok, -torch.inf).softmax(-1).nan_to_num(0.0)
-            mass = w[..., :nfull * bs].view(*w.shape[:-1], nfull, bs).sum((-1, 2))    # (B, Hkv, nq, nfull)
+            mass = w.view(*w.shape[:-1], nfull, bs).sum((-1, 2))                        # (B, Hkv, nq, nfull)
             return mass.clamp_min(torch.finfo(mass.dtype).tiny).log()[:, :, None]
         qp = torch.einsum("bhgtd,hdr->bhgtr", q.reshape(b, hkv, g, tq, d), self.wq)   # (B, Hkv, G, Tq, r)
         out = q.new_full((b, hkv, g, tq, nfull), -torch.inf)
+        kt = kp.transpose(-1, -2)                                                      # (B, Hkv, r, Tk)
         for r0 in range(0, tq, CHUNK):
             r1 = min(tq, r0 + CHUNK)
-            s = (qp[:, :, :, r0:r1] @ kp[:, :, None].transpose(-1, -2)) * scale      # (B, Hkv, G, C, Tk)
-            ok = (kpos[None] <= p.qpos[r0:r1, None])[None, None, None]
-            if base is not None:
-                ok = ok & base[:, :, r0:r1][:, :, None]
-            s = s.masked_fill(~ok, -torch.inf)
-            out[:, :, :, r0:r1] = s[..., :nfull * bs].view(*s.shape[:-1], nfull, bs).logsumexp(-1)
+            s = (qp[:, :, :, r0:r1].reshape(b, hkv, -1, qp.shape[-1]) @ kt).view(b, hkv, g, r1 - r0, tk) * scale
+            ok = None
+            if not (p.tq == 1 and base is None):          # a decoding step sees every complete block whole
+                ok = (kpos[None] <= p.qpos[r0:r1, None])[None, None, None]
+                if base is not None:
+                    ok = ok & base[:, :, r0:r1][:, :, None]
+                s = s.masked_fill(~ok, -torch.inf)
+            # log sum_{x in j} exp(s): against the row's largest logit (a plain logsumexp over blocks of
+            # bs is ~10x slower on the CPU), floored at e^-80 (below it exp gives subnormal floats, which
+            # the CPU computes ~50x slower; such a key holds nothing); a row with no visible key stays -inf
+            top = s.amax(-1, keepdim=True)
+            top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+            w = (s - top).clamp_min(-80.0).exp()
+            w = w if ok is None else w.masked_fill(~ok, 0.0)
+            out[:, :, :, r0:r1] = w.view(b, hkv, g, r1 - r0, nfull, bs).sum(-1).log() + top
         return out
 
 

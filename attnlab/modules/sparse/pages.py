@@ -22,7 +22,9 @@ rows, which is caught unless two beams share every block's last token yet differ
 block (then the first layer would reuse the other beam's statistics: a known gap, not tested).
 `computed` counts the blocks whose statistics were computed, for tests of "once per block".
 Without gradients (decoding), the gate's keys of the stored blocks are kept too, while the gate's
-weights are unchanged (their version counters), so a step projects only the newly completed blocks.
+weights are unchanged (their version counters), so a step projects only the newly completed blocks;
+for the lowrank indexer (kind "lowrank", no block statistics) the same for its projections k B of
+every key of the complete blocks (lowrank_keys).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .pooling import key_stats, minmax
 
 class Pages:
     def __init__(self, kind: str, quest: bool = False):
-        self.kind = kind                    # "quest": (lo, hi); "learned": stats before RoPE
+        self.kind = kind                    # "quest": (lo, hi); "learned": stats before RoPE; "lowrank": none
         self.quest = quest and kind == "learned"   # a gate that reads Quest's bound: (stats, lo, hi)
         self.parts: tuple[torch.Tensor, ...] | None = None   # each (B, Hkv, n, E)
         self.probe: torch.Tensor | None = None              # (B, Hkv, n, D): each stored block's last key
@@ -64,6 +66,21 @@ class Pages:
             self.keys = torch.cat([self.keys, gate.keys(stats[:, :, done:], first=done)], 2)
         return self.keys
 
+    def lowrank_keys(self, indexer, k: torch.Tensor, p: Pattern) -> torch.Tensor:
+        """indexer.project of the complete blocks' keys (B, Hkv, nfull * bs, r); outside autograd the
+        projections of blocks already stored (same sequence, same unchanged indexer) are reused."""
+        n = p.nfull * p.bs
+        if torch.is_grad_enabled():
+            return indexer.project(k[:, :, :n])
+        self.get(k, p)                                      # a new or changed sequence resets the store
+        owner = (id(indexer), indexer.wk._version, indexer.wk.data_ptr())
+        if self.keys is None or self.keys_of != owner or self.keys.shape[2] > n or self.keys.shape[:2] != k.shape[:2]:
+            self.keys, self.keys_of = indexer.project(k[:, :, :0]), owner
+        done = self.keys.shape[2]
+        if n > done:
+            self.keys = torch.cat([self.keys, indexer.project(k[:, :, done:n])], 2)
+        return self.keys
+
     def _matches(self, k: torch.Tensor, p: Pattern) -> bool:
         if self.n == 0 or p.qoff == 0 or self.n > p.nfull:
             return False
@@ -84,6 +101,8 @@ class Pages:
             new = k[:, :, lo:hi]
             if self.kind == "quest":
                 fresh = minmax(new, p.nfull - self.n, p.bs)
+            elif self.kind == "lowrank":
+                fresh = ()
             else:
                 fresh = (key_stats(unrope(new, torch.arange(lo, hi, device=k.device), rope), p.nfull - self.n, p.bs),)
                 if self.quest:
@@ -93,6 +112,8 @@ class Pages:
             self.n = p.nfull
         if self.n == 0:
             b, h, _, d = k.shape
+            if self.kind == "lowrank":
+                return ()
             if self.kind == "quest":
                 return tuple(k.new_zeros(b, h, 0, d) for _ in range(2))
             return (k.new_zeros(b, h, 0, 3 * d),) + ((k.new_zeros(b, h, 0, d),) * 2 if self.quest else ())

@@ -83,7 +83,8 @@ def select(cfg: SparseConfig, q, k, p: Pattern, base, scale, pages: Pages | None
             mass = mass.sum(2, keepdim=True)
         scores = mass.clamp_min(torch.finfo(mass.dtype).tiny).log()
     elif cfg.variant == "lowrank":
-        scores = indexer.scores(q, k, p, base, scale, block, real)
+        kp = pages.lowrank_keys(indexer, k, p) if pages is not None else None
+        scores = indexer.scores(q, k, p, base, scale, block, real, kp)
     else:
         pages = pages or Pages(cfg.variant, cfg.gate_quest)
         meta = pages.get(k, p, rope)
