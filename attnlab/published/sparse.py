@@ -223,7 +223,7 @@ def v3_rows(root: Path, length: str) -> list[str]:
     recipe = (f"block {m['block_size']}, {len(m['train_sequences'])} teacher sequences, target {g.get('target', 'peak')}"
               + (", reading Quest's bound" if g.get("quest") else "")
               + (", one choice per query block (the fast kernel's)" if per_block else ""))
-    cmd = "; ".join(f"`{c}`" for c in (m.get("commands") or [m["command"]]))
+    cmd = "; ".join(f"`{c}`" for c in (m.get("commands") or [m["command"]]) if "--selectors lowrank" not in c)
     dense, quest = _pair(root, length, "learned", "dense", 0.25), _pair(root, length, "learned", "quest", 0.25)
     beats = quest["hi"] < 0 and quest["t_hi"] < 0
     tokens = m["length"]
