@@ -55,6 +55,7 @@ from torch import nn
 from ..base import PluginError
 from .patterns import Pattern
 from .pooling import pool_queries
+from .teacher import dense_passes
 
 CHUNK = 256            # query rows scored at once (memory ~ B x Hq x CHUNK x Tk)
 
@@ -173,28 +174,15 @@ def calibrate(model, plugin, sequences) -> dict:
     """Fit every patched layer's indexer from one dense forward per sequence (1-D token tensors);
     returns {'seconds', 'tokens'} of the pass. Fewer keys than the head dimension D leave C_k singular
     (directions no key took, which C_k^(-1/2) would blow up): refused."""
-    import time
-
     layers = plugin.layers()
     if any(not hasattr(layer, "indexer") for layer in layers):
         raise PluginError("calibrate fits the lowrank indexer: attach sparse with variant 'lowrank'")
     sequences = _checked(model, list(sequences), layers[0].indexer.wq.shape[1])
     moments = Moments()
-    dev = next(model.parameters()).device
-    start, tokens = time.perf_counter(), 0
-    try:
-        for layer in layers:
-            layer.recorder = moments
-        with plugin.base_function():
-            for ids in sequences:
-                model(input_ids=ids.view(1, -1).to(dev), use_cache=False)
-                tokens += ids.numel()
-    finally:
-        for layer in layers:
-            layer.recorder = None
+    record = dense_passes(model, plugin, sequences, {layer.layer_idx: moments for layer in layers})
     for layer in layers:
         layer.indexer.fit(moments.cq[layer.layer_idx], moments.ck[layer.layer_idx])
-    return {"seconds": time.perf_counter() - start, "tokens": tokens}
+    return record
 
 
 def _checked(model, sequences: list, d: int) -> list:
