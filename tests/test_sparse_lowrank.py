@@ -9,6 +9,7 @@ import attnlab
 from attnlab.modules.base import PluginError, load_weights
 from attnlab.modules.sparse import SparseConfig
 from attnlab.modules.sparse.lowrank import LowRankIndexer, _sqrt
+from attnlab.modules.sparse.pages import Pages
 from attnlab.modules.sparse.patterns import Pattern
 from attnlab.modules.sparse.selection import select
 
@@ -51,6 +52,13 @@ def test_the_fit_beats_the_keys_and_the_queries_own_principal_directions_at_equa
     for c in (ck, cq):            # Loki's basis (the keys' PCA), and the queries' PCA
         top = torch.linalg.eigh(c[0])[1][:, -rank:]
         assert fit < _error(cq, ck, top @ top.T) * 0.99
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_the_fit_attains_the_eckart_young_bound_the_dropped_singular_values_squared(rank):
+    cq, ck = _moments(8, 2)
+    s = torch.linalg.svdvals(_sqrt(cq) @ _sqrt(ck))[0]
+    assert _error(cq, ck, _fitted(cq, ck, rank)) == pytest.approx(s[rank:].pow(2).sum().item(), rel=1e-6)
 
 
 def _random_qk(seed=0, t=64, d=16):
@@ -298,3 +306,20 @@ def test_a_decoding_step_projects_only_the_keys_of_newly_completed_blocks(tiny):
     # the last step sees 37 keys: 9 complete blocks of 4, each key of them projected once over the whole run
     assert sum(projected) == 36 and max(projected) == 24    # the prefill's 6 blocks, then one block at a time
     plugin.detach()
+
+
+def test_the_page_store_projects_another_sequence_or_a_refitted_indexer_afresh_and_one_sequence_by_new_blocks():
+    q, k = _random_qk()
+    indexer, pages, projected = _full_rank(q, k), Pages("lowrank"), []
+    own = indexer.project
+    indexer.project = lambda keys: projected.append(keys.shape[2]) or own(keys)
+    other = torch.randn_like(k)
+    with torch.no_grad():
+        def step(keys, t):      # a decoding step's call: one query row after t - 1 cached keys
+            return pages.lowrank_keys(indexer, keys[:, :, :t], Pattern(1, t, 4, "cpu"))
+        step(k, 41)
+        assert torch.allclose(step(k, 49), own(k[:, :, :48])) and projected[-1] == 8     # blocks 10 and 11
+        assert torch.allclose(step(other, 53), own(other[:, :, :52])) and projected[-1] == 52
+        eye = torch.eye(16, dtype=torch.float64).expand(2, 16, 16)
+        indexer.fit(eye, eye)                                                           # new weights, same sequence
+        assert torch.allclose(step(other, 57), own(other[:, :, :56])) and projected[-1] == 56
