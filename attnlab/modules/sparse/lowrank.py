@@ -34,8 +34,11 @@ D = 64, density 1/4: half of it, and the exponentials on top). That is what a de
 (one row: the keys' projections k B are kept beside the KV cache, pages.py, so a step projects only
 the newly completed blocks); rows are scored in chunks of CHUNK.
 
-Per query block (granularity block, the prefill kernel's unit) scoring every row would cost more
-than the dense attention it saves, so the block's queries are pooled first. The logit is linear in
+By that count a row's scores cost less than the attention density 1/4 skips (2 D multiply-adds and
+an exponential per skipped key); as implemented (every (row, key) score materialised, several passes
+over them) scoring every row of a prefill costs more than the dense attention it saves (the quality
+runs' timings, docs/sparse_attention.md). So per query block (granularity block, the prefill
+kernel's unit) the block's queries are pooled first. The logit is linear in
 the query, so the mean of the block's rows' logits for key x is exactly the pooled query's,
 s(qbar_i, x) with qbar_i the mean of the block's (real) rows; the approximation is taking the
 softmax of the mean logit for the mean of the rows' softmaxes. Per query head the pooled query's
