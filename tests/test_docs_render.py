@@ -211,7 +211,8 @@ def test_a_sparse_points_seconds_are_its_summed_forward_times_over_the_dense_one
     data = json.loads((root / "benchmarks/results/sparse_gate_ablation/lowrank16_b32.json").read_text())
     mine, dense = (data["points"][k]["sequences"] for k in ("lowrank:top_k=5", "dense"))
     want = sum(r["seconds"] for r in mine.values()) / sum(dense[i]["seconds"] for i in mine)
-    assert render_one("sparse_point:sparse_gate_ablation/lowrank16_b32|lowrank:top_k=5|seconds", root) == f"{want:.1f}×"
+    got = render_one("sparse_point:sparse_gate_ablation/lowrank16_b32|lowrank:top_k=5|seconds", root)
+    assert got == f"{want:.1f}×"
 
 
 def test_a_json_value_is_read_along_its_dotted_path_and_a_missing_field_names_where_it_stops(tmp_path):
