@@ -323,3 +323,21 @@ def test_the_page_store_projects_another_sequence_or_a_refitted_indexer_afresh_a
         eye = torch.eye(16, dtype=torch.float64).expand(2, 16, 16)
         indexer.fit(eye, eye)                                                           # new weights, same sequence
         assert torch.allclose(step(other, 57), own(other[:, :, :56])) and projected[-1] == 56
+
+
+def test_row_scores_are_each_blocks_log_mass_across_chunks_and_padding_and_a_row_seeing_nothing_is_minus_infinity(
+        monkeypatch):
+    from attnlab.modules.sparse import lowrank
+    monkeypatch.setattr(lowrank, "CHUNK", 16)                          # 40 rows: three chunks
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    indexer = LowRankIndexer(16, 2, 4)
+    indexer.wq.data.normal_(generator=g), indexer.wk.data.normal_(generator=g)
+    base = (torch.arange(40)[None] <= torch.arange(40)[:, None]).expand(2, 1, 40, 40).clone()
+    base[1, :, :, :6] = base[1, :, :6] = False                          # the second sequence left-padded by 6
+    got = indexer.scores(q, k, Pattern(40, 40, 4, "cpu"), base, 0.3, block=False)     # (B, Hkv, G, 40, 10)
+    qa = torch.einsum("bhgtd,hdr->bhgtr", q.view(2, 2, 2, 40, 16), indexer.wq)
+    s = torch.einsum("bhgtr,bhxr->bhgtx", qa, indexer.project(k)) * 0.3
+    want = s.masked_fill(~base[:, :, None], -torch.inf).view(2, 2, 2, 40, 10, 4).logsumexp(-1)
+    assert torch.equal(got.isfinite(), want.isfinite()) and got[1, :, :, :6].isneginf().all()
+    assert torch.allclose(got[want.isfinite()], want[want.isfinite()], atol=1e-5)
