@@ -206,6 +206,15 @@ def test_a_sparse_point_renders_its_change_density_and_kl_and_the_gate_kl_is_the
         render_one("sparse_point:4096|oracle:top_k=99", root)
 
 
+def test_a_sparse_points_seconds_are_its_summed_forward_times_over_the_dense_ones_on_the_sequences_both_read():
+    root = docs.ROOT
+    data = json.loads((root / "benchmarks/results/sparse_gate_ablation/lowrank16_b32.json").read_text())
+    mine, dense = (data["points"][k]["sequences"] for k in ("lowrank:top_k=5", "dense"))
+    want = sum(r["seconds"] for r in mine.values()) / sum(dense[i]["seconds"] for i in mine)
+    got = render_one("sparse_point:sparse_gate_ablation/lowrank16_b32|lowrank:top_k=5|seconds", root)
+    assert got == f"{want:.1f}×"
+
+
 def test_a_json_value_is_read_along_its_dotted_path_and_a_missing_field_names_where_it_stops(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps({"command": "x", "hidden": {"rms_mean": 1.954, "abs_max": 53.96}}))
     assert render_one("json_value:s.json|hidden.rms_mean|.1f", tmp_path) == "2.0"

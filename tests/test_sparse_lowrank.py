@@ -9,6 +9,7 @@ import attnlab
 from attnlab.modules.base import PluginError, load_weights
 from attnlab.modules.sparse import SparseConfig
 from attnlab.modules.sparse.lowrank import LowRankIndexer, _sqrt
+from attnlab.modules.sparse.pages import Pages
 from attnlab.modules.sparse.patterns import Pattern
 from attnlab.modules.sparse.selection import select
 
@@ -51,6 +52,13 @@ def test_the_fit_beats_the_keys_and_the_queries_own_principal_directions_at_equa
     for c in (ck, cq):            # Loki's basis (the keys' PCA), and the queries' PCA
         top = torch.linalg.eigh(c[0])[1][:, -rank:]
         assert fit < _error(cq, ck, top @ top.T) * 0.99
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_the_fit_attains_the_eckart_young_bound_the_dropped_singular_values_squared(rank):
+    cq, ck = _moments(8, 2)
+    s = torch.linalg.svdvals(_sqrt(cq) @ _sqrt(ck))[0]
+    assert _error(cq, ck, _fitted(cq, ck, rank)) == pytest.approx(s[rank:].pow(2).sum().item(), rel=1e-6)
 
 
 def _random_qk(seed=0, t=64, d=16):
@@ -298,3 +306,38 @@ def test_a_decoding_step_projects_only_the_keys_of_newly_completed_blocks(tiny):
     # the last step sees 37 keys: 9 complete blocks of 4, each key of them projected once over the whole run
     assert sum(projected) == 36 and max(projected) == 24    # the prefill's 6 blocks, then one block at a time
     plugin.detach()
+
+
+def test_the_page_store_projects_another_sequence_or_a_refitted_indexer_afresh_and_one_sequence_by_new_blocks():
+    q, k = _random_qk()
+    indexer, pages, projected = _full_rank(q, k), Pages("lowrank"), []
+    own = indexer.project
+    indexer.project = lambda keys: projected.append(keys.shape[2]) or own(keys)
+    other = torch.randn_like(k)
+    with torch.no_grad():
+        def step(keys, t):      # a decoding step's call: one query row after t - 1 cached keys
+            return pages.lowrank_keys(indexer, keys[:, :, :t], Pattern(1, t, 4, "cpu"))
+        step(k, 41)
+        assert torch.allclose(step(k, 49), own(k[:, :, :48])) and projected[-1] == 8     # blocks 10 and 11
+        assert torch.allclose(step(other, 53), own(other[:, :, :52])) and projected[-1] == 52
+        eye = torch.eye(16, dtype=torch.float64).expand(2, 16, 16)
+        indexer.fit(eye, eye)                                                           # new weights, same sequence
+        assert torch.allclose(step(other, 57), own(other[:, :, :56])) and projected[-1] == 56
+
+
+def test_row_scores_are_each_blocks_log_mass_across_chunks_and_padding_and_a_row_seeing_nothing_is_minus_infinity(
+        monkeypatch):
+    from attnlab.modules.sparse import lowrank
+    monkeypatch.setattr(lowrank, "CHUNK", 16)                          # 40 rows: three chunks
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    indexer = LowRankIndexer(16, 2, 4)
+    indexer.wq.data.normal_(generator=g), indexer.wk.data.normal_(generator=g)
+    base = (torch.arange(40)[None] <= torch.arange(40)[:, None]).expand(2, 1, 40, 40).clone()
+    base[1, :, :, :6] = base[1, :, :6] = False                          # the second sequence left-padded by 6
+    got = indexer.scores(q, k, Pattern(40, 40, 4, "cpu"), base, 0.3, block=False)     # (B, Hkv, G, 40, 10)
+    qa = torch.einsum("bhgtd,hdr->bhgtr", q.view(2, 2, 2, 40, 16), indexer.wq)
+    s = torch.einsum("bhgtr,bhxr->bhgtx", qa, indexer.project(k)) * 0.3
+    want = s.masked_fill(~base[:, :, None], -torch.inf).view(2, 2, 2, 40, 10, 4).logsumexp(-1)
+    assert torch.equal(got.isfinite(), want.isfinite()) and got[1, :, :, :6].isneginf().all()
+    assert torch.allclose(got[want.isfinite()], want[want.isfinite()], atol=1e-5)

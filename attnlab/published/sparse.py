@@ -136,17 +136,27 @@ def sparse_compare(root: Path, arg: str) -> str:
 def sparse_point(root: Path, arg: str) -> str:
     """`LENGTH|KEY[|FIELD]`: one point of sparse_quality_LENGTH.json (KEY as the JSON names it, e.g.
     `quest:top_k=8`): its perplexity change against dense with the 95% interval (FIELD `change`, the
-    default), the change alone (`point`), its density (`density`) or its KL(dense‖sparse) per token (`kl`)."""
+    default), the change alone (`point`), its density (`density`), its KL(dense‖sparse) per token (`kl`)
+    or its forward's seconds over the dense forward's, summed over the sequences both read in that run
+    (`seconds`: the sweep times each forward; a slowdown on the run's machine, not a speed benchmark)."""
     length, key, *field = arg.split("|")
-    p = _quality(root, length)["points"].get(key)
+    data = _quality(root, length)
+    p = data["points"].get(key)
     if not p or not p.get("summary"):
         raise DataError(f"{_name(length)} has no summarised point {key!r}")
     s, field = p["summary"], (field or ["change"])[0]
     out = {"change": lambda: _ci(s), "point": lambda: f"{100 * s['ppl_change']:+.1f}%",
-           "density": lambda: f"{s['density']:.2f}", "kl": lambda: f"{s['kl']:.2g}"}
+           "density": lambda: f"{s['density']:.2f}", "kl": lambda: f"{s['kl']:.2g}",
+           "seconds": lambda: f"{_seconds(p, data['points']['dense']):.1f}×"}
     if field not in out:
         raise DataError(f"sparse_point: unknown field {field!r} ({', '.join(out)})")
     return out[field]()
+
+
+def _seconds(point: dict, dense: dict) -> float:
+    """point's summed per-sequence seconds over dense's, on the sequences both read."""
+    both = [i for i in point["sequences"] if i in dense["sequences"]]
+    return sum(point["sequences"][i]["seconds"] for i in both) / sum(dense["sequences"][i]["seconds"] for i in both)
 
 
 def sparse_gate_kl(root: Path, arg: str) -> str:

@@ -34,8 +34,11 @@ D = 64, density 1/4: half of it, and the exponentials on top). That is what a de
 (one row: the keys' projections k B are kept beside the KV cache, pages.py, so a step projects only
 the newly completed blocks); rows are scored in chunks of CHUNK.
 
-Per query block (granularity block, the prefill kernel's unit) scoring every row would cost more
-than the dense attention it saves, so the block's queries are pooled first. The logit is linear in
+By that count a row's scores cost less than the attention density 1/4 skips (2 D multiply-adds and
+an exponential per skipped key); as implemented (every (row, key) score materialised, several passes
+over them) scoring every row of a prefill costs more than the dense attention it saves (the quality
+runs' timings, docs/sparse_attention.md). So per query block (granularity block, the prefill
+kernel's unit) the block's queries are pooled first. The logit is linear in
 the query, so the mean of the block's rows' logits for key x is exactly the pooled query's,
 s(qbar_i, x) with qbar_i the mean of the block's (real) rows; the approximation is taking the
 softmax of the mean logit for the mean of the rows' softmaxes. Per query head the pooled query's
@@ -55,6 +58,7 @@ from torch import nn
 from ..base import PluginError
 from .patterns import Pattern
 from .pooling import pool_queries
+from .teacher import dense_passes
 
 CHUNK = 256            # query rows scored at once (memory ~ B x Hq x CHUNK x Tk)
 
@@ -173,28 +177,15 @@ def calibrate(model, plugin, sequences) -> dict:
     """Fit every patched layer's indexer from one dense forward per sequence (1-D token tensors);
     returns {'seconds', 'tokens'} of the pass. Fewer keys than the head dimension D leave C_k singular
     (directions no key took, which C_k^(-1/2) would blow up): refused."""
-    import time
-
     layers = plugin.layers()
     if any(not hasattr(layer, "indexer") for layer in layers):
         raise PluginError("calibrate fits the lowrank indexer: attach sparse with variant 'lowrank'")
     sequences = _checked(model, list(sequences), layers[0].indexer.wq.shape[1])
     moments = Moments()
-    dev = next(model.parameters()).device
-    start, tokens = time.perf_counter(), 0
-    try:
-        for layer in layers:
-            layer.recorder = moments
-        with plugin.base_function():
-            for ids in sequences:
-                model(input_ids=ids.view(1, -1).to(dev), use_cache=False)
-                tokens += ids.numel()
-    finally:
-        for layer in layers:
-            layer.recorder = None
+    record = dense_passes(model, plugin, sequences, {layer.layer_idx: moments for layer in layers})
     for layer in layers:
         layer.indexer.fit(moments.cq[layer.layer_idx], moments.ck[layer.layer_idx])
-    return {"seconds": time.perf_counter() - start, "tokens": tokens}
+    return record
 
 
 def _checked(model, sequences: list, d: int) -> list:

@@ -8,7 +8,9 @@ Two granularities (config `granularity`) for quest, learned and lowrank:
                     on every logit between the two blocks;
            learned  the gate's score of the block's mean gate query (its rows' gate queries, each
                     rotated to its own position, averaged): the mean of the rows' scores;
-           lowrank  the mean over the block's rows of their approximate mass (lowrank.py).
+           lowrank  the block's mean query's approximate attention over the keys before the block,
+                    summed over the kv head's query heads (lowrank.py): the rows' mean logit
+                    exactly, not the mean of the rows' masses.
          Every row of a query block sees the same key blocks, so the kernel computes exactly what it
          selected (blockshared.py): work = density.
   row    each query row chooses from its own query (quest, lowrank: each query head; learned: each kv head).

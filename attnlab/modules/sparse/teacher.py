@@ -214,8 +214,19 @@ def collect_teacher(model, plugin, sequences, rows: int = 512, seed: int = 0,
                     unit: str = "row") -> tuple[dict[int, dict], dict]:
     """One dense forward per sequence (1-D token tensors); returns {layer_idx: cache} for every
     patched layer (per row or per query block: Recorder), and {'seconds', 'tokens'} for the pass."""
+    recorders = {layer.layer_idx: Recorder(rows, seed, unit) for layer in plugin.layers()}
+    record = dense_passes(model, plugin, sequences, recorders)
+    caches = {i: r.cache() for i, r in recorders.items()}
+    release_freed_memory()
+    return caches, record
+
+
+@torch.no_grad()
+def dense_passes(model, plugin, sequences, recorders: dict) -> dict:
+    """One dense forward per sequence (1-D token tensors) with each patched layer's recorder set
+    (recorders: {layer_idx: callable}, the SparseLayer hook; removed after, also on an error);
+    returns {'seconds', 'tokens'} of the pass (collect_teacher, lowrank.calibrate)."""
     layers = plugin.layers()
-    recorders = {layer.layer_idx: Recorder(rows, seed, unit) for layer in layers}
     dev = next(model.parameters()).device
     start, tokens = time.perf_counter(), 0
     try:
@@ -228,10 +239,7 @@ def collect_teacher(model, plugin, sequences, rows: int = 512, seed: int = 0,
     finally:
         for layer in layers:
             layer.recorder = None
-    seconds = time.perf_counter() - start
-    caches = {i: r.cache() for i, r in recorders.items()}
-    release_freed_memory()
-    return caches, {"seconds": seconds, "tokens": tokens}
+    return {"seconds": time.perf_counter() - start, "tokens": tokens}
 
 
 def release_freed_memory() -> None:
