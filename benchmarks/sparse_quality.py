@@ -242,8 +242,15 @@ def main(argv=None):
     # -- the lowrank indexer: fitted in closed form from the first --calibrate training sequences ------
     if "lowrank" in args.selectors:
         from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
         index_file = state_dir / "lowrank.safetensors"
+        fitted_by = {"calibrate": str(args.calibrate), "length": str(args.length), "train_text": args.train_text or ""}
         if index_file.is_file():
+            with safe_open(str(index_file), "pt") as f:
+                saved = f.metadata() or {}       # the first runs' files carry none
+            if any(saved.get(k, v) != v for k, v in fitted_by.items()):
+                raise SystemExit(f"{index_file} was fitted with other settings ({saved}); rerun with those, or give "
+                                 f"another --out")
             index_state = load_file(str(index_file))
         else:
             plugin = attnlab.attach(model, "sparse", **recipe.options("lowrank", {"top_k": 1}, common(args)))
@@ -251,7 +258,7 @@ def main(argv=None):
             data["lowrank"] = plugin.calibrate(list(train[:args.calibrate]))
             index_state = plugin.state_dict()
             plugin.detach()
-            save_file(index_state, str(index_file))
+            save_file(index_state, str(index_file), metadata=fitted_by)
             save(out, data)
         gate_state = {**(gate_state or {}), **index_state}
 
