@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import RANDOM, RANDOM_PREFIX, TINY, decoder, layers as block_stack, load_backbone, max_positions
+from .backbone import RANDOM, RANDOM_PREFIX, TINY, decoder, layers as block_stack, load_backbone
+from .modules.sparse.lowrank import calibrate_for_timing
 from .kvcache import GrowingCache, generation_cache
 from .memory import peak_bytes
 
@@ -181,8 +182,7 @@ def profile(model: nn.Module, variants: list[str] | None = None, lengths: list[i
                 model.config._attn_implementation = "sdpa"
                 plugin = attach(model, "sparse", variant=v.kind, **v.options)
                 if v.kind == "lowrank" and not v.options.get("oracle"):   # else it refuses to run unfitted
-                    n, g = min(512, max_positions(model) or 512), torch.Generator().manual_seed(0)
-                    plugin.calibrate([torch.randint(0, emb.weight.shape[0], (n,), generator=g)])
+                    calibrate_for_timing(model, plugin)
             _labelled(model)
             for T in lengths:
                 g = torch.Generator().manual_seed(T)

@@ -164,8 +164,7 @@ def report_lines(results: dict) -> list[str]:
     for c in results["cells"]:
         data = c.get("sparse_quality")
         if data:
-            what = "Fitted lowrank indexer" if data["meta"]["common"].get("rank") and "calibrate" in (
-                data.get("gate") or {}) else "Distilled gate"
+            what = "Fitted lowrank indexer" if "calibrate" in (data.get("gate") or {}) else "Distilled gate"
             lines += ["", f"## {what} `{c['method']}` (seed {c['seed']}): density vs quality on the "
                       f"held-out test split", "",
                       f"{what.split()[0]} from the first {data['meta']['distill']['sequences']} training examples "

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from attnlab.modules import attach  # noqa: E402
 from attnlab.modules.attention import register  # noqa: E402
+from attnlab.modules.sparse.lowrank import calibrate_for_timing  # noqa: E402
 from attnlab.profile import build_model  # noqa: E402
 from sparse_kernel import timed  # noqa: E402
 
@@ -68,7 +69,7 @@ def fit(model, plugin) -> None:
         return
     key = (id(model), plugin.config.rank, tuple(plugin.config.layers or ()))
     if key not in _FITTED:
-        plugin.calibrate([torch.randint(0, model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(1))])
+        calibrate_for_timing(model, plugin)
         _FITTED[key] = plugin.state_dict()
     plugin.load_state_dict(_FITTED[key])
 

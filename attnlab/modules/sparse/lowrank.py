@@ -188,6 +188,17 @@ def calibrate(model, plugin, sequences) -> dict:
     return record
 
 
+def calibrate_for_timing(model, plugin, tokens: int = 512) -> dict:
+    """Fit the indexer on one sequence of random tokens (at most the model's positions): for timings,
+    which do not depend on the fit (an unfitted indexer refuses to select). attnlab profile and
+    benchmarks/sparse_speed.py use it."""
+    from ...backbone import max_positions
+
+    n = min(tokens, max_positions(model) or tokens)
+    vocab = model.get_input_embeddings().num_embeddings
+    return plugin.calibrate([torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))])
+
+
 def _checked(model, sequences: list, d: int) -> list:
     """calibrate's sequences, refused in one line naming the fix unless each is a 1-D tensor of the
     model's token ids, within its positions, and together at least d (the head dimension) tokens."""
