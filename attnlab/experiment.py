@@ -61,6 +61,7 @@ DEFAULTS = {
     "methods": [{"name": "frozen", "method": "frozen"}, {"name": "lora", "method": "lora"}],
     "feature_cache": True,   # head-only methods train from the base's cached hidden states
     "paired_baseline": None, # a method name: the report adds changes against it, paired by seed
+    "compare_against": None, # method names: a table of paired-bootstrap changes against each (default: first LoRA)
     "datasets": None,        # label -> data options (over `data`): the whole run once per dataset
     "sweep_seeds": "all",    # "first": sweep on the first seed only; later seeds reuse the value it chose
     "imports": [],           # modules to import first: they register a user's own methods (register_method)
@@ -199,6 +200,11 @@ def load_config(path_or_dict) -> dict:
         eval_config(m.get("eval"), f"methods.{m['name']}.eval", base=cfg["eval"])
     if cfg["paired_baseline"] is not None and cfg["paired_baseline"] not in names:
         raise ConfigError(f"paired_baseline: '{cfg['paired_baseline']}' is not one of the methods {sorted(names)}")
+    refs = cfg["compare_against"]
+    if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)
+                             or not set(refs) <= set(names)):
+        raise ConfigError(f"compare_against: {refs!r} must be a list of method names drawn from {sorted(names)}, "
+                          f"e.g. [lmhead_lora]")
     cell_order(cfg)
     return cfg
 

@@ -321,8 +321,9 @@ def markdown(results: dict) -> str:
         if not summ or not present:
             continue
         lines += ["", f"## {_set_title(results, s)}", ""] + _metric_table(summ, present)
-        lora = [n for n in summ if summ[n]["type"] == "lora"]
-        for ref_name in lora[:1]:
+        refs = cfg.get("compare_against")
+        refs = [n for n in summ if summ[n]["type"] == "lora"][:1] if refs is None else [n for n in refs if n in summ]
+        for ref_name in refs:
             lines += ["", f"Change against **{ref_name}** (paired by seed, 95% CI over examples"
                       f"{' and seeds' if len(cfg['seeds']) > 1 else ''}):", "",
                       "| method | PPL change | answer acc change |", "|---|---:|---:|"]

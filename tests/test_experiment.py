@@ -3,7 +3,7 @@ import json
 import pytest
 
 from attnlab.experiment import ConfigError, load_config, run_experiment
-from attnlab.report import summarize
+from attnlab.report import markdown, summarize
 
 TINY = {
     "name": "tiny",
@@ -39,6 +39,10 @@ def test_run_writes_report_results_and_plots(tmp_path):
     assert f"{mean:.3f} ± {std:.3f}" in report
     assert "## In-distribution vs transfer" in report and "| lora | " in report and "Δ vs frozen [95% CI]" in report
     assert "Change against **lora** (paired by seed" in report
+    # compare_against names the references: a paired-interval table against each, in that order
+    both = markdown({**res, "config": {**res["config"], "compare_against": ["head_ft", "lora"]}})
+    assert both.index("Change against **head_ft**") < both.index("Change against **lora**")
+    assert "| lora | " in both.split("Change against **head_ft**")[1].split("Change against **lora**")[0]
     assert s["lora"]["accuracy"][0] is not None and s["frozen"]["kl_base_model"][0] < 1e-6
     # tiny random models never emit eos within 8 tokens: every generation is cut off, and reported so
     assert all(c["eval"]["n_cut_off"] == 2 for c in res["cells"])
@@ -63,6 +67,8 @@ def test_config_errors_are_clear(tmp_path):
         load_config({**TINY, "methods": [{"method": "lora", "rank": 3}]})
     with pytest.raises(ConfigError, match="seeds"):
         load_config({**TINY, "seeds": []})
+    with pytest.raises(ConfigError, match="compare_against"):
+        load_config({**TINY, "compare_against": ["lroa"]})
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
 
