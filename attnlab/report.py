@@ -326,7 +326,7 @@ def markdown(results: dict) -> str:
         for ref_name in refs:
             lines += ["", f"Change against **{ref_name}** (paired by seed, 95% CI over examples"
                       f"{' and seeds' if len(cfg['seeds']) > 1 else ''}):", "",
-                      "| method | PPL change | answer acc change |", "|---|---:|---:|"]
+                      f"| method | PPL vs {ref_name} | answer acc vs {ref_name} |", "|---|---:|---:|"]
             for name in summ:
                 if name not in (ref_name, ref):
                     lines.append(f"| {name} | {_fmt_change(ppl_change(cells, name, ref_name, s, n_boot), True)} | "
