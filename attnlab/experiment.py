@@ -201,10 +201,12 @@ def load_config(path_or_dict) -> dict:
     if cfg["paired_baseline"] is not None and cfg["paired_baseline"] not in names:
         raise ConfigError(f"paired_baseline: '{cfg['paired_baseline']}' is not one of the methods {sorted(names)}")
     refs = cfg["compare_against"]
-    if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)
-                             or not set(refs) <= set(names)):
-        raise ConfigError(f"compare_against: {refs!r} must be a list of method names drawn from {sorted(names)}, "
-                          f"e.g. [lmhead_lora]")
+    if refs is not None:
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs) or len(set(refs)) < len(refs):
+            raise ConfigError(f"compare_against: expected a non-empty list of distinct method names, got {refs!r}")
+        for r in refs:
+            if r not in names:
+                raise ConfigError(f"compare_against: '{r}' is not one of the methods {sorted(names)}")
     cell_order(cfg)
     return cfg
 

@@ -33,6 +33,14 @@ def _pairs(cells, name, ref, set_name, key):
     return out
 
 
+def _seeds_run(cells, name, ref) -> int:
+    """The most seeds either side ran (a frozen reference runs once and pairs with every seed): a change
+    paired on fewer says so, whichever side ran more (a 1-seed arm against a 3-seed reference is seed 0's)."""
+    b = _per_seed(cells, ref)
+    frozen = len(b) == 1 and next(iter(b.values())).get("type") == "frozen"
+    return max(len(_per_seed(cells, name)), 0 if frozen else len(b))
+
+
 def ppl_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
     """Relative change of corpus perplexity of `name` against `ref` on one set, with its 95% CI."""
     from .stats import paired_bootstrap_ppl_seeds
@@ -41,7 +49,7 @@ def ppl_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
     if not pairs:
         return None
     r = paired_bootstrap_ppl_seeds([(a[0], a[1], b[0], b[1]) for _, a, b in pairs], n_boot=n_boot)
-    return {**r, "seeds": [s for s, *_ in pairs], "of_seeds": len(_per_seed(cells, name))}
+    return {**r, "seeds": [s for s, *_ in pairs], "of_seeds": _seeds_run(cells, name, ref)}
 
 
 def acc_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
@@ -52,7 +60,7 @@ def acc_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
     if not pairs:
         return None
     r = paired_bootstrap_diff_seeds([(a[0], b[0]) for _, a, b in pairs], n_boot=n_boot)
-    return {**r, "seeds": [s for s, *_ in pairs], "of_seeds": len(_per_seed(cells, name))}
+    return {**r, "seeds": [s for s, *_ in pairs], "of_seeds": _seeds_run(cells, name, ref)}
 
 
 def _noise(r: dict) -> bool:

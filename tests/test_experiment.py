@@ -67,8 +67,10 @@ def test_config_errors_are_clear(tmp_path):
         load_config({**TINY, "methods": [{"method": "lora", "rank": 3}]})
     with pytest.raises(ConfigError, match="seeds"):
         load_config({**TINY, "seeds": []})
-    with pytest.raises(ConfigError, match="compare_against"):
-        load_config({**TINY, "compare_against": ["lroa"]})
+    with pytest.raises(ConfigError, match="compare_against: 'lroa' is not one of the methods"):
+        load_config({**TINY, "compare_against": ["lora", "lroa"]})
+    with pytest.raises(ConfigError, match="distinct"):
+        load_config({**TINY, "compare_against": ["lora", "lora"]})
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
 

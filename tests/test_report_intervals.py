@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from attnlab.report_intervals import acc_change, accuracy_interval, ppl_change
+from attnlab.report_intervals import _fmt_change, acc_change, accuracy_interval, ppl_change
 from attnlab.stats import bootstrap_mean_seeds, wilson_interval
 
 
@@ -45,6 +45,15 @@ def test_a_one_seed_trained_reference_is_paired_only_with_its_own_seed():
     assert r["change"] == pytest.approx(math.exp(3.0 / 2 - 3.0 / 2) - 1)  # seed 0: equal total NLL
     a = acc_change(cells, "m", "r", n_boot=200)
     assert a["seeds"] == [0] and a["change"] == pytest.approx(0.5)
+
+
+def test_a_one_seed_arm_against_a_three_seed_reference_says_it_is_paired_on_one_seed():
+    cells = [_cell("m", 0, [1.0, 2.0], [1, 0])] + [_cell("r", s, [1.5, 1.5], [0, 0]) for s in (0, 1, 2)]
+    r = ppl_change(cells, "m", "r", n_boot=200)
+    assert r["seeds"] == [0] and r["of_seeds"] == 3
+    assert "(paired on seed 0 only)" in _fmt_change(r, pct=True)
+    frozen = [_cell("m", 0, [1.0, 2.0], [1, 0]), _cell("frozen", 0, [2.0, 2.0], [0, 0], kind="frozen")]
+    assert "paired on" not in _fmt_change(ppl_change(frozen, "m", "frozen", n_boot=200), pct=True)
 
 
 def test_a_trained_reference_without_shared_seeds_gives_no_paired_change():
