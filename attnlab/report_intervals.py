@@ -14,6 +14,11 @@ def _per_seed(cells: list[dict], name: str) -> dict:
     return {c["seed"]: c for c in cells if c["method"] == name}
 
 
+def _frozen(runs: dict) -> bool:
+    """A reference's seed -> cell map is the frozen base's: one deterministic evaluation, paired with every seed."""
+    return len(runs) == 1 and next(iter(runs.values())).get("type") == "frozen"
+
+
 def _pairs(cells, name, ref, set_name, key):
     """Per-seed (a, b) per-example arrays of `key` for method `name` against `ref`, paired by seed:
     seed s of `name` against seed s of `ref`. The one exception is a frozen reference, which is not
@@ -21,7 +26,7 @@ def _pairs(cells, name, ref, set_name, key):
     reference that did not run seed s gives no pair for s (never another seed's run: that would be
     an unpaired comparison presented as a paired one), so the result covers only the shared seeds."""
     a, b = _per_seed(cells, name), _per_seed(cells, ref)
-    frozen = len(b) == 1 and next(iter(b.values())).get("type") == "frozen"
+    frozen = _frozen(b)
     out = []
     for seed, ca in sorted(a.items()):
         cb = next(iter(b.values())) if frozen else b.get(seed)
@@ -37,8 +42,7 @@ def _seeds_run(cells, name, ref) -> int:
     """The most seeds either side ran (a frozen reference runs once and pairs with every seed): a change
     paired on fewer says so, whichever side ran more (a 1-seed arm against a 3-seed reference is seed 0's)."""
     b = _per_seed(cells, ref)
-    frozen = len(b) == 1 and next(iter(b.values())).get("type") == "frozen"
-    return max(len(_per_seed(cells, name)), 0 if frozen else len(b))
+    return max(len(_per_seed(cells, name)), 0 if _frozen(b) else len(b))
 
 
 def ppl_change(cells, name, ref, set_name="test", n_boot=2000) -> dict | None:
